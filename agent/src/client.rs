@@ -1,0 +1,314 @@
+//! The agent's loop: join, long-poll, pull, train, push; reconnect with backoff when the
+//! coordinator is away.
+//!
+//! What leaves the site: the protocol version and agent version at join, the update tensors
+//! (local minus global weights, no metadata), the sample count and two aggregate numbers (loss,
+//! Dice). Never a file name, a slice, a mask or a header from the site's data.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use alveolus_models::train::{TrainError, train};
+use alveolus_models::{DeviceChoice, ModelSpec, Weights};
+use alveolus_proto::domain::{Metrics, ModelHeader, Task, TrainTask, UpdateHeader};
+use alveolus_proto::kit::{ClientKit, KitError};
+use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::transfer::{Receiver, chunks, digest};
+use alveolus_proto::{PROTOCOL_VERSION, sha256_hex};
+use futures::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::slices::SliceDataset;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Kit(#[from] KitError),
+    #[error("the coordinator refused this agent: {0}")]
+    Refused(String),
+    #[error("coordinator call failed: {0}")]
+    Rpc(String),
+    #[error("model transfer: {0}")]
+    Transfer(String),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("{0}")]
+    Device(#[from] alveolus_models::DeviceError),
+    #[error("cannot write the audit copy {path}: {message}")]
+    Audit { path: PathBuf, message: String },
+}
+
+/// How the agent behaves beyond its kit.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub device: DeviceChoice,
+    /// Where to keep a copy of every update sent (what left the site, byte for byte).
+    pub audit_dir: Option<PathBuf>,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+    /// How long one long-poll may be held by the coordinator.
+    pub poll_seconds: u32,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Cpu,
+            audit_dir: None,
+            max_backoff: Duration::from_secs(30),
+            poll_seconds: 25,
+        }
+    }
+}
+
+fn is_fatal(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated)
+        || (status.code() == Code::FailedPrecondition && status.message().contains("protocol"))
+}
+
+/// Runs until `shutdown` completes or the coordinator refuses this agent for good.
+pub async fn run_agent(
+    kit: ClientKit,
+    data: SliceDataset,
+    options: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let (device, description) = options.device.resolve()?;
+    tracing::info!(site = %kit.identity.name, slices = data.len(), "training on {description}");
+    let mut agent = Agent {
+        kit,
+        data,
+        options,
+        device,
+        prepared: None,
+    };
+    tokio::select! {
+        result = agent.run_forever() => result,
+        _ = shutdown => {
+            tracing::info!("agent stopping");
+            Ok(())
+        }
+    }
+}
+
+struct Agent {
+    kit: ClientKit,
+    data: SliceDataset,
+    options: AgentOptions,
+    device: alveolus_models::Device,
+    /// Slices resized for the last model size seen, kept across rounds.
+    prepared: Option<(usize, std::sync::Arc<Vec<alveolus_models::LabelledSlice>>)>,
+}
+
+impl Agent {
+    async fn run_forever(&mut self) -> Result<(), AgentError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.session().await {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
+                Err(e @ (AgentError::Train(_) | AgentError::Device(_) | AgentError::Audit { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; reconnecting in {:.1}s", backoff.as_secs_f32());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of work; returns on any transport error.
+    async fn session(&mut self) -> Result<(), AgentError> {
+        let channel = self.kit.connect().await?;
+        let mut client = FederationClient::new(channel);
+        let joined = client
+            .join(pb::JoinRequest {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        tracing::info!(site = %joined.site, project = %joined.project, "joined the coordinator");
+        loop {
+            let task = client
+                .next_task(pb::NextTaskRequest {
+                    wait_seconds: self.options.poll_seconds,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let task = Task::try_from(task).map_err(|e| AgentError::Rpc(e.to_string()))?;
+            match task {
+                Task::Wait { retry_after_ms } => {
+                    if retry_after_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(retry_after_ms.into())).await;
+                    }
+                }
+                Task::Train(task) => self.train_round(&mut client, task).await?,
+            }
+        }
+    }
+
+    async fn train_round(&mut self, client: &mut FederationClient<Channel>, task: TrainTask) -> Result<(), AgentError> {
+        tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
+        let global = pull_model(client, &task.model_version).await?;
+        let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
+        let slices = match &self.prepared {
+            Some((size, slices)) if *size == spec.image_size => slices.clone(),
+            _ => {
+                let slices = std::sync::Arc::new(self.data.at_size(spec.image_size));
+                self.prepared = Some((spec.image_size, slices.clone()));
+                slices
+            }
+        };
+        let mut training = task.training.clone();
+        training.seed = training.seed.wrapping_add(task.round as u64);
+        let device = self.device.clone();
+        let round = task.round;
+        let start = std::sync::Arc::new(global);
+        let start_for_training = start.clone();
+        let started = std::time::Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            train(&start_for_training, &slices, &training, &device, |epoch, loss| {
+                tracing::info!(round, epoch, loss = format!("{loss:.4}"), "local epoch done");
+            })
+        })
+        .await
+        .map_err(|e| AgentError::Rpc(format!("training task failed: {e}")))??;
+        let update = outcome
+            .weights
+            .minus(&start)
+            .map_err(|e| AgentError::Transfer(e.to_string()))?;
+        let bytes = update.encode();
+        let header = UpdateHeader {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            base_version: task.model_version.clone(),
+            num_samples: outcome.samples as u64,
+            metrics: Metrics {
+                loss: outcome.loss,
+                dice: outcome.dice,
+            },
+            total_bytes: bytes.len() as u64,
+        };
+        self.keep_audit_copy(&header, &bytes)?;
+        tracing::info!(
+            round,
+            loss = format!("{:.4}", outcome.loss),
+            dice = format!("{:.3}", outcome.dice),
+            seconds = format!("{:.1}", started.elapsed().as_secs_f32()),
+            "local training done; pushing update"
+        );
+        use pb::update_chunk::Part;
+        let mut parts = vec![Part::Header(header.into())];
+        parts.extend(chunks(&bytes).map(Part::Data));
+        parts.push(Part::Trailer(pb::TransferTrailer {
+            sha256: digest(&bytes).into(),
+        }));
+        let messages = futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
+        match client.push_update(messages).await {
+            Ok(response) => {
+                tracing::info!(round, reports = response.into_inner().reports_this_round, "update accepted");
+                Ok(())
+            }
+            // The round moved on without us (deadline) or we already reported: wait for the next.
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) && !is_fatal(&s) => {
+                tracing::warn!(round, "update not used: {}", s.message());
+                Ok(())
+            }
+            Err(s) => Err(status_error(s)),
+        }
+    }
+
+    fn keep_audit_copy(&self, header: &UpdateHeader, bytes: &[u8]) -> Result<(), AgentError> {
+        let Some(dir) = &self.options.audit_dir else {
+            return Ok(());
+        };
+        let stem = format!("{}-round{:04}", header.run_id, header.round);
+        let write = |name: String, contents: &[u8]| {
+            let path = dir.join(name);
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&path, contents))
+                .map_err(|e| AgentError::Audit {
+                    path,
+                    message: e.to_string(),
+                })
+        };
+        write(format!("{stem}.safetensors"), bytes)?;
+        let record = serde_json::json!({
+            "run_id": header.run_id,
+            "round": header.round,
+            "base_version": header.base_version,
+            "num_samples": header.num_samples,
+            "loss": header.metrics.loss,
+            "dice": header.metrics.dice,
+            "sha256": sha256_hex(bytes),
+        });
+        write(format!("{stem}.json"), record.to_string().as_bytes())
+    }
+}
+
+fn status_error(status: tonic::Status) -> AgentError {
+    if is_fatal(&status) {
+        AgentError::Refused(status.message().to_string())
+    } else {
+        AgentError::Rpc(format!("{:?}: {}", status.code(), status.message()))
+    }
+}
+
+/// Downloads a model version and checks size, digest and that the digest is the version.
+pub async fn pull_model(client: &mut FederationClient<Channel>, version: &str) -> Result<Weights, AgentError> {
+    let stream = client
+        .pull_model(pb::PullModelRequest {
+            version: version.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (header, bytes) = receive_model(stream, u64::MAX).await?;
+    if !version.is_empty() && header.version != version {
+        return Err(AgentError::Transfer(format!(
+            "asked for model {version}, received {}",
+            header.version
+        )));
+    }
+    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
+}
+
+/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version.
+pub async fn receive_model(
+    mut stream: tonic::Streaming<pb::ModelChunk>,
+    limit: u64,
+) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
+    use pb::model_chunk::Part;
+    let transfer = |m: String| AgentError::Transfer(m);
+    let first = stream
+        .next()
+        .await
+        .ok_or_else(|| transfer("empty model stream".into()))?
+        .map_err(status_error)?;
+    let Some(Part::Header(header)) = first.part else {
+        return Err(transfer("a model stream must start with its header".into()));
+    };
+    let header = ModelHeader::try_from(header).map_err(|e| transfer(e.to_string()))?;
+    let mut receiver = Receiver::new(header.total_bytes, limit).map_err(|e| transfer(e.to_string()))?;
+    while let Some(message) = stream.next().await {
+        match message.map_err(status_error)?.part {
+            Some(Part::Data(data)) => receiver.push(&data).map_err(|e| transfer(e.to_string()))?,
+            Some(Part::Trailer(trailer)) => {
+                let bytes = receiver.finish(&trailer.sha256).map_err(|e| transfer(e.to_string()))?;
+                if sha256_hex(&bytes) != header.version {
+                    return Err(transfer("model digest does not match its version".into()));
+                }
+                return Ok((header, bytes));
+            }
+            _ => return Err(transfer("unexpected message in model stream".into())),
+        }
+    }
+    Err(transfer("model stream ended without its trailer".into()))
+}

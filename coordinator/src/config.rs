@@ -1,0 +1,131 @@
+//! The coordinator's `kit.toml`, validated into a [`CoordinatorSettings`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alveolus_proto::identity::{Role, validate_name};
+use alveolus_proto::kit::KIT_FILE;
+use serde::{Deserialize, Serialize};
+
+use crate::provision::CRL_FILE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorKitConfig {
+    pub project: String,
+    /// Always `coordinator`; guards against starting a coordinator from a site kit.
+    pub role: Role,
+    /// Address to listen on; agents reach it as the `coordinator` of their kits.
+    pub listen: String,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CRL signed by the project CA (`alveolus revoke` rewrites it); re-read when it changes.
+    pub revocation_list: PathBuf,
+    /// Where checkpoints and run logs live, relative to the kit; `--state` overrides it.
+    pub state_dir: PathBuf,
+    /// Largest model or update accepted, in bytes.
+    #[serde(default = "default_max_model_bytes")]
+    pub max_model_bytes: u64,
+    /// How many updates may be received at once; each holds one model-sized buffer until its
+    /// digest is checked, so this bounds memory at `upload_slots x model size`.
+    #[serde(default = "default_upload_slots")]
+    pub upload_slots: usize,
+}
+
+fn default_max_model_bytes() -> u64 {
+    1 << 30
+}
+
+fn default_upload_slots() -> usize {
+    2
+}
+
+impl CoordinatorKitConfig {
+    pub fn new(project: &str, listen: String) -> Self {
+        Self {
+            project: project.to_string(),
+            role: Role::Coordinator,
+            listen,
+            ca_cert: "ca.pem".into(),
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            revocation_list: CRL_FILE.into(),
+            state_dir: "state".into(),
+            max_model_bytes: default_max_model_bytes(),
+            upload_slots: default_upload_slots(),
+        }
+    }
+}
+
+/// Everything the coordinator needs, resolved and read.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    pub project: String,
+    pub listen: String,
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub revocation_list: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_model_bytes: u64,
+    pub upload_slots: usize,
+    /// Longest a NextTask call is held open.
+    pub max_long_poll: Duration,
+    /// Longest a TLS handshake may take before the connection is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl CoordinatorSettings {
+    pub fn load(kit_dir: &Path, state_override: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = kit_dir.join(KIT_FILE);
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.clone(),
+            message,
+        };
+        let text = String::from_utf8(read(&path)?).map_err(|_| invalid("not UTF-8".into()))?;
+        let config: CoordinatorKitConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if config.role != Role::Coordinator {
+            return Err(invalid(format!(
+                "this is a {} kit; the coordinator needs the kit in the project's coordinator/ folder",
+                config.role
+            )));
+        }
+        validate_name(&config.project).map_err(|e| invalid(e.to_string()))?;
+        if config.upload_slots == 0 {
+            return Err(invalid("upload_slots must be at least 1".into()));
+        }
+        Ok(Self {
+            ca_pem: read(&kit_dir.join(&config.ca_cert))?,
+            cert_pem: read(&kit_dir.join(&config.cert))?,
+            key_pem: read(&kit_dir.join(&config.key))?,
+            revocation_list: kit_dir.join(&config.revocation_list),
+            state_dir: state_override
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| kit_dir.join(&config.state_dir)),
+            project: config.project,
+            listen: config.listen,
+            max_model_bytes: config.max_model_bytes,
+            upload_slots: config.upload_slots,
+            max_long_poll: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+        })
+    }
+}

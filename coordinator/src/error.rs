@@ -1,0 +1,71 @@
+//! Everything that can go wrong in the coordinator, and the one place it becomes a gRPC status.
+
+use alveolus_proto::domain::DomainError;
+use alveolus_proto::transfer::TransferError;
+use alveolus_proto::weights::WeightsError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("incompatible protocol: the agent speaks version {agent}, this coordinator speaks version {coordinator}; upgrade the older side")]
+    ProtocolVersion { agent: u32, coordinator: u32 },
+    #[error("no run is in progress")]
+    NoActiveRun,
+    #[error("run `{active}` is in progress; abort it before starting another")]
+    RunInProgress { active: String },
+    #[error("the update is for run `{got}`, but run `{expected}` is in progress")]
+    WrongRun { got: String, expected: String },
+    #[error("the update is for round {got}, but round {expected} is in progress")]
+    WrongRound { got: u32, expected: u32 },
+    #[error("the update was computed from model {got}, but this round started from {expected}")]
+    WrongBase { got: String, expected: String },
+    #[error("site `{site}` already reported for round {round}")]
+    AlreadyReported { site: String, round: u32 },
+    #[error("no run `{0}`")]
+    UnknownRun(String),
+    #[error("no model version `{0}`")]
+    UnknownVersion(String),
+    #[error("invalid message: {0}")]
+    Domain(#[from] DomainError),
+    #[error("transfer refused: {0}")]
+    Transfer(#[from] TransferError),
+    #[error("weights refused: {0}")]
+    Weights(#[from] WeightsError),
+    #[error("malformed stream: {0}")]
+    Stream(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("state storage: {0}")]
+    Store(String),
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Status {
+        use CoordinatorError as E;
+        let message = error.to_string();
+        match error {
+            E::Unauthenticated(_) => Status::unauthenticated(message),
+            E::PermissionDenied(_) => Status::permission_denied(message),
+            E::ProtocolVersion { .. }
+            | E::NoActiveRun
+            | E::RunInProgress { .. }
+            | E::WrongRun { .. }
+            | E::WrongRound { .. }
+            | E::WrongBase { .. } => Status::failed_precondition(message),
+            E::AlreadyReported { .. } => Status::already_exists(message),
+            E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
+            E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),
+            E::Domain(_) | E::Transfer(_) | E::Weights(_) | E::Stream(_) => {
+                Status::invalid_argument(message)
+            }
+            E::Tls(_) | E::Store(_) => {
+                tracing::error!("{message}");
+                Status::internal(message)
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The Alveolus coordinator: a gRPC server over mutual TLS that runs federated rounds,
+//! aggregates site updates, and keeps a content-addressed registry of global models.
+//!
+//! It never depends on the agent or on burn: models are named tensors to it.
+
+pub mod aggregate;
+pub mod config;
+pub mod durable;
+pub mod error;
+pub mod provision;
+pub mod rounds;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alveolus_proto::pb::admin_server::AdminServer;
+use alveolus_proto::pb::federation_server::FederationServer;
+pub use alveolus_proto::install_crypto_provider;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use config::CoordinatorSettings;
+pub use error::CoordinatorError;
+pub use rounds::Coordinator;
+use service::Services;
+use tls::TlsState;
+
+/// How often the round deadline is checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Serves until `shutdown` completes. The listener is already bound, so tests can use port 0.
+pub async fn run(
+    listener: TcpListener,
+    settings: CoordinatorSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let coordinator = Coordinator::open(&settings)?;
+    let tls = Arc::new(TlsState::new(&settings)?);
+    let services = Services {
+        coordinator: coordinator.clone(),
+        tls: tls.clone(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    let mut accept_stop = stop_rx.clone();
+    let handshake_timeout = settings.handshake_timeout;
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = accept_stop.changed() => break,
+            };
+            let acceptor = tls.acceptor();
+            let conn_tx = conn_tx.clone();
+            // Handshakes run on their own tasks, bounded in time, so a slow or hostile client
+            // cannot hold up others.
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, "TLS handshake refused: {e}"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+
+    let mut tick_stop = stop_rx.clone();
+    let ticker = coordinator.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    if let Err(e) = ticker.tick() {
+                        tracing::error!("closing the round failed, will retry: {e}");
+                    }
+                }
+                _ = tick_stop.changed() => break,
+            }
+        }
+    });
+
+    let mut serve_stop = stop_rx;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(FederationServer::new(services.clone()))
+        .add_service(AdminServer::new(services))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            let _ = serve_stop.changed().await;
+        })
+        .await
+        .map_err(|e| CoordinatorError::Tls(format!("server: {e}")))
+}

@@ -1,0 +1,575 @@
+//! Runs and rounds: who gets which task, which updates count, when a round closes, and what is
+//! written before a new model is announced.
+//!
+//! A round closes when at least `min_sites` have reported and either every site that took the
+//! round's task has reported or the round's deadline has passed. The new checkpoint and the run
+//! log are fsynced before the next round is announced, so a restarted coordinator resumes at
+//! the last finished round and loses nothing finished.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use alveolus_proto::domain::{
+    Metrics, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SiteInfo, Task, TrainTask,
+    UpdateHeader,
+};
+use alveolus_proto::weights::Weights;
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{Semaphore, watch};
+
+use crate::aggregate::FedAvg;
+use crate::config::CoordinatorSettings;
+use crate::error::CoordinatorError;
+use crate::store::{Manifest, Store};
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+struct Report {
+    site: String,
+    samples: u64,
+    metrics: Metrics,
+}
+
+/// The round in progress: its starting model and the running aggregate.
+struct OpenRound {
+    run_id: String,
+    round: u32,
+    base_version: String,
+    base: Arc<Weights>,
+    deadline: Instant,
+    /// Sites handed this round's task; the round waits for all of them until the deadline.
+    participants: BTreeSet<String>,
+    reports: Vec<Report>,
+    fedavg: FedAvg,
+}
+
+struct RunRecord {
+    info: RunInfo,
+    /// Everything `watch` replays: a watcher that attaches late still sees the whole run.
+    events: Vec<RunEvent>,
+}
+
+struct State {
+    runs: Vec<RunRecord>,
+    round: Option<OpenRound>,
+    sites: BTreeMap<String, SiteInfo>,
+}
+
+pub struct Coordinator {
+    project: String,
+    store: Store,
+    state: Mutex<State>,
+    /// Bumped on every change; long-polls and watchers wait on it.
+    changed: watch::Sender<u64>,
+    /// Bounds how many update buffers exist at once (memory O(model), not O(model x sites)).
+    upload_slots: Arc<Semaphore>,
+    max_model_bytes: u64,
+    max_long_poll: Duration,
+}
+
+fn round_events(info: &RunInfo) -> Vec<RunEvent> {
+    let mut events = Vec::new();
+    let mut version = info.initial_version.clone();
+    for summary in &info.rounds {
+        events.push(RunEvent::RoundStarted {
+            round: summary.round,
+            model_version: version.clone(),
+        });
+        events.push(RunEvent::RoundFinished(summary.clone()));
+        version = summary.version.clone();
+    }
+    events
+}
+
+impl Coordinator {
+    /// Opens the state folder and resumes a run that was in progress.
+    pub fn open(settings: &CoordinatorSettings) -> Result<Arc<Self>, CoordinatorError> {
+        let store = Store::open(&settings.state_dir)?;
+        let mut state = State {
+            runs: Vec::new(),
+            round: None,
+            sites: store
+                .load_sites()?
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
+        };
+        for info in store.load_runs()? {
+            let mut events = round_events(&info);
+            if info.state != RunState::Running {
+                events.push(RunEvent::RunFinished(info.clone()));
+            }
+            state.runs.push(RunRecord { info, events });
+        }
+        let coordinator = Self {
+            project: settings.project.clone(),
+            store,
+            state: Mutex::new(state),
+            changed: watch::Sender::new(0),
+            upload_slots: Arc::new(Semaphore::new(settings.upload_slots)),
+            max_model_bytes: settings.max_model_bytes,
+            max_long_poll: settings.max_long_poll,
+        };
+        {
+            let mut state = coordinator.lock();
+            let running: Vec<usize> = (0..state.runs.len())
+                .filter(|&i| state.runs[i].info.state == RunState::Running)
+                .collect();
+            // Only the newest running run can be resumed; older ones were left behind by a crash
+            // during a start and are closed as aborted.
+            if let Some((&last, older)) = running.split_last() {
+                for &i in older {
+                    state.runs[i].info.state = RunState::Aborted;
+                    coordinator.store.put_run(&state.runs[i].info)?;
+                }
+                let info = state.runs[last].info.clone();
+                tracing::info!(
+                    run = %info.run_id,
+                    finished_rounds = info.rounds.len(),
+                    "resuming run at round {}",
+                    info.rounds.len() + 1
+                );
+                coordinator.open_round(&mut state, last, info.latest_version().to_string())?;
+            }
+        }
+        Ok(Arc::new(coordinator))
+    }
+
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    pub fn max_model_bytes(&self) -> u64 {
+        self.max_model_bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("coordinator state lock poisoned")
+    }
+
+    fn announce(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Starts round `rounds.len() + 1` of run `index` from `version`.
+    fn open_round(&self, state: &mut State, index: usize, version: String) -> Result<(), CoordinatorError> {
+        let (bytes, _) = self.store.get_model(&version)?;
+        let base = Weights::decode(&bytes)?;
+        let run = &mut state.runs[index];
+        let round = run.info.rounds.len() as u32 + 1;
+        run.events.push(RunEvent::RoundStarted {
+            round,
+            model_version: version.clone(),
+        });
+        run.info.reported.clear();
+        state.round = Some(OpenRound {
+            run_id: run.info.run_id.clone(),
+            round,
+            base_version: version,
+            deadline: Instant::now() + Duration::from_secs(run.info.config.deadline_seconds.into()),
+            participants: BTreeSet::new(),
+            reports: Vec::new(),
+            fedavg: FedAvg::new(&base),
+            base: Arc::new(base),
+        });
+        Ok(())
+    }
+
+    fn run_index(state: &State, run_id: &str) -> Result<usize, CoordinatorError> {
+        if run_id.is_empty() {
+            return state
+                .runs
+                .len()
+                .checked_sub(1)
+                .ok_or_else(|| CoordinatorError::UnknownRun("(no run has been started)".into()));
+        }
+        state
+            .runs
+            .iter()
+            .position(|r| r.info.run_id == run_id)
+            .ok_or_else(|| CoordinatorError::UnknownRun(run_id.to_string()))
+    }
+
+    fn touch(state: &mut State, site: &str) {
+        let entry = state.sites.entry(site.to_string()).or_insert_with(|| SiteInfo {
+            name: site.to_string(),
+            last_contact_unix_ms: 0,
+            contributions: Vec::new(),
+        });
+        entry.last_contact_unix_ms = unix_ms();
+    }
+
+    pub fn join(&self, site: &str) {
+        Self::touch(&mut self.lock(), site);
+        self.announce();
+    }
+
+    fn try_task(&self, site: &str) -> Option<Task> {
+        let mut state = self.lock();
+        Self::touch(&mut state, site);
+        let open = state.round.as_mut()?;
+        if open.reports.iter().any(|r| r.site == site) {
+            return None;
+        }
+        open.participants.insert(site.to_string());
+        let (run_id, round, version) = (open.run_id.clone(), open.round, open.base_version.clone());
+        let run = state.runs.iter().find(|r| r.info.run_id == run_id)?;
+        Some(Task::Train(TrainTask {
+            run_id,
+            round,
+            model_version: version,
+            training: run.info.config.training.clone(),
+        }))
+    }
+
+    /// The site's next task, waiting up to `wait` for one to appear.
+    pub async fn next_task(&self, site: &str, wait: Duration) -> Task {
+        let until = tokio::time::Instant::now() + wait.min(self.max_long_poll);
+        let mut changes = self.changed.subscribe();
+        loop {
+            if let Some(task) = self.try_task(site) {
+                return task;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        Task::Wait { retry_after_ms: 0 }
+    }
+
+    /// Checks an update's header against the round in progress before any data is received.
+    /// Returns the base model the update must match.
+    pub fn check_update(&self, site: &str, header: &UpdateHeader) -> Result<Arc<Weights>, CoordinatorError> {
+        let state = self.lock();
+        let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
+        if header.run_id != open.run_id {
+            return Err(CoordinatorError::WrongRun {
+                got: header.run_id.clone(),
+                expected: open.run_id.clone(),
+            });
+        }
+        if header.round != open.round {
+            return Err(CoordinatorError::WrongRound {
+                got: header.round,
+                expected: open.round,
+            });
+        }
+        if header.base_version != open.base_version {
+            return Err(CoordinatorError::WrongBase {
+                got: header.base_version.clone(),
+                expected: open.base_version.clone(),
+            });
+        }
+        if open.reports.iter().any(|r| r.site == site) {
+            return Err(CoordinatorError::AlreadyReported {
+                site: site.to_string(),
+                round: open.round,
+            });
+        }
+        Ok(open.base.clone())
+    }
+
+    /// A permit to hold one update buffer; waits while all slots are taken.
+    pub async fn upload_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.upload_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the upload semaphore is never closed")
+    }
+
+    /// Folds a complete, verified update into the round. Layout and finiteness are checked
+    /// here again so that nothing unchecked reaches the aggregate.
+    pub fn accept_update(&self, site: &str, header: &UpdateHeader, update: &Weights) -> Result<usize, CoordinatorError> {
+        let base = self.check_update(site, header)?;
+        base.check_same_layout(update)?;
+        update.check_finite()?;
+        let mut state = self.lock();
+        // The round may have closed while the data streamed in.
+        let open = state.round.as_mut().ok_or(CoordinatorError::NoActiveRun)?;
+        if open.round != header.round || open.run_id != header.run_id {
+            return Err(CoordinatorError::WrongRound {
+                got: header.round,
+                expected: open.round,
+            });
+        }
+        if open.reports.iter().any(|r| r.site == site) {
+            return Err(CoordinatorError::AlreadyReported {
+                site: site.to_string(),
+                round: open.round,
+            });
+        }
+        open.fedavg.add(update, header.num_samples);
+        open.participants.insert(site.to_string());
+        open.reports.push(Report {
+            site: site.to_string(),
+            samples: header.num_samples,
+            metrics: header.metrics,
+        });
+        let reports = open.reports.len();
+        let (run_id, round) = (open.run_id.clone(), open.round);
+        let index = Self::run_index(&state, &run_id)?;
+        let run = &mut state.runs[index];
+        run.info.reported.push(site.to_string());
+        run.events.push(RunEvent::UpdateAccepted {
+            round,
+            site: site.to_string(),
+        });
+        tracing::info!(%site, round, samples = header.num_samples, "update accepted");
+        self.close_if_ready(&mut state, Instant::now())?;
+        drop(state);
+        self.announce();
+        Ok(reports)
+    }
+
+    /// Closes the round when its quorum is met; called on each update and by the deadline timer.
+    pub fn tick(&self) -> Result<(), CoordinatorError> {
+        let mut state = self.lock();
+        let closed = self.close_if_ready(&mut state, Instant::now())?;
+        drop(state);
+        if closed {
+            self.announce();
+        }
+        Ok(())
+    }
+
+    fn close_if_ready(&self, state: &mut State, now: Instant) -> Result<bool, CoordinatorError> {
+        let Some(open) = state.round.as_ref() else {
+            return Ok(false);
+        };
+        let index = Self::run_index(state, &open.run_id)?;
+        let min_sites = state.runs[index].info.config.min_sites as usize;
+        let everyone = open.participants.iter().all(|p| open.reports.iter().any(|r| &r.site == p));
+        if open.reports.len() < min_sites || !(everyone || now >= open.deadline) {
+            return Ok(false);
+        }
+        let open = state.round.take().expect("checked above");
+        if let Err(e) = self.finish_round(state, index, &open) {
+            // Nothing was announced; keep collecting and retry on the next tick.
+            state.round = Some(open);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn finish_round(&self, state: &mut State, index: usize, open: &OpenRound) -> Result<(), CoordinatorError> {
+        let weights = open.fedavg.finish(&open.base);
+        let samples = open.fedavg.total_samples();
+        let mean = |f: fn(&Metrics) -> f64| {
+            open.reports.iter().map(|r| f(&r.metrics) * r.samples as f64).sum::<f64>() / samples.max(1) as f64
+        };
+        let metrics = Metrics {
+            loss: mean(|m| m.loss),
+            dice: mean(|m| m.dice),
+        };
+        let mut sites: Vec<String> = open.reports.iter().map(|r| r.site.clone()).collect();
+        sites.sort();
+        let manifest = self.store.put_model(
+            &weights.encode(),
+            Manifest {
+                sha256: String::new(),
+                bytes: 0,
+                run_id: open.run_id.clone(),
+                round: open.round,
+                parent: Some(open.base_version.clone()),
+                sites: sites.clone(),
+                samples,
+                metrics: Some(metrics),
+                created_unix_ms: unix_ms(),
+            },
+        )?;
+        let summary = RoundSummary {
+            round: open.round,
+            version: manifest.sha256.clone(),
+            sites: sites.clone(),
+            samples,
+            loss: metrics.loss,
+            dice: metrics.dice,
+            finished_unix_ms: manifest.created_unix_ms,
+        };
+        let mut info = state.runs[index].info.clone();
+        info.rounds.push(summary.clone());
+        info.reported.clear();
+        let done = info.rounds.len() as u32 >= info.config.rounds;
+        if done {
+            info.state = RunState::Completed;
+        }
+        // Durable before announced: the run log now points at the fsynced checkpoint.
+        self.store.put_run(&info)?;
+        for site in &sites {
+            if let Some(entry) = state.sites.get_mut(site) {
+                match entry.contributions.iter_mut().find(|(run, _)| *run == open.run_id) {
+                    Some((_, rounds)) => rounds.push(open.round),
+                    None => entry.contributions.push((open.run_id.clone(), vec![open.round])),
+                }
+            }
+        }
+        let site_list: Vec<SiteInfo> = state.sites.values().cloned().collect();
+        if let Err(e) = self.store.put_sites(&site_list) {
+            tracing::warn!("site list not saved: {e}");
+        }
+        tracing::info!(
+            run = %open.run_id,
+            round = open.round,
+            sites = sites.len(),
+            samples,
+            loss = metrics.loss,
+            version = %summary.version,
+            "round finished"
+        );
+        let run = &mut state.runs[index];
+        run.info = info;
+        run.events.push(RunEvent::RoundFinished(summary.clone()));
+        if done {
+            run.events.push(RunEvent::RunFinished(run.info.clone()));
+            tracing::info!(run = %open.run_id, "run completed");
+        } else {
+            self.open_round(state, index, summary.version)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a run from an initial model (already digest-checked safetensors bytes).
+    pub fn start_run(&self, config: RunConfig, model: &Bytes) -> Result<RunInfo, CoordinatorError> {
+        config.validate()?;
+        let weights = Weights::decode(model)?;
+        weights.check_finite()?;
+        if weights.tensors.is_empty() {
+            return Err(CoordinatorError::Stream("the initial model has no tensors".into()));
+        }
+        let mut state = self.lock();
+        if let Some(active) = state.runs.iter().find(|r| r.info.state == RunState::Running) {
+            return Err(CoordinatorError::RunInProgress {
+                active: active.info.run_id.clone(),
+            });
+        }
+        let started = unix_ms();
+        let mut run_id = format!("run-{started}");
+        while state.runs.iter().any(|r| r.info.run_id == run_id) {
+            run_id.push('x');
+        }
+        let manifest = self.store.put_model(
+            model,
+            Manifest {
+                sha256: String::new(),
+                bytes: 0,
+                run_id: run_id.clone(),
+                round: 0,
+                parent: None,
+                sites: Vec::new(),
+                samples: 0,
+                metrics: None,
+                created_unix_ms: started,
+            },
+        )?;
+        let info = RunInfo {
+            run_id,
+            state: RunState::Running,
+            config,
+            initial_version: manifest.sha256.clone(),
+            rounds: Vec::new(),
+            reported: Vec::new(),
+            started_unix_ms: started,
+        };
+        self.store.put_run(&info)?;
+        state.runs.push(RunRecord {
+            info: info.clone(),
+            events: Vec::new(),
+        });
+        let index = state.runs.len() - 1;
+        self.open_round(&mut state, index, manifest.sha256)?;
+        drop(state);
+        tracing::info!(run = %info.run_id, rounds = info.config.rounds, "run started");
+        self.announce();
+        Ok(info)
+    }
+
+    pub fn run(&self, run_id: &str) -> Result<RunInfo, CoordinatorError> {
+        let state = self.lock();
+        Ok(state.runs[Self::run_index(&state, run_id)?].info.clone())
+    }
+
+    pub fn runs(&self) -> Vec<RunInfo> {
+        self.lock().runs.iter().map(|r| r.info.clone()).collect()
+    }
+
+    pub fn abort(&self, run_id: &str) -> Result<RunInfo, CoordinatorError> {
+        let mut state = self.lock();
+        let index = Self::run_index(&state, run_id)?;
+        if state.runs[index].info.state != RunState::Running {
+            return Ok(state.runs[index].info.clone());
+        }
+        let mut info = state.runs[index].info.clone();
+        info.state = RunState::Aborted;
+        info.reported.clear();
+        self.store.put_run(&info)?;
+        if state.round.as_ref().is_some_and(|r| r.run_id == info.run_id) {
+            state.round = None;
+        }
+        let run = &mut state.runs[index];
+        run.info = info.clone();
+        run.events.push(RunEvent::RunFinished(info.clone()));
+        drop(state);
+        tracing::info!(run = %info.run_id, "run aborted");
+        self.announce();
+        Ok(info)
+    }
+
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        self.lock().sites.values().cloned().collect()
+    }
+
+    /// A checkpoint by version; empty means the newest model of the newest run.
+    pub fn model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
+        let version = if version.is_empty() {
+            let state = self.lock();
+            let run = state
+                .runs
+                .last()
+                .ok_or_else(|| CoordinatorError::UnknownVersion("(no run has been started)".into()))?;
+            run.info.latest_version().to_string()
+        } else {
+            version.to_string()
+        };
+        self.store.get_model(&version)
+    }
+
+    fn events_since(&self, run_id: &str, from: usize) -> (Vec<RunEvent>, bool) {
+        let state = self.lock();
+        match state.runs.iter().find(|r| r.info.run_id == run_id) {
+            Some(run) => (
+                run.events.get(from..).unwrap_or_default().to_vec(),
+                run.info.state != RunState::Running,
+            ),
+            None => (Vec::new(), true),
+        }
+    }
+
+    /// The run's events from its start, then live ones, ending after the run ends.
+    pub fn watch(self: &Arc<Self>, run_id: &str) -> Result<impl Stream<Item = RunEvent> + use<>, CoordinatorError> {
+        let run_id = self.run(run_id)?.run_id;
+        let changes = self.changed.subscribe();
+        let start = (self.clone(), run_id, 0usize, changes);
+        let batches = futures::stream::unfold(start, |(this, run_id, seen, mut changes)| async move {
+            loop {
+                let (events, ended) = this.events_since(&run_id, seen);
+                if !events.is_empty() {
+                    let seen = seen + events.len();
+                    return Some((futures::stream::iter(events), (this, run_id, seen, changes)));
+                }
+                if ended || changes.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+        Ok(futures::StreamExt::flatten(batches))
+    }
+}

@@ -1,0 +1,135 @@
+//! The coordinator's state folder: a content-addressed model registry and the run log.
+//!
+//! ```text
+//! models/<sha256>.safetensors   checkpoint bytes; the digest is the version
+//! models/<sha256>.json          manifest: round, parent, contributing sites, metrics
+//! runs/<run_id>.json            run config and every finished round
+//! sites.json                    known sites, their last contact and contributions
+//! ```
+//! Every file is written atomically and fsynced before anything refers to it.
+
+use std::path::{Path, PathBuf};
+
+use alveolus_proto::domain::{Metrics, RunInfo, SiteInfo, validate_version};
+use alveolus_proto::sha256_hex;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::durable::write_atomic;
+use crate::error::CoordinatorError;
+
+/// What a checkpoint's manifest records about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// sha256 of the safetensors file: the model version.
+    pub sha256: String,
+    pub bytes: u64,
+    pub run_id: String,
+    /// 0 for a run's initial model.
+    pub round: u32,
+    /// The version this one was aggregated from; `None` for an initial model.
+    pub parent: Option<String>,
+    pub sites: Vec<String>,
+    pub samples: u64,
+    pub metrics: Option<Metrics>,
+    pub created_unix_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Store(format!("{}: {e}", path.display()))
+}
+
+impl Store {
+    pub fn open(root: &Path) -> Result<Self, CoordinatorError> {
+        for sub in ["models", "runs"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|e| store_err(&dir, e))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn model_path(&self, version: &str) -> PathBuf {
+        self.root.join("models").join(format!("{version}.safetensors"))
+    }
+
+    pub fn manifest_path(&self, version: &str) -> PathBuf {
+        self.root.join("models").join(format!("{version}.json"))
+    }
+
+    /// Writes a checkpoint and its manifest durably; returns the version.
+    pub fn put_model(&self, bytes: &[u8], mut manifest: Manifest) -> Result<Manifest, CoordinatorError> {
+        let version = sha256_hex(bytes);
+        manifest.sha256 = version.clone();
+        manifest.bytes = bytes.len() as u64;
+        let path = self.model_path(&version);
+        write_atomic(&path, bytes, false).map_err(|e| store_err(&path, e))?;
+        let path = self.manifest_path(&version);
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))?;
+        Ok(manifest)
+    }
+
+    /// A checkpoint's bytes, checked against its version, and its manifest.
+    pub fn get_model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
+        validate_version(version).map_err(|_| CoordinatorError::UnknownVersion(version.to_string()))?;
+        let path = self.model_path(version);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CoordinatorError::UnknownVersion(version.to_string()));
+            }
+            Err(e) => return Err(store_err(&path, e)),
+        };
+        if sha256_hex(&bytes) != version {
+            return Err(store_err(&path, "content does not match its digest (disk corruption?)"));
+        }
+        let path = self.manifest_path(version);
+        let manifest = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
+        let manifest = serde_json::from_slice(&manifest).map_err(|e| store_err(&path, e))?;
+        Ok((Bytes::from(bytes), manifest))
+    }
+
+    pub fn put_run(&self, run: &RunInfo) -> Result<(), CoordinatorError> {
+        let path = self.root.join("runs").join(format!("{}.json", run.run_id));
+        let json = serde_json::to_vec_pretty(run).expect("run serialises");
+        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))
+    }
+
+    /// Every run in the log, oldest first.
+    pub fn load_runs(&self) -> Result<Vec<RunInfo>, CoordinatorError> {
+        let dir = self.root.join("runs");
+        let mut runs = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| store_err(&dir, e))? {
+            let path = entry.map_err(|e| store_err(&dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
+                let run: RunInfo = serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e))?;
+                runs.push(run);
+            }
+        }
+        runs.sort_by(|a, b| (a.started_unix_ms, &a.run_id).cmp(&(b.started_unix_ms, &b.run_id)));
+        Ok(runs)
+    }
+
+    pub fn put_sites(&self, sites: &[SiteInfo]) -> Result<(), CoordinatorError> {
+        let path = self.root.join("sites.json");
+        let json = serde_json::to_vec_pretty(sites).expect("sites serialise");
+        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))
+    }
+
+    pub fn load_sites(&self) -> Result<Vec<SiteInfo>, CoordinatorError> {
+        let path = self.root.join("sites.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(store_err(&path, e)),
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Mutual TLS on the server side: the project CA is the only trust anchor, client certificates
+//! are required, TLS 1.3 only, and the revocation list is re-read whenever its file changes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use alveolus_proto::identity::{Identity, Role};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::CoordinatorSettings;
+use crate::error::CoordinatorError;
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Tls(format!("{what}: {e}"))
+}
+
+/// Serial numbers on the current revocation list, and the list itself for rustls.
+#[derive(Debug, Default, Clone)]
+struct Revocations {
+    modified: Option<SystemTime>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    serials: HashSet<Vec<u8>>,
+}
+
+fn read_revocations(path: &Path) -> Result<Revocations, CoordinatorError> {
+    let modified = match std::fs::metadata(path) {
+        Ok(meta) => meta.modified().ok(),
+        // No list yet: nothing is revoked.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Revocations::default()),
+        Err(e) => return Err(tls_err(&path.display().to_string(), e)),
+    };
+    let pem = std::fs::read(path).map_err(|e| tls_err(&path.display().to_string(), e))?;
+    let mut crls = Vec::new();
+    let mut serials = HashSet::new();
+    for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+        let crl = crl.map_err(|e| tls_err(&path.display().to_string(), e))?;
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+            .map_err(|e| tls_err(&path.display().to_string(), e))?;
+        for revoked in parsed.iter_revoked_certificates() {
+            serials.insert(revoked.raw_serial().to_vec());
+        }
+        crls.push(crl);
+    }
+    Ok(Revocations {
+        modified,
+        crls,
+        serials,
+    })
+}
+
+fn build_acceptor(
+    roots: &Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    revocations: &Revocations,
+) -> Result<TlsAcceptor, CoordinatorError> {
+    let verifier = WebPkiClientVerifier::builder(roots.clone())
+        .with_crls(revocations.crls.clone())
+        .build()
+        .map_err(|e| tls_err("client verifier", e))?;
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.to_vec(), key.clone_key())
+        .map_err(|e| tls_err("coordinator certificate", e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Builds TLS acceptors and knows what is revoked; both follow the CRL file.
+pub struct TlsState {
+    project: String,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    crl_path: PathBuf,
+    current: Mutex<(Revocations, TlsAcceptor)>,
+}
+
+impl TlsState {
+    pub fn new(settings: &CoordinatorSettings) -> Result<Self, CoordinatorError> {
+        crate::install_crypto_provider();
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&settings.ca_pem) {
+            roots
+                .add(cert.map_err(|e| tls_err("project CA", e))?)
+                .map_err(|e| tls_err("project CA", e))?;
+        }
+        if roots.is_empty() {
+            return Err(tls_err("project CA", "no certificate in ca.pem"));
+        }
+        let chain = CertificateDer::pem_slice_iter(&settings.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err("coordinator certificate", e))?;
+        let key = PrivateKeyDer::from_pem_slice(&settings.key_pem)
+            .map_err(|e| tls_err("coordinator key", e))?;
+        let revocations = read_revocations(&settings.revocation_list)?;
+        let roots = Arc::new(roots);
+        let acceptor = build_acceptor(&roots, &chain, &key, &revocations)?;
+        Ok(Self {
+            project: settings.project.clone(),
+            roots,
+            chain,
+            key,
+            crl_path: settings.revocation_list.clone(),
+            current: Mutex::new((revocations, acceptor)),
+        })
+    }
+
+    /// The acceptor for the next connection, rebuilt when the CRL file changed.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let mut current = self.current.lock().expect("tls state lock");
+        let modified = std::fs::metadata(&self.crl_path).ok().and_then(|m| m.modified().ok());
+        if modified != current.0.modified {
+            match read_revocations(&self.crl_path)
+                .and_then(|r| Ok((build_acceptor(&self.roots, &self.chain, &self.key, &r)?, r))) {
+                Ok((acceptor, revocations)) => {
+                    tracing::info!(revoked = revocations.serials.len(), "revocation list reloaded");
+                    *current = (revocations, acceptor);
+                }
+                // Keep the last good list: a half-written or broken file must not open the door.
+                Err(e) => tracing::error!("revocation list not reloaded, keeping the previous one: {e}"),
+            }
+        }
+        current.1.clone()
+    }
+
+    /// The caller's identity, from the certificate the TLS layer already verified.
+    pub fn identify(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, CoordinatorError> {
+        let leaf = peer_certs
+            .and_then(|c| c.first())
+            .ok_or(CoordinatorError::Unauthenticated("no client certificate".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|_| CoordinatorError::Unauthenticated("unreadable client certificate".into()))?;
+        if self
+            .current
+            .lock()
+            .expect("tls state lock")
+            .0
+            .serials
+            .contains(cert.raw_serial())
+        {
+            return Err(CoordinatorError::PermissionDenied("this certificate has been revoked".into()));
+        }
+        let uris: Vec<&str> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let identity = uris
+            .iter()
+            .find_map(|u| Identity::parse_uri(u).ok())
+            .ok_or_else(|| CoordinatorError::Unauthenticated("the certificate carries no Alveolus identity".into()))?;
+        if identity.project != self.project {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "certificate belongs to project `{}`, this coordinator serves `{}`",
+                identity.project, self.project
+            )));
+        }
+        Ok(identity)
+    }
+
+    /// Like [`identify`](Self::identify), and the identity must have `role`.
+    pub fn require(&self, peer_certs: Option<&[CertificateDer<'_>]>, role: Role) -> Result<Identity, CoordinatorError> {
+        let identity = self.identify(peer_certs)?;
+        if identity.role != role {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "{identity} may not make {role} calls"
+            )));
+        }
+        Ok(identity)
+    }
+}

@@ -1,0 +1,25 @@
+//! Segmentation networks for chest CT, in burn.
+//!
+//! A model is described by a [`ModelSpec`] (which travels inside every checkpoint's metadata),
+//! built as a burn module, trained by [`train`], and exchanged as [`Weights`]: named f32 tensors
+//! that the coordinator can aggregate without knowing anything about burn.
+
+pub mod device;
+pub mod loss;
+pub mod metrics;
+pub mod spec;
+pub mod train;
+pub mod unet;
+pub mod weights;
+
+pub use alveolus_proto::weights::{Tensor as NamedTensor, Weights};
+pub use device::{DeviceChoice, DeviceError};
+pub use metrics::SegmentationCounts;
+pub use spec::{ModelSpec, SpecError};
+pub use train::{LabelledSlice, TrainOutcome};
+pub use unet::UNet2d;
+/// The burn device type, re-exported so that users of this crate need not depend on burn.
+pub use burn::tensor::Device;
+
+/// Classes every model predicts, in output-channel order.
+pub const CLASS_NAMES: [&str; 3] = ["background", "ggo", "consolidation"];

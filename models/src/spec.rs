@@ -1,0 +1,105 @@
+//! What network a checkpoint holds. Stored as JSON in the safetensors metadata under
+//! [`METADATA_KEY`], so a model file is self-describing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Weights;
+
+pub const METADATA_KEY: &str = "alveolus.model";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Network family; only `unet2d` so far.
+    pub kind: String,
+    /// Input channels (1: one windowed CT slice).
+    pub in_channels: usize,
+    /// Output classes: background, GGO, consolidation.
+    pub classes: usize,
+    /// Channels of the first level; each deeper level doubles them.
+    pub base_channels: usize,
+    /// Number of down-sampling steps.
+    pub depth: usize,
+    /// Side of the square slices the network sees; slices are resized to it.
+    pub image_size: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("unknown model preset `{0}` (known: small, default)")]
+    UnknownPreset(String),
+    #[error("invalid model spec: {0}")]
+    Invalid(String),
+    #[error("the model file carries no `{METADATA_KEY}` metadata; it was not written by Alveolus")]
+    Missing,
+}
+
+impl ModelSpec {
+    /// The network sized for the demo and tests on a 2-core CPU.
+    pub fn small() -> Self {
+        Self {
+            kind: "unet2d".into(),
+            in_channels: 1,
+            classes: 3,
+            base_channels: 8,
+            depth: 3,
+            image_size: 128,
+        }
+    }
+
+    /// The network sized for 256x256 slices.
+    pub fn default_2d() -> Self {
+        Self {
+            kind: "unet2d".into(),
+            in_channels: 1,
+            classes: 3,
+            base_channels: 16,
+            depth: 4,
+            image_size: 256,
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self, SpecError> {
+        match name {
+            "small" => Ok(Self::small()),
+            "default" => Ok(Self::default_2d()),
+            other => Err(SpecError::UnknownPreset(other.to_string())),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
+        if self.kind != "unet2d" {
+            return bad(format!("kind `{}` is not supported (only unet2d)", self.kind));
+        }
+        if self.in_channels == 0 || self.classes < 2 || self.base_channels == 0 {
+            return bad("channels and classes must be positive (at least 2 classes)".into());
+        }
+        if self.depth == 0 || self.depth > 6 {
+            return bad(format!("depth {} is not between 1 and 6", self.depth));
+        }
+        if self.image_size < 16 || self.image_size > 2048 || self.image_size % (1 << self.depth) != 0 {
+            return bad(format!(
+                "image_size {} must be 16..2048 and divisible by 2^depth = {}",
+                self.image_size,
+                1 << self.depth
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn from_weights(weights: &Weights) -> Result<Self, SpecError> {
+        let json = weights.metadata.get(METADATA_KEY).ok_or(SpecError::Missing)?;
+        let spec: ModelSpec =
+            serde_json::from_str(json).map_err(|e| SpecError::Invalid(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn to_metadata(&self) -> (String, String) {
+        (
+            METADATA_KEY.to_string(),
+            serde_json::to_string(self).expect("a spec always serialises"),
+        )
+    }
+}

@@ -1,0 +1,405 @@
+//! `alveolus`: the one binary. Argument parsing, wiring and human output only; the work is done
+//! by the coordinator, agent and models crates.
+
+mod admin;
+mod demo;
+
+use std::path::{Path, PathBuf};
+
+use alveolus_agent::evaluate::evaluate;
+use alveolus_agent::{AgentOptions, SliceDataset};
+use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
+use alveolus_coordinator::CoordinatorSettings;
+use alveolus_models::{DeviceChoice, ModelSpec, Weights};
+use alveolus_proto::domain::{RunConfig, TrainingConfig};
+use alveolus_proto::identity::Role;
+use alveolus_proto::kit::ClientKit;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "alveolus", version, about = "Federated training of chest-CT segmentation models across hospitals")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, or a tracing filter); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a project CA and a startup kit for the coordinator, each site and each admin.
+    Provision {
+        #[arg(long)]
+        project: String,
+        /// HOST:PORT the agents will dial.
+        #[arg(long)]
+        coordinator: String,
+        /// Site names (one kit each).
+        #[arg(long = "site", num_args = 1.., required = true)]
+        sites: Vec<String>,
+        /// Admin (researcher) names.
+        #[arg(long = "admin", num_args = 1.., required = true)]
+        admins: Vec<String>,
+        /// New folder to write the CA and the kits into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the issued certificates.
+        #[arg(long, default_value_t = 825)]
+        validity_days: u32,
+    },
+    /// Revoke a site's or admin's certificate; the coordinator refuses it from its next connection on.
+    Revoke {
+        /// The folder `provision --out` created.
+        #[arg(long)]
+        project_dir: PathBuf,
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        site: Option<String>,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Run the coordinator from its kit.
+    Coordinator {
+        #[arg(long)]
+        kit: PathBuf,
+        /// State folder (checkpoints, run log); defaults to the kit's `state_dir`.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Listen address; defaults to the kit's `listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run a site agent: trains on local data, sends only weight updates.
+    Agent {
+        #[arg(long)]
+        kit: PathBuf,
+        /// Labelled slice folder (images/, masks/).
+        #[arg(long)]
+        data: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Keep a copy of every update sent here.
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
+    },
+    /// Start, follow and stop federated runs (admin kit).
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+    /// Sites the coordinator knows (admin kit).
+    Sites {
+        #[command(subcommand)]
+        command: SitesCommand,
+    },
+    /// Download global models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Dice of a model on a labelled slice folder.
+    Evaluate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+    },
+    /// Everything on one machine: a coordinator and three hospital agents over real mTLS.
+    Demo {
+        #[arg(long, default_value = "demo-out")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        rounds: u32,
+        /// MedSeg slice folder; defaults to the copy shipped with the project.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Start a run from a fresh model (or `--init FILE`).
+    Start {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value_t = 1)]
+        min_sites: u32,
+        #[arg(long, default_value_t = 2)]
+        local_epochs: u32,
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 4)]
+        batch_size: u32,
+        /// Seconds after which a round closes with the sites that reported (at least min-sites).
+        #[arg(long, default_value_t = 600)]
+        deadline: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Network preset: small (128 px) or default (256 px).
+        #[arg(long, default_value = "small")]
+        model: String,
+        /// Start from this model file instead of a fresh network.
+        #[arg(long)]
+        init: Option<PathBuf>,
+    },
+    Status {
+        #[arg(long)]
+        kit: PathBuf,
+        /// Run id; the most recent run by default.
+        #[arg(long, default_value = "")]
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        kit: PathBuf,
+    },
+    /// Follow a run live, round by round, until it ends.
+    Watch {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        run: String,
+    },
+    Abort {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        run: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SitesCommand {
+    List {
+        #[arg(long)]
+        kit: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download a model (the latest by default); its digest is verified. The manifest goes
+    /// beside it as FILE with the extension .json.
+    Pull {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        version: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .context("invalid --log filter")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    alveolus_proto::install_crypto_provider();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Provision {
+            project,
+            coordinator,
+            sites,
+            admins,
+            out,
+            validity_days,
+        } => {
+            let summary = provision(&ProvisionRequest {
+                project,
+                coordinator,
+                sites,
+                admins,
+                out,
+                validity_days,
+            })?;
+            println!("project CA:       {} (keep ca.key offline)", summary.ca_dir.display());
+            println!("coordinator kit:  {}", summary.coordinator_kit.display());
+            for (name, dir) in &summary.site_kits {
+                println!("site kit {name:<9} {}", dir.display());
+            }
+            for (name, dir) in &summary.admin_kits {
+                println!("admin kit {name:<8} {}", dir.display());
+            }
+            Ok(())
+        }
+        Command::Revoke {
+            project_dir,
+            site,
+            admin,
+        } => {
+            let (role, name) = match (site, admin) {
+                (Some(s), _) => (Role::Site, s),
+                (None, Some(a)) => (Role::Admin, a),
+                (None, None) => bail!("give --site NAME or --admin NAME"),
+            };
+            for path in revoke(&project_dir, role, &name)? {
+                println!("revocation list written: {}", path.display());
+            }
+            println!("{role}/{name} is revoked; the coordinator refuses it from its next connection on");
+            Ok(())
+        }
+        Command::Coordinator { kit, state, listen } => run_coordinator(&kit, state.as_deref(), listen).await,
+        Command::Agent {
+            kit,
+            data,
+            device,
+            audit_dir,
+        } => {
+            let kit = ClientKit::load(&kit)?;
+            if kit.identity.role != Role::Site {
+                bail!("{} is an {} kit; agents need a site kit", kit.dir.display(), kit.identity.role);
+            }
+            let data = SliceDataset::open(&data)?;
+            let options = AgentOptions {
+                device,
+                audit_dir,
+                ..AgentOptions::default()
+            };
+            alveolus_agent::run_agent(kit, data, options, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Run { command } => run_command(command).await,
+        Command::Sites {
+            command: SitesCommand::List { kit },
+        } => admin::list_sites(&kit).await,
+        Command::Model {
+            command: ModelCommand::Pull { kit, version, out },
+        } => admin::pull_model_to_file(&kit, &version, &out).await,
+        Command::Evaluate {
+            model,
+            data,
+            json,
+            device,
+        } => {
+            let weights = read_model(&model)?;
+            let dataset = SliceDataset::open(&data)?;
+            let (device, description) = device.resolve()?;
+            eprintln!("evaluating {} slices on {description}", dataset.len());
+            let report = tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &device)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (name, dice) in &report.per_class {
+                    println!("{name:<14} dice {}", fmt_opt(*dice));
+                }
+                println!("{:<14} dice {}  iou {}", "infection", fmt_opt(report.infection), fmt_opt(report.infection_iou));
+            }
+            Ok(())
+        }
+        Command::Demo { out, rounds, data } => demo::run(&out, rounds, data).await,
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a (class absent)".to_string(), |v| format!("{v:.4}"))
+}
+
+pub fn read_model(path: &Path) -> Result<Weights> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Weights::decode(&bytes).with_context(|| format!("{} is not a model file", path.display()))
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run_coordinator(kit: &Path, state: Option<&Path>, listen: Option<String>) -> Result<()> {
+    let settings = CoordinatorSettings::load(kit, state)?;
+    let address = listen.unwrap_or_else(|| settings.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    tracing::info!(
+        project = %settings.project,
+        address = %listener.local_addr()?,
+        state = %settings.state_dir.display(),
+        "coordinator listening"
+    );
+    alveolus_coordinator::run(listener, settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn run_command(command: RunCommand) -> Result<()> {
+    match command {
+        RunCommand::Start {
+            kit,
+            rounds,
+            min_sites,
+            local_epochs,
+            lr,
+            batch_size,
+            deadline,
+            seed,
+            model,
+            init,
+        } => {
+            let config = RunConfig {
+                rounds,
+                min_sites,
+                deadline_seconds: deadline,
+                training: TrainingConfig {
+                    local_epochs,
+                    learning_rate: lr,
+                    batch_size,
+                    seed,
+                },
+            };
+            config.validate()?;
+            let weights = match init {
+                Some(path) => read_model(&path)?,
+                None => alveolus_models::train::initial_weights(&ModelSpec::preset(&model)?, seed)?,
+            };
+            let spec = ModelSpec::from_weights(&weights)?;
+            let info = admin::start_run(&kit, config, &weights).await?;
+            println!("started {}", info.run_id);
+            println!(
+                "  model {} ({} px, base {} channels, depth {}), initial version {}",
+                spec.kind, spec.image_size, spec.base_channels, spec.depth, info.initial_version
+            );
+            println!(
+                "  {} rounds, min {} sites, deadline {} s, {} local epochs, lr {}, batch {}, seed {}",
+                rounds, min_sites, deadline, local_epochs, lr, batch_size, seed
+            );
+            Ok(())
+        }
+        RunCommand::Status { kit, run, json } => admin::run_status(&kit, &run, json).await,
+        RunCommand::List { kit } => admin::list_runs(&kit).await,
+        RunCommand::Watch { kit, run } => admin::watch(&kit, &run).await,
+        RunCommand::Abort { kit, run } => {
+            let info = admin::abort(&kit, &run).await?;
+            println!("{} is {}", info.run_id, info.state.as_str());
+            Ok(())
+        }
+    }
+}

@@ -208,6 +208,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     alveolus_proto::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

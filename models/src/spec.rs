@@ -26,7 +26,7 @@ pub struct ModelSpec {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("unknown model preset `{0}` (known: small, default)")]
+    #[error("unknown model preset `{0}` (known: tiny, small, default)")]
     UnknownPreset(String),
     #[error("invalid model spec: {0}")]
     Invalid(String),
@@ -47,6 +47,18 @@ impl ModelSpec {
         }
     }
 
+    /// A very small network for smoke tests: seconds per round on any CPU, learns little.
+    pub fn tiny() -> Self {
+        Self {
+            kind: "unet2d".into(),
+            in_channels: 1,
+            classes: 3,
+            base_channels: 4,
+            depth: 2,
+            image_size: 32,
+        }
+    }
+
     /// The network sized for 256x256 slices.
     pub fn default_2d() -> Self {
         Self {
@@ -61,6 +73,7 @@ impl ModelSpec {
 
     pub fn preset(name: &str) -> Result<Self, SpecError> {
         match name {
+            "tiny" => Ok(Self::tiny()),
             "small" => Ok(Self::small()),
             "default" => Ok(Self::default_2d()),
             other => Err(SpecError::UnknownPreset(other.to_string())),

@@ -1,0 +1,275 @@
+//! Shared harness for the end-to-end tests: real certificates, a real coordinator on port 0 (or
+//! as a process), real agent processes, real MedSeg slices.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alveolus_coordinator::provision::{ProvisionRequest, provision};
+use alveolus_coordinator::CoordinatorSettings;
+use alveolus_models::{ModelSpec, Weights};
+use alveolus_proto::domain::{RunConfig, RunInfo, TrainingConfig};
+use alveolus_proto::kit::ClientKit;
+use alveolus_proto::pb::{self, admin_client::AdminClient};
+use alveolus_proto::transfer::{chunks, digest};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_alveolus");
+
+pub struct Project {
+    /// Keeps the temporary folder alive for the test's duration.
+    pub tmp: TempDir,
+    pub root: PathBuf,
+    pub port: u16,
+}
+
+impl Project {
+    pub fn site_kit(&self, site: &str) -> PathBuf {
+        self.root.join("sites").join(site)
+    }
+    pub fn admin_kit(&self) -> PathBuf {
+        self.root.join("admins").join("researcher")
+    }
+    pub fn coordinator_kit(&self) -> PathBuf {
+        self.root.join("coordinator")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A project with the given sites and one admin, `researcher`, whose coordinator is
+/// 127.0.0.1 on `port`.
+pub fn project_on(port: u16, name: &str, sites: &[&str]) -> Project {
+    alveolus_proto::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("project");
+    provision(&ProvisionRequest {
+        project: name.into(),
+        coordinator: format!("127.0.0.1:{port}"),
+        sites: sites.iter().map(|s| s.to_string()).collect(),
+        admins: vec!["researcher".into()],
+        out: root.clone(),
+        validity_days: 2,
+    })
+    .unwrap();
+    Project { tmp, root, port }
+}
+
+pub fn project(sites: &[&str]) -> Project {
+    project_on(free_port(), "lungs", sites)
+}
+
+/// A coordinator served in this process; stops when dropped.
+pub struct InProcessCoordinator {
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for InProcessCoordinator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn start_coordinator(project: &Project) -> InProcessCoordinator {
+    let settings = CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", project.port)).await.unwrap();
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        alveolus_coordinator::run(listener, settings, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    InProcessCoordinator {
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// A child process that is killed when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(args: &[&str], log: &Path) -> Process {
+    let log = std::fs::File::create(log).unwrap();
+    Process(
+        Command::new(BIN)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+pub fn spawn_agent(project: &Project, site: &str, data: &Path) -> Process {
+    let audit = project.path(&format!("audit-{site}"));
+    spawn(
+        &[
+            "agent",
+            "--kit",
+            project.site_kit(site).to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--audit-dir",
+            audit.to_str().unwrap(),
+        ],
+        &project.path(&format!("{site}.log")),
+    )
+}
+
+pub fn spawn_coordinator(project: &Project) -> Process {
+    spawn(
+        &[
+            "coordinator",
+            "--kit",
+            project.coordinator_kit().to_str().unwrap(),
+            "--state",
+            project.state().to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", project.port),
+        ],
+        &project.path("coordinator.log"),
+    )
+}
+
+/// `count` MedSeg slices of `block`, copied into a fresh site folder.
+pub fn site_data(project: &Project, name: &str, block: usize, count: usize) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/medseg");
+    let dest = project.path(&format!("data-{name}"));
+    let first = block * 25;
+    let mut copied = 0;
+    for index in first..first + 25 {
+        let file = format!("{index:03}.png");
+        if !source.join("images").join(&file).exists() {
+            continue;
+        }
+        for sub in ["images", "masks"] {
+            std::fs::create_dir_all(dest.join(sub)).unwrap();
+            std::fs::copy(source.join(sub).join(&file), dest.join(sub).join(&file)).unwrap();
+        }
+        copied += 1;
+        if copied == count {
+            break;
+        }
+    }
+    dest
+}
+
+pub fn tiny_model(seed: u64) -> Weights {
+    alveolus_models::train::initial_weights(&ModelSpec::tiny(), seed).unwrap()
+}
+
+pub fn run_config(rounds: u32, min_sites: u32, deadline_seconds: u32) -> RunConfig {
+    RunConfig {
+        rounds,
+        min_sites,
+        deadline_seconds,
+        training: TrainingConfig {
+            local_epochs: 1,
+            learning_rate: 1e-3,
+            batch_size: 4,
+            seed: 3,
+        },
+    }
+}
+
+pub async fn connect(kit: &Path) -> Channel {
+    let kit = ClientKit::load(kit).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match kit.connect().await {
+            Ok(channel) => return channel,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    }
+}
+
+pub async fn admin(project: &Project) -> AdminClient<Channel> {
+    AdminClient::new(connect(&project.admin_kit()).await)
+}
+
+pub async fn start_run(admin: &mut AdminClient<Channel>, config: RunConfig, weights: &Weights) -> RunInfo {
+    let bytes = weights.encode();
+    use pb::start_run_chunk::Part;
+    let mut config = pb::RunConfig::from(config);
+    config.initial_model_bytes = bytes.len() as u64;
+    let mut parts = vec![Part::Config(config)];
+    parts.extend(chunks(&bytes).map(Part::Data));
+    parts.push(Part::Trailer(pb::TransferTrailer {
+        sha256: digest(&bytes).into(),
+    }));
+    let stream = futures::stream::iter(parts.into_iter().map(|p| pb::StartRunChunk { part: Some(p) }));
+    RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
+}
+
+pub async fn get_run(admin: &mut AdminClient<Channel>, run_id: &str) -> RunInfo {
+    let info = admin
+        .get_run(pb::GetRunRequest { run_id: run_id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    RunInfo::try_from(info).unwrap()
+}
+
+/// Polls until `done(run)` holds, failing after `timeout`.
+pub async fn wait_for(
+    admin: &mut AdminClient<Channel>,
+    run_id: &str,
+    timeout: Duration,
+    done: impl Fn(&RunInfo) -> bool,
+) -> RunInfo {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = get_run(admin, run_id).await;
+        if done(&info) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting; run is {info:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the coordinator has heard from every named site.
+pub async fn wait_for_sites(admin: &mut AdminClient<Channel>, sites: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let known = admin.list_sites(pb::ListSitesRequest {}).await.unwrap().into_inner().sites;
+        if sites.iter().all(|s| known.iter().any(|k| k.name == *s)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sites did not join: {known:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn read_weights(path: &Path) -> Weights {
+    Weights::decode(&std::fs::read(path).unwrap()).unwrap()
+}

@@ -81,17 +81,24 @@ async fn two_agents_two_rounds_fedavg_matches_independent_computation() {
 async fn killed_agent_round_closes_after_deadline_with_the_others() {
     let project = project(&["alpha", "beta", "gamma"]);
     let _coordinator = start_coordinator(&project).await;
+    // Gamma holds many slices, so its local training outlasts the others' by seconds.
     let mut agents = Vec::new();
-    for (i, site) in ["alpha", "beta", "gamma"].iter().enumerate() {
-        let data = site_data(&project, site, i, 3);
+    for (i, (site, slices)) in [("alpha", 2), ("beta", 2), ("gamma", 25)].into_iter().enumerate() {
+        let data = site_data(&project, site, i, slices);
         agents.push(spawn_agent(&project, site, &data));
     }
     let mut admin = admin(&project).await;
     wait_for_sites(&mut admin, &["alpha", "beta", "gamma"]).await;
     let deadline = 8;
-    let run = start_run(&mut admin, run_config(1, 2, deadline), &tiny_model(2)).await;
-    // Every agent was long-polling, so each has taken the task; kill one mid-round.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let model = alveolus_models::train::initial_weights(&alveolus_models::ModelSpec::small(), 2).unwrap();
+    let run = start_run(&mut admin, run_config(1, 2, deadline), &model).await;
+    // Kill gamma as soon as it has taken the round's task.
+    let gamma_log = project.path("gamma.log");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&gamma_log).unwrap_or_default().contains("pulling global model") {
+        assert!(std::time::Instant::now() < until, "gamma never took the task");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut gamma = agents.pop().unwrap();
     gamma.0.kill().unwrap();
     gamma.0.wait().unwrap();
@@ -113,13 +120,16 @@ async fn killed_agent_round_closes_after_deadline_with_the_others() {
 async fn coordinator_killed_and_restarted_resumes_the_run() {
     let project = project(&["alpha", "beta"]);
     let mut coordinator = spawn_coordinator(&project);
-    let data_a = site_data(&project, "alpha", 0, 3);
-    let data_b = site_data(&project, "beta", 2, 3);
+    let data_a = site_data(&project, "alpha", 0, 4);
+    let data_b = site_data(&project, "beta", 2, 4);
     let _a = spawn_agent(&project, "alpha", &data_a);
     let _b = spawn_agent(&project, "beta", &data_b);
     let mut admin = admin(&project).await;
-    let run = start_run(&mut admin, run_config(4, 2, 120), &tiny_model(3)).await;
+    // The small network makes a round last long enough to stop the coordinator between rounds.
+    let model = alveolus_models::train::initial_weights(&alveolus_models::ModelSpec::small(), 3).unwrap();
+    let run = start_run(&mut admin, run_config(5, 2, 120), &model).await;
     let before = wait_for(&mut admin, &run.run_id, Duration::from_secs(240), |r| r.rounds.len() >= 2).await;
+    assert_eq!(before.state, RunState::Running, "the run ended before the coordinator could be stopped");
 
     coordinator.0.kill().unwrap();
     coordinator.0.wait().unwrap();
@@ -129,7 +139,7 @@ async fn coordinator_killed_and_restarted_resumes_the_run() {
     let after = wait_for(&mut admin, &run.run_id, Duration::from_secs(240), |r| r.state != RunState::Running).await;
 
     assert_eq!(after.state, RunState::Completed);
-    assert_eq!(after.rounds.len(), 4);
+    assert_eq!(after.rounds.len(), 5);
     for (old, new) in before.rounds.iter().zip(&after.rounds) {
         assert_eq!(old, new, "a finished round changed across the restart");
     }

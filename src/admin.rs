@@ -20,7 +20,11 @@ fn status(e: tonic::Status) -> anyhow::Error {
 pub async fn admin_client(kit_dir: &Path) -> Result<AdminClient<Channel>> {
     let kit = ClientKit::load(kit_dir)?;
     if kit.identity.role != Role::Admin {
-        bail!("{} is a {} kit; this command needs an admin kit", kit_dir.display(), kit.identity.role);
+        bail!(
+            "{} is a {} kit; this command needs an admin kit",
+            kit_dir.display(),
+            kit.identity.role
+        );
     }
     Ok(AdminClient::new(kit.connect().await?))
 }
@@ -30,7 +34,11 @@ pub async fn start_run(kit: &Path, config: RunConfig, weights: &Weights) -> Resu
     start_run_with(&mut client, config, weights).await
 }
 
-pub async fn start_run_with(client: &mut AdminClient<Channel>, config: RunConfig, weights: &Weights) -> Result<RunInfo> {
+pub async fn start_run_with(
+    client: &mut AdminClient<Channel>,
+    config: RunConfig,
+    weights: &Weights,
+) -> Result<RunInfo> {
     let bytes = weights.encode();
     use pb::start_run_chunk::Part;
     let mut config = pb::RunConfig::from(config);
@@ -40,8 +48,16 @@ pub async fn start_run_with(client: &mut AdminClient<Channel>, config: RunConfig
     parts.push(Part::Trailer(pb::TransferTrailer {
         sha256: digest(&bytes).into(),
     }));
-    let messages = futures::stream::iter(parts.into_iter().map(|p| pb::StartRunChunk { part: Some(p) }));
-    let info = client.start_run(messages).await.map_err(status)?.into_inner();
+    let messages = futures::stream::iter(
+        parts
+            .into_iter()
+            .map(|p| pb::StartRunChunk { part: Some(p) }),
+    );
+    let info = client
+        .start_run(messages)
+        .await
+        .map_err(status)?
+        .into_inner();
     Ok(RunInfo::try_from(info)?)
 }
 
@@ -76,7 +92,9 @@ fn print_run(info: &RunInfo) {
 pub async fn run_status(kit: &Path, run: &str, json: bool) -> Result<()> {
     let mut client = admin_client(kit).await?;
     let info = client
-        .get_run(pb::GetRunRequest { run_id: run.to_string() })
+        .get_run(pb::GetRunRequest {
+            run_id: run.to_string(),
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -91,7 +109,12 @@ pub async fn run_status(kit: &Path, run: &str, json: bool) -> Result<()> {
 
 pub async fn list_runs(kit: &Path) -> Result<()> {
     let mut client = admin_client(kit).await?;
-    let runs = client.list_runs(pb::ListRunsRequest {}).await.map_err(status)?.into_inner().runs;
+    let runs = client
+        .list_runs(pb::ListRunsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .runs;
     if runs.is_empty() {
         println!("no runs yet");
     }
@@ -110,9 +133,14 @@ pub async fn list_runs(kit: &Path) -> Result<()> {
 }
 
 /// The run's events, from its start, until it ends.
-pub async fn events(client: &mut AdminClient<Channel>, run: &str) -> Result<impl Stream<Item = Result<RunEvent>> + use<>> {
+pub async fn events(
+    client: &mut AdminClient<Channel>,
+    run: &str,
+) -> Result<impl Stream<Item = Result<RunEvent>> + use<>> {
     let stream = client
-        .watch_run(pb::GetRunRequest { run_id: run.to_string() })
+        .watch_run(pb::GetRunRequest {
+            run_id: run.to_string(),
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -124,10 +152,15 @@ pub async fn watch(kit: &Path, run: &str) -> Result<()> {
     let mut events = std::pin::pin!(events(&mut client, run).await?);
     while let Some(event) = events.next().await {
         match event? {
-            RunEvent::RoundStarted { round, model_version } => {
+            RunEvent::RoundStarted {
+                round,
+                model_version,
+            } => {
                 println!("round {round} started from model {}", &model_version[..12]);
             }
-            RunEvent::UpdateAccepted { round, site } => println!("round {round}: update from {site}"),
+            RunEvent::UpdateAccepted { round, site } => {
+                println!("round {round}: update from {site}")
+            }
             RunEvent::RoundFinished(r) => println!(
                 "round {} finished: {} sites, {} samples, loss {:.4}, train dice {:.3}, model {}",
                 r.round,
@@ -148,7 +181,9 @@ pub async fn watch(kit: &Path, run: &str) -> Result<()> {
 pub async fn abort(kit: &Path, run: &str) -> Result<RunInfo> {
     let mut client = admin_client(kit).await?;
     let info = client
-        .abort_run(pb::GetRunRequest { run_id: run.to_string() })
+        .abort_run(pb::GetRunRequest {
+            run_id: run.to_string(),
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -169,7 +204,12 @@ fn format_time(unix_ms: i64) -> String {
 
 pub async fn list_sites(kit: &Path) -> Result<()> {
     let mut client = admin_client(kit).await?;
-    let sites = client.list_sites(pb::ListSitesRequest {}).await.map_err(status)?.into_inner().sites;
+    let sites = client
+        .list_sites(pb::ListSitesRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .sites;
     if sites.is_empty() {
         println!("no site has connected yet");
     }
@@ -184,7 +224,11 @@ pub async fn list_sites(kit: &Path) -> Result<()> {
             "{:<20} last contact {:<12} {}",
             site.name,
             format_time(site.last_contact_unix_ms),
-            if contributed.is_empty() { "no contributions yet".to_string() } else { contributed.join("; ") }
+            if contributed.is_empty() {
+                "no contributions yet".to_string()
+            } else {
+                contributed.join("; ")
+            }
         );
     }
     Ok(())
@@ -199,7 +243,11 @@ fn compact_rounds(rounds: &[u32]) -> String {
         while j + 1 < rounds.len() && rounds[j + 1] == rounds[j] + 1 {
             j += 1;
         }
-        parts.push(if i == j { rounds[i].to_string() } else { format!("{}-{}", rounds[i], rounds[j]) });
+        parts.push(if i == j {
+            rounds[i].to_string()
+        } else {
+            format!("{}-{}", rounds[i], rounds[j])
+        });
         i = j + 1;
     }
     parts.join(",")
@@ -209,7 +257,9 @@ fn compact_rounds(rounds: &[u32]) -> String {
 /// manifest.
 pub async fn pull_model_to_file(kit_dir: &Path, version: &str, out: &Path) -> Result<()> {
     let kit = ClientKit::load(kit_dir)?;
-    let request = pb::PullModelRequest { version: version.to_string() };
+    let request = pb::PullModelRequest {
+        version: version.to_string(),
+    };
     let channel = kit.connect().await?;
     let stream = match kit.identity.role {
         Role::Admin => AdminClient::new(channel).pull_model(request).await,
@@ -221,15 +271,29 @@ pub async fn pull_model_to_file(kit_dir: &Path, version: &str, out: &Path) -> Re
     Weights::decode(&bytes).context("the coordinator sent a model that does not parse")?;
     std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let manifest = out.with_extension("json");
-    std::fs::write(&manifest, &header.manifest_json).with_context(|| format!("cannot write {}", manifest.display()))?;
-    println!("model {} ({} bytes, sha256 verified)", header.version, bytes.len());
-    println!("written to {} with its manifest {}", out.display(), manifest.display());
+    std::fs::write(&manifest, &header.manifest_json)
+        .with_context(|| format!("cannot write {}", manifest.display()))?;
+    println!(
+        "model {} ({} bytes, sha256 verified)",
+        header.version,
+        bytes.len()
+    );
+    println!(
+        "written to {} with its manifest {}",
+        out.display(),
+        manifest.display()
+    );
     Ok(())
 }
 
-pub async fn pull_model(client: &mut AdminClient<Channel>, version: &str) -> Result<(Weights, bytes::Bytes, String)> {
+pub async fn pull_model(
+    client: &mut AdminClient<Channel>,
+    version: &str,
+) -> Result<(Weights, bytes::Bytes, String)> {
     let stream = client
-        .pull_model(pb::PullModelRequest { version: version.to_string() })
+        .pull_model(pb::PullModelRequest {
+            version: version.to_string(),
+        })
         .await
         .map_err(status)?
         .into_inner();

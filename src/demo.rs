@@ -25,21 +25,34 @@ const HELD_OUT_PER_BLOCK: usize = 4;
 const MARKER: &str = ".alveolus-demo";
 
 fn shipped_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("medseg")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("medseg")
 }
 
 /// `index,block,...` rows of manifest.csv.
 fn read_blocks(data: &Path) -> Result<Vec<(String, usize)>> {
     let path = data.join("manifest.csv");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let mut rows = Vec::new();
     for (line_no, line) in text.lines().enumerate().skip(1) {
         let mut fields = line.split(',');
         let (Some(index), Some(block)) = (fields.next(), fields.next()) else {
-            bail!("{}:{}: expected index,block,...", path.display(), line_no + 1);
+            bail!(
+                "{}:{}: expected index,block,...",
+                path.display(),
+                line_no + 1
+            );
         };
-        let index: usize = index.trim().parse().with_context(|| format!("{}:{}: bad index", path.display(), line_no + 1))?;
-        let block: usize = block.trim().parse().with_context(|| format!("{}:{}: bad block", path.display(), line_no + 1))?;
+        let index: usize = index
+            .trim()
+            .parse()
+            .with_context(|| format!("{}:{}: bad index", path.display(), line_no + 1))?;
+        let block: usize = block
+            .trim()
+            .parse()
+            .with_context(|| format!("{}:{}: bad block", path.display(), line_no + 1))?;
         rows.push((format!("{index:03}.png"), block));
     }
     Ok(rows)
@@ -50,7 +63,8 @@ fn copy_slices(data: &Path, names: &[&String], dest: &Path) -> Result<()> {
         std::fs::create_dir_all(dest.join(sub))?;
         for name in names {
             let from = data.join(sub).join(name);
-            std::fs::copy(&from, dest.join(sub).join(name)).with_context(|| format!("cannot copy {}", from.display()))?;
+            std::fs::copy(&from, dest.join(sub).join(name))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
         }
     }
     Ok(())
@@ -60,7 +74,10 @@ fn prepare_out(out: &Path) -> Result<()> {
     if out.exists() {
         let empty = std::fs::read_dir(out)?.next().is_none();
         if !empty && !out.join(MARKER).exists() {
-            bail!("{} exists and was not made by the demo; choose another --out", out.display());
+            bail!(
+                "{} exists and was not made by the demo; choose another --out",
+                out.display()
+            );
         }
         std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
     }
@@ -107,7 +124,11 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
     let rows = read_blocks(&data)?;
     let mut held_out = Vec::new();
     for (b, site) in SITES.iter().enumerate() {
-        let block: Vec<&String> = rows.iter().filter(|(_, blk)| *blk == b).map(|(n, _)| n).collect();
+        let block: Vec<&String> = rows
+            .iter()
+            .filter(|(_, blk)| *blk == b)
+            .map(|(n, _)| n)
+            .collect();
         if block.len() <= HELD_OUT_PER_BLOCK {
             bail!("block {b} of {} has too few slices", data.display());
         }
@@ -118,9 +139,14 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
     }
     copy_slices(&data, &held_out, &out.join("data").join("validation"))?;
     let validation = SliceDataset::open(&out.join("data").join("validation"))?;
-    println!("validation: {} held-out slices no site trains on", validation.len());
+    println!(
+        "validation: {} held-out slices no site trains on",
+        validation.len()
+    );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let project = out.join("project");
     provision(&ProvisionRequest {
         project: "demo".into(),
@@ -164,7 +190,11 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
             Some((cores / SITES.len()).max(1)),
         )?);
     }
-    println!("started a coordinator on 127.0.0.1:{port} and {} agents (logs in {})", SITES.len(), logs.display());
+    println!(
+        "started a coordinator on 127.0.0.1:{port} and {} agents (logs in {})",
+        SITES.len(),
+        logs.display()
+    );
 
     let admin_kit = project.join("admins").join("researcher");
     let mut client = connect_with_retry(&admin_kit).await?;
@@ -197,7 +227,10 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
     while let Some(event) = events.next().await {
         for child in &mut children {
             if let Some(status) = child.try_wait()? {
-                bail!("a demo process exited early ({status}); see the logs in {}", logs.display());
+                bail!(
+                    "a demo process exited early ({status}); see the logs in {}",
+                    logs.display()
+                );
             }
         }
         match event? {
@@ -255,13 +288,29 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
 }
 
 /// Infection, GGO and consolidation Dice of a model on the held-out slices.
-fn score(weights: &Weights, data: &SliceDataset, device: &Device) -> Result<(f64, Option<f64>, Option<f64>)> {
+fn score(
+    weights: &Weights,
+    data: &SliceDataset,
+    device: &Device,
+) -> Result<(f64, Option<f64>, Option<f64>)> {
     let report = evaluate(weights, data, device)?;
-    let class = |name: &str| report.per_class.iter().find(|(n, _)| n == name).and_then(|(_, d)| *d);
-    Ok((report.infection.unwrap_or(0.0), class("ggo"), class("consolidation")))
+    let class = |name: &str| {
+        report
+            .per_class
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, d)| *d)
+    };
+    Ok((
+        report.infection.unwrap_or(0.0),
+        class("ggo"),
+        class("consolidation"),
+    ))
 }
 
-async fn connect_with_retry(kit: &Path) -> Result<alveolus_proto::pb::admin_client::AdminClient<tonic::transport::Channel>> {
+async fn connect_with_retry(
+    kit: &Path,
+) -> Result<alveolus_proto::pb::admin_client::AdminClient<tonic::transport::Channel>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match admin::admin_client(kit).await {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use alveolus_agent::evaluate::evaluate;
 use alveolus_agent::{AgentOptions, SliceDataset};
-use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
 use alveolus_coordinator::CoordinatorSettings;
+use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
 use alveolus_models::{DeviceChoice, ModelSpec, Weights};
 use alveolus_proto::domain::{RunConfig, TrainingConfig};
 use alveolus_proto::identity::Role;
@@ -18,7 +18,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "alveolus", version, about = "Federated training of chest-CT segmentation models across hospitals")]
+#[command(
+    name = "alveolus",
+    version,
+    about = "Federated training of chest-CT segmentation models across hospitals"
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, or a tracing filter); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -233,7 +237,10 @@ async fn dispatch(command: Command) -> Result<()> {
                 out,
                 validity_days,
             })?;
-            println!("project CA:       {} (keep ca.key offline)", summary.ca_dir.display());
+            println!(
+                "project CA:       {} (keep ca.key offline)",
+                summary.ca_dir.display()
+            );
             println!("coordinator kit:  {}", summary.coordinator_kit.display());
             for (name, dir) in &summary.site_kits {
                 println!("site kit {name:<9} {}", dir.display());
@@ -256,10 +263,14 @@ async fn dispatch(command: Command) -> Result<()> {
             for path in revoke(&project_dir, role, &name)? {
                 println!("revocation list written: {}", path.display());
             }
-            println!("{role}/{name} is revoked; the coordinator refuses it from its next connection on");
+            println!(
+                "{role}/{name} is revoked; the coordinator refuses it from its next connection on"
+            );
             Ok(())
         }
-        Command::Coordinator { kit, state, listen } => run_coordinator(&kit, state.as_deref(), listen).await,
+        Command::Coordinator { kit, state, listen } => {
+            run_coordinator(&kit, state.as_deref(), listen).await
+        }
         Command::Agent {
             kit,
             data,
@@ -268,7 +279,11 @@ async fn dispatch(command: Command) -> Result<()> {
         } => {
             let kit = ClientKit::load(&kit)?;
             if kit.identity.role != Role::Site {
-                bail!("{} is an {} kit; agents need a site kit", kit.dir.display(), kit.identity.role);
+                bail!(
+                    "{} is an {} kit; agents need a site kit",
+                    kit.dir.display(),
+                    kit.identity.role
+                );
             }
             let data = SliceDataset::open(&data)?;
             let options = AgentOptions {
@@ -296,14 +311,20 @@ async fn dispatch(command: Command) -> Result<()> {
             let dataset = SliceDataset::open(&data)?;
             let (device, description) = device.resolve()?;
             eprintln!("evaluating {} slices on {description}", dataset.len());
-            let report = tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &device)).await??;
+            let report = tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &device))
+                .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for (name, dice) in &report.per_class {
                     println!("{name:<14} dice {}", fmt_opt(*dice));
                 }
-                println!("{:<14} dice {}  iou {}", "infection", fmt_opt(report.infection), fmt_opt(report.infection_iou));
+                println!(
+                    "{:<14} dice {}  iou {}",
+                    "infection",
+                    fmt_opt(report.infection),
+                    fmt_opt(report.infection_iou)
+                );
             }
             Ok(())
         }

@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use alveolus_models::{NamedTensor, Weights};
+use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{RunState, Task};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use alveolus_proto::transfer::{chunks, digest};
-use alveolus_proto::PROTOCOL_VERSION;
 use common::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -20,7 +20,15 @@ fn constant_update(model: &Weights, value: f32) -> Weights {
         tensors: model
             .tensors
             .iter()
-            .map(|(n, t)| (n.clone(), NamedTensor { shape: t.shape.clone(), values: vec![value; t.values.len()] }))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    NamedTensor {
+                        shape: t.shape.clone(),
+                        values: vec![value; t.values.len()],
+                    },
+                )
+            })
             .collect(),
         metadata: Default::default(),
     }
@@ -33,7 +41,12 @@ struct Push<'a> {
     samples: u64,
 }
 
-async fn push(client: &mut FederationClient<Channel>, p: &Push<'_>, bytes: &[u8], claimed_sha: Vec<u8>) -> Result<u32, tonic::Status> {
+async fn push(
+    client: &mut FederationClient<Channel>,
+    p: &Push<'_>,
+    bytes: &[u8],
+    claimed_sha: Vec<u8>,
+) -> Result<u32, tonic::Status> {
     use pb::update_chunk::Part;
     let payload = bytes::Bytes::copy_from_slice(bytes);
     let mut parts = vec![Part::Header(pb::UpdateHeader {
@@ -41,13 +54,22 @@ async fn push(client: &mut FederationClient<Channel>, p: &Push<'_>, bytes: &[u8]
         round: p.round,
         base_version: p.base.into(),
         num_samples: p.samples,
-        metrics: Some(pb::Metrics { loss: 0.5, dice: 0.5 }),
+        metrics: Some(pb::Metrics {
+            loss: 0.5,
+            dice: 0.5,
+        }),
         total_bytes: payload.len() as u64,
     })];
     parts.extend(chunks(&payload).map(Part::Data));
-    parts.push(Part::Trailer(pb::TransferTrailer { sha256: claimed_sha.into() }));
-    let stream = futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
-    client.push_update(stream).await.map(|r| r.into_inner().reports_this_round)
+    parts.push(Part::Trailer(pb::TransferTrailer {
+        sha256: claimed_sha.into(),
+    }));
+    let stream =
+        futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
+    client
+        .push_update(stream)
+        .await
+        .map(|r| r.into_inner().reports_this_round)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,72 +77,134 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
     let project = project(&["alpha"]);
     let _coordinator = start_coordinator(&project).await;
     let mut site = FederationClient::new(connect(&project.site_kit("alpha")).await);
-    site.join(pb::JoinRequest { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() })
-        .await
-        .unwrap();
+    site.join(pb::JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+    })
+    .await
+    .unwrap();
     let mut admin = admin(&project).await;
     let model = tiny_model(5);
     let run = start_run(&mut admin, run_config(1, 1, 600), &model).await;
 
-    let task = site.next_task(pb::NextTaskRequest { wait_seconds: 5 }).await.unwrap().into_inner();
-    let Task::Train(task) = Task::try_from(task).unwrap() else { panic!("expected a training task") };
+    let task = site
+        .next_task(pb::NextTaskRequest { wait_seconds: 5 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Task::Train(task) = Task::try_from(task).unwrap() else {
+        panic!("expected a training task")
+    };
     assert_eq!(task.round, 1);
-    let good = Push { run_id: &run.run_id, round: 1, base: &task.model_version, samples: 4 };
+    let good = Push {
+        run_id: &run.run_id,
+        round: 1,
+        base: &task.model_version,
+        samples: 4,
+    };
 
     // A chunk corrupted in transit: the trailer's digest does not match the data.
     let bytes = constant_update(&model, 100.0).encode();
     let mut corrupted = bytes.to_vec();
     corrupted[bytes.len() / 2] ^= 0xff;
-    let status = push(&mut site, &good, &corrupted, digest(&bytes)).await.unwrap_err();
+    let status = push(&mut site, &good, &corrupted, digest(&bytes))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
     assert!(status.message().contains("digest"), "{}", status.message());
 
     // An update for another round.
     let stale = Push { round: 2, ..good };
-    let status = push(&mut site, &stale, &bytes, digest(&bytes)).await.unwrap_err();
+    let status = push(&mut site, &stale, &bytes, digest(&bytes))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("round 2"), "{}", status.message());
 
     // An update computed from another model version.
     let other = "ab".repeat(32);
-    let status = push(&mut site, &Push { base: &other, ..good }, &bytes, digest(&bytes)).await.unwrap_err();
+    let status = push(
+        &mut site,
+        &Push {
+            base: &other,
+            ..good
+        },
+        &bytes,
+        digest(&bytes),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     // A NaN in one tensor.
     let mut nan = constant_update(&model, 100.0);
     nan.tensors.values_mut().next().unwrap().values[0] = f32::NAN;
     let nan = nan.encode();
-    let status = push(&mut site, &good, &nan, digest(&nan)).await.unwrap_err();
+    let status = push(&mut site, &good, &nan, digest(&nan))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("non-finite"), "{}", status.message());
+    assert!(
+        status.message().contains("non-finite"),
+        "{}",
+        status.message()
+    );
 
     // Wrong tensor names or shapes.
     let mut reshaped = constant_update(&model, 100.0);
     let first = reshaped.tensors.values_mut().next().unwrap();
     first.shape = vec![first.values.len()];
     let reshaped = reshaped.encode();
-    let status = push(&mut site, &good, &reshaped, digest(&reshaped)).await.unwrap_err();
+    let status = push(&mut site, &good, &reshaped, digest(&reshaped))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let mut renamed = constant_update(&model, 100.0);
     let (name, tensor) = renamed.tensors.pop_first().unwrap();
     renamed.tensors.insert(format!("{name}.evil"), tensor);
     let renamed = renamed.encode();
-    let status = push(&mut site, &good, &renamed, digest(&renamed)).await.unwrap_err();
+    let status = push(&mut site, &good, &renamed, digest(&renamed))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // Nothing of the above reached the aggregate: after one good update of 0.25 everywhere, the
     // round's model is exactly the initial one plus 0.25.
     let update = constant_update(&model, 0.25).encode();
-    assert_eq!(push(&mut site, &good, &update, digest(&update)).await.unwrap(), 1);
-    let run = wait_for(&mut admin, &run.run_id, Duration::from_secs(30), |r| r.state != RunState::Running).await;
-    let checkpoint = read_weights(&project.state().join("models").join(format!("{}.safetensors", run.rounds[0].version)));
+    assert_eq!(
+        push(&mut site, &good, &update, digest(&update))
+            .await
+            .unwrap(),
+        1
+    );
+    let run = wait_for(&mut admin, &run.run_id, Duration::from_secs(30), |r| {
+        r.state != RunState::Running
+    })
+    .await;
+    let checkpoint = read_weights(
+        &project
+            .state()
+            .join("models")
+            .join(format!("{}.safetensors", run.rounds[0].version)),
+    );
     for (name, tensor) in &checkpoint.tensors {
         for (value, initial) in tensor.values.iter().zip(&model.tensors[name].values) {
-            assert!((value - (initial + 0.25)).abs() <= 1e-6, "{name}: {value} vs {initial} + 0.25");
+            assert!(
+                (value - (initial + 0.25)).abs() <= 1e-6,
+                "{name}: {value} vs {initial} + 0.25"
+            );
         }
     }
 
     // The site cannot report twice.
-    let status = push(&mut site, &good, &update, digest(&update)).await.unwrap_err();
-    assert!(matches!(status.code(), Code::FailedPrecondition | Code::AlreadyExists), "{status:?}");
+    let status = push(&mut site, &good, &update, digest(&update))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::FailedPrecondition | Code::AlreadyExists
+        ),
+        "{status:?}"
+    );
 }

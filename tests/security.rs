@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 
 use alveolus_coordinator::provision::revoke;
+use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::identity::Role;
 use alveolus_proto::pb::{self, admin_client::AdminClient, federation_client::FederationClient};
-use alveolus_proto::PROTOCOL_VERSION;
 use common::*;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -18,7 +18,11 @@ fn read(path: &Path) -> Vec<u8> {
 }
 
 /// Joins with the given trust anchor and client identity; any refusal becomes an error string.
-async fn try_join(port: u16, ca_pem: &[u8], identity: Option<(&Path, &Path)>) -> Result<pb::JoinResponse, String> {
+async fn try_join(
+    port: u16,
+    ca_pem: &[u8],
+    identity: Option<(&Path, &Path)>,
+) -> Result<pb::JoinResponse, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("127.0.0.1");
@@ -29,7 +33,10 @@ async fn try_join(port: u16, ca_pem: &[u8], identity: Option<(&Path, &Path)>) ->
         .unwrap()
         .tls_config(tls)
         .unwrap();
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
     FederationClient::new(channel)
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -49,7 +56,12 @@ async fn only_valid_unrevoked_project_certificates_get_in() {
 
     // A site with its own kit gets in, and its name comes from its certificate.
     let alpha = kit("alpha");
-    let joined = try_join(project.port, &ca, Some((&alpha.join("cert.pem"), &alpha.join("key.pem")))).await;
+    let joined = try_join(
+        project.port,
+        &ca,
+        Some((&alpha.join("cert.pem"), &alpha.join("key.pem"))),
+    )
+    .await;
     let joined = joined.expect("a valid site certificate is accepted");
     assert_eq!(joined.site, "alpha");
     assert_eq!(joined.project, "lungs");
@@ -60,18 +72,41 @@ async fn only_valid_unrevoked_project_certificates_get_in() {
     // A certificate from another project's CA, even one that names a known site.
     let foreign = project_on(project.port, "lungs", &["alpha"]);
     let forged = foreign.site_kit("alpha");
-    let refused = try_join(project.port, &ca, Some((&forged.join("cert.pem"), &forged.join("key.pem")))).await;
-    assert!(refused.is_err(), "a foreign CA's certificate was accepted: {refused:?}");
+    let refused = try_join(
+        project.port,
+        &ca,
+        Some((&forged.join("cert.pem"), &forged.join("key.pem"))),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a foreign CA's certificate was accepted: {refused:?}"
+    );
 
     // A revoked site: accepted before, refused after `revoke`.
     let beta = kit("beta");
     let beta_id = (beta.join("cert.pem"), beta.join("key.pem"));
-    assert!(try_join(project.port, &ca, Some((&beta_id.0, &beta_id.1))).await.is_ok());
+    assert!(
+        try_join(project.port, &ca, Some((&beta_id.0, &beta_id.1)))
+            .await
+            .is_ok()
+    );
     revoke(&project.root, Role::Site, "beta").unwrap();
     let refused = try_join(project.port, &ca, Some((&beta_id.0, &beta_id.1))).await;
-    assert!(refused.is_err(), "a revoked certificate was accepted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a revoked certificate was accepted: {refused:?}"
+    );
     // Others are unaffected.
-    assert!(try_join(project.port, &ca, Some((&alpha.join("cert.pem"), &alpha.join("key.pem")))).await.is_ok());
+    assert!(
+        try_join(
+            project.port,
+            &ca,
+            Some((&alpha.join("cert.pem"), &alpha.join("key.pem")))
+        )
+        .await
+        .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,7 +135,10 @@ async fn roles_are_enforced_on_every_call() {
             round: 1,
             base_version: "0".repeat(64),
             num_samples: 1,
-            metrics: Some(pb::Metrics { loss: 1.0, dice: 0.0 }),
+            metrics: Some(pb::Metrics {
+                loss: 1.0,
+                dice: 0.0,
+            }),
             total_bytes: 0,
         })),
     };
@@ -128,6 +166,18 @@ async fn an_agent_speaking_another_protocol_version_is_told_both_versions() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(status.message().contains(&format!("version {}", PROTOCOL_VERSION + 1)), "{}", status.message());
-    assert!(status.message().contains(&format!("version {PROTOCOL_VERSION}")), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .contains(&format!("version {PROTOCOL_VERSION}")),
+        "{}",
+        status.message()
+    );
 }

@@ -64,8 +64,10 @@ impl Default for AgentOptions {
 }
 
 fn is_fatal(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated)
-        || (status.code() == Code::FailedPrecondition && status.message().contains("protocol"))
+    matches!(
+        status.code(),
+        Code::PermissionDenied | Code::Unauthenticated
+    ) || (status.code() == Code::FailedPrecondition && status.message().contains("protocol"))
 }
 
 /// Runs until `shutdown` completes or the coordinator refuses this agent for good.
@@ -109,7 +111,9 @@ impl Agent {
             match self.session().await {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
-                Err(e @ (AgentError::Train(_) | AgentError::Device(_) | AgentError::Audit { .. })) => {
+                Err(
+                    e @ (AgentError::Train(_) | AgentError::Device(_) | AgentError::Audit { .. }),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => {
@@ -154,7 +158,11 @@ impl Agent {
         }
     }
 
-    async fn train_round(&mut self, client: &mut FederationClient<Channel>, task: TrainTask) -> Result<(), AgentError> {
+    async fn train_round(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        task: TrainTask,
+    ) -> Result<(), AgentError> {
         tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
         let global = pull_model(client, &task.model_version).await?;
         let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
@@ -174,9 +182,20 @@ impl Agent {
         let start_for_training = start.clone();
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
-            train(&start_for_training, &slices, &training, &device, |epoch, loss| {
-                tracing::info!(round, epoch, loss = format!("{loss:.4}"), "local epoch done");
-            })
+            train(
+                &start_for_training,
+                &slices,
+                &training,
+                &device,
+                |epoch, loss| {
+                    tracing::info!(
+                        round,
+                        epoch,
+                        loss = format!("{loss:.4}"),
+                        "local epoch done"
+                    );
+                },
+            )
         })
         .await
         .map_err(|e| AgentError::Rpc(format!("training task failed: {e}")))??;
@@ -210,14 +229,22 @@ impl Agent {
         parts.push(Part::Trailer(pb::TransferTrailer {
             sha256: digest(&bytes).into(),
         }));
-        let messages = futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
+        let messages =
+            futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
         match client.push_update(messages).await {
             Ok(response) => {
-                tracing::info!(round, reports = response.into_inner().reports_this_round, "update accepted");
+                tracing::info!(
+                    round,
+                    reports = response.into_inner().reports_this_round,
+                    "update accepted"
+                );
                 Ok(())
             }
             // The round moved on without us (deadline) or we already reported: wait for the next.
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) && !is_fatal(&s) => {
+            Err(s)
+                if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists)
+                    && !is_fatal(&s) =>
+            {
                 tracing::warn!(round, "update not used: {}", s.message());
                 Ok(())
             }
@@ -262,7 +289,10 @@ fn status_error(status: tonic::Status) -> AgentError {
 }
 
 /// Downloads a model version and checks size, digest and that the digest is the version.
-pub async fn pull_model(client: &mut FederationClient<Channel>, version: &str) -> Result<Weights, AgentError> {
+pub async fn pull_model(
+    client: &mut FederationClient<Channel>,
+    version: &str,
+) -> Result<Weights, AgentError> {
     let stream = client
         .pull_model(pb::PullModelRequest {
             version: version.to_string(),
@@ -296,12 +326,15 @@ pub async fn receive_model(
         return Err(transfer("a model stream must start with its header".into()));
     };
     let header = ModelHeader::try_from(header).map_err(|e| transfer(e.to_string()))?;
-    let mut receiver = Receiver::new(header.total_bytes, limit).map_err(|e| transfer(e.to_string()))?;
+    let mut receiver =
+        Receiver::new(header.total_bytes, limit).map_err(|e| transfer(e.to_string()))?;
     while let Some(message) = stream.next().await {
         match message.map_err(status_error)?.part {
             Some(Part::Data(data)) => receiver.push(&data).map_err(|e| transfer(e.to_string()))?,
             Some(Part::Trailer(trailer)) => {
-                let bytes = receiver.finish(&trailer.sha256).map_err(|e| transfer(e.to_string()))?;
+                let bytes = receiver
+                    .finish(&trailer.sha256)
+                    .map_err(|e| transfer(e.to_string()))?;
                 if sha256_hex(&bytes) != header.version {
                     return Err(transfer("model digest does not match its version".into()));
                 }

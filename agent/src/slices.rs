@@ -60,7 +60,9 @@ pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), SliceError>
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(|e| png_err(e.to_string()))?;
     let mut buffer = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buffer).map_err(|e| png_err(e.to_string()))?;
+    let info = reader
+        .next_frame(&mut buffer)
+        .map_err(|e| png_err(e.to_string()))?;
     let channels = info.color_type.samples();
     let (width, height) = (info.width as usize, info.height as usize);
     let gray = buffer[..info.buffer_size()]
@@ -76,7 +78,8 @@ pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), SliceError>
 impl SliceDataset {
     pub fn open(dir: &Path) -> Result<Self, SliceError> {
         let images_dir = dir.join("images");
-        let entries = std::fs::read_dir(&images_dir).map_err(|_| SliceError::NoImages(dir.to_path_buf()))?;
+        let entries =
+            std::fs::read_dir(&images_dir).map_err(|_| SliceError::NoImages(dir.to_path_buf()))?;
         let mut images: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -88,7 +91,10 @@ impl SliceDataset {
         }
         let mut slices = Vec::with_capacity(images.len());
         for image_path in images {
-            let file_name = image_path.file_name().expect("listed files have names").to_owned();
+            let file_name = image_path
+                .file_name()
+                .expect("listed files have names")
+                .to_owned();
             let mask_path = dir.join("masks").join(&file_name);
             if !mask_path.is_file() {
                 return Err(SliceError::MissingMask {
@@ -106,10 +112,16 @@ impl SliceDataset {
                 });
             }
             if let Some(&value) = mask.iter().find(|&&v| v > 2) {
-                return Err(SliceError::UnknownLabel { path: mask_path, value });
+                return Err(SliceError::UnknownLabel {
+                    path: mask_path,
+                    value,
+                });
             }
             slices.push(Slice {
-                name: file_name.to_string_lossy().trim_end_matches(".png").to_string(),
+                name: file_name
+                    .to_string_lossy()
+                    .trim_end_matches(".png")
+                    .to_string(),
                 width,
                 height,
                 image,
@@ -162,7 +174,13 @@ pub fn resize_bilinear(src: &[u8], width: usize, height: usize, size: usize) -> 
 }
 
 /// Nearest-neighbour resize of a label map (labels must not be blended).
-pub fn resize_nearest(src: &[u8], width: usize, height: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+pub fn resize_nearest(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(out_w * out_h);
     for oy in 0..out_h {
         let y = ((oy * 2 + 1) * height / (2 * out_h)).min(height - 1);

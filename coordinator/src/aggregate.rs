@@ -54,7 +54,13 @@ impl FedAvg {
                     .zip(sum)
                     .map(|(b, s)| (*b as f64 + s / denominator) as f32)
                     .collect();
-                (name.clone(), Tensor { shape: t.shape.clone(), values })
+                (
+                    name.clone(),
+                    Tensor {
+                        shape: t.shape.clone(),
+                        values,
+                    },
+                )
             })
             .collect();
         Weights {
@@ -70,8 +76,10 @@ mod tests {
 
     fn weights(values: &[f32]) -> Weights {
         let mut w = Weights::default();
-        w.tensors
-            .insert("w".into(), Tensor::new(vec![values.len()], values.to_vec()).unwrap());
+        w.tensors.insert(
+            "w".into(),
+            Tensor::new(vec![values.len()], values.to_vec()).unwrap(),
+        );
         w
     }
 

@@ -101,7 +101,8 @@ impl CoordinatorSettings {
             message,
         };
         let text = String::from_utf8(read(&path)?).map_err(|_| invalid("not UTF-8".into()))?;
-        let config: CoordinatorKitConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let config: CoordinatorKitConfig =
+            toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if config.role != Role::Coordinator {
             return Err(invalid(format!(
                 "this is a {} kit; the coordinator needs the kit in the project's coordinator/ folder",

@@ -11,7 +11,9 @@ pub enum CoordinatorError {
     Unauthenticated(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    #[error("incompatible protocol: the agent speaks version {agent}, this coordinator speaks version {coordinator}; upgrade the older side")]
+    #[error(
+        "incompatible protocol: the agent speaks version {agent}, this coordinator speaks version {coordinator}; upgrade the older side"
+    )]
     ProtocolVersion { agent: u32, coordinator: u32 },
     #[error("no run is in progress")]
     NoActiveRun,

@@ -17,9 +17,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use alveolus_proto::install_crypto_provider;
 use alveolus_proto::pb::admin_server::AdminServer;
 use alveolus_proto::pb::federation_server::FederationServer;
-pub use alveolus_proto::install_crypto_provider;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;

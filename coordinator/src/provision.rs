@@ -16,8 +16,8 @@ use alveolus_proto::identity::{Identity, IdentityError, Role, validate_name};
 use alveolus_proto::kit::{ClientKitConfig, KIT_FILE, host_of};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -228,19 +228,35 @@ pub fn provision(request: &ProvisionRequest) -> Result<ProvisionSummary, Provisi
     let ca_dir = request.out.join(CA_DIR);
     std::fs::create_dir_all(&ca_dir).map_err(io_err(&ca_dir))?;
     write_file(&ca_dir.join("ca.pem"), ca_pem.as_bytes(), false)?;
-    write_file(&ca_dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), true)?;
+    write_file(
+        &ca_dir.join("ca.key"),
+        ca_key.serialize_pem().as_bytes(),
+        true,
+    )?;
     let issuer = Issuer::new(params, ca_key);
     let mut issued = Vec::new();
 
     let coordinator_id = Identity::new(&request.project, Role::Coordinator, "coordinator")?;
-    let leaf = issue(&issuer, &coordinator_id, Some(host), now, request.validity_days)?;
+    let leaf = issue(
+        &issuer,
+        &coordinator_id,
+        Some(host),
+        now,
+        request.validity_days,
+    )?;
     let coordinator_dir = request.out.join("coordinator");
     write_leaf(&coordinator_dir, &leaf, &ca_pem)?;
-    let port = request.coordinator.rsplit_once(':').map(|(_, p)| p).unwrap_or("7443");
+    let port = request
+        .coordinator
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .unwrap_or("7443");
     let config = CoordinatorKitConfig::new(&request.project, format!("0.0.0.0:{port}"));
     write_file(
         &coordinator_dir.join(KIT_FILE),
-        toml::to_string_pretty(&config).expect("config serialises").as_bytes(),
+        toml::to_string_pretty(&config)
+            .expect("config serialises")
+            .as_bytes(),
         false,
     )?;
     issued.push(leaf.record);
@@ -264,7 +280,9 @@ pub fn provision(request: &ProvisionRequest) -> Result<ProvisionSummary, Provisi
             };
             write_file(
                 &dir.join(KIT_FILE),
-                toml::to_string_pretty(&kit).expect("config serialises").as_bytes(),
+                toml::to_string_pretty(&kit)
+                    .expect("config serialises")
+                    .as_bytes(),
                 false,
             )?;
             issued.push(leaf.record);

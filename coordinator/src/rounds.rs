@@ -159,7 +159,12 @@ impl Coordinator {
     }
 
     /// Starts round `rounds.len() + 1` of run `index` from `version`.
-    fn open_round(&self, state: &mut State, index: usize, version: String) -> Result<(), CoordinatorError> {
+    fn open_round(
+        &self,
+        state: &mut State,
+        index: usize,
+        version: String,
+    ) -> Result<(), CoordinatorError> {
         let (bytes, _) = self.store.get_model(&version)?;
         let base = Weights::decode(&bytes)?;
         let run = &mut state.runs[index];
@@ -198,11 +203,14 @@ impl Coordinator {
     }
 
     fn touch(state: &mut State, site: &str) {
-        let entry = state.sites.entry(site.to_string()).or_insert_with(|| SiteInfo {
-            name: site.to_string(),
-            last_contact_unix_ms: 0,
-            contributions: Vec::new(),
-        });
+        let entry = state
+            .sites
+            .entry(site.to_string())
+            .or_insert_with(|| SiteInfo {
+                name: site.to_string(),
+                last_contact_unix_ms: 0,
+                contributions: Vec::new(),
+            });
         entry.last_contact_unix_ms = unix_ms();
     }
 
@@ -247,7 +255,11 @@ impl Coordinator {
 
     /// Checks an update's header against the round in progress before any data is received.
     /// Returns the base model the update must match.
-    pub fn check_update(&self, site: &str, header: &UpdateHeader) -> Result<Arc<Weights>, CoordinatorError> {
+    pub fn check_update(
+        &self,
+        site: &str,
+        header: &UpdateHeader,
+    ) -> Result<Arc<Weights>, CoordinatorError> {
         let state = self.lock();
         let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
         if header.run_id != open.run_id {
@@ -288,7 +300,12 @@ impl Coordinator {
 
     /// Folds a complete, verified update into the round. Layout and finiteness are checked
     /// here again so that nothing unchecked reaches the aggregate.
-    pub fn accept_update(&self, site: &str, header: &UpdateHeader, update: &Weights) -> Result<usize, CoordinatorError> {
+    pub fn accept_update(
+        &self,
+        site: &str,
+        header: &UpdateHeader,
+        update: &Weights,
+    ) -> Result<usize, CoordinatorError> {
         let base = self.check_update(site, header)?;
         base.check_same_layout(update)?;
         update.check_finite()?;
@@ -347,7 +364,10 @@ impl Coordinator {
         };
         let index = Self::run_index(state, &open.run_id)?;
         let min_sites = state.runs[index].info.config.min_sites as usize;
-        let everyone = open.participants.iter().all(|p| open.reports.iter().any(|r| &r.site == p));
+        let everyone = open
+            .participants
+            .iter()
+            .all(|p| open.reports.iter().any(|r| &r.site == p));
         if open.reports.len() < min_sites || !(everyone || now >= open.deadline) {
             return Ok(false);
         }
@@ -360,11 +380,20 @@ impl Coordinator {
         Ok(true)
     }
 
-    fn finish_round(&self, state: &mut State, index: usize, open: &OpenRound) -> Result<(), CoordinatorError> {
+    fn finish_round(
+        &self,
+        state: &mut State,
+        index: usize,
+        open: &OpenRound,
+    ) -> Result<(), CoordinatorError> {
         let weights = open.fedavg.finish(&open.base);
         let samples = open.fedavg.total_samples();
         let mean = |f: fn(&Metrics) -> f64| {
-            open.reports.iter().map(|r| f(&r.metrics) * r.samples as f64).sum::<f64>() / samples.max(1) as f64
+            open.reports
+                .iter()
+                .map(|r| f(&r.metrics) * r.samples as f64)
+                .sum::<f64>()
+                / samples.max(1) as f64
         };
         let metrics = Metrics {
             loss: mean(|m| m.loss),
@@ -406,9 +435,15 @@ impl Coordinator {
         self.store.put_run(&info)?;
         for site in &sites {
             if let Some(entry) = state.sites.get_mut(site) {
-                match entry.contributions.iter_mut().find(|(run, _)| *run == open.run_id) {
+                match entry
+                    .contributions
+                    .iter_mut()
+                    .find(|(run, _)| *run == open.run_id)
+                {
                     Some((_, rounds)) => rounds.push(open.round),
-                    None => entry.contributions.push((open.run_id.clone(), vec![open.round])),
+                    None => entry
+                        .contributions
+                        .push((open.run_id.clone(), vec![open.round])),
                 }
             }
         }
@@ -443,10 +478,16 @@ impl Coordinator {
         let weights = Weights::decode(model)?;
         weights.check_finite()?;
         if weights.tensors.is_empty() {
-            return Err(CoordinatorError::Stream("the initial model has no tensors".into()));
+            return Err(CoordinatorError::Stream(
+                "the initial model has no tensors".into(),
+            ));
         }
         let mut state = self.lock();
-        if let Some(active) = state.runs.iter().find(|r| r.info.state == RunState::Running) {
+        if let Some(active) = state
+            .runs
+            .iter()
+            .find(|r| r.info.state == RunState::Running)
+        {
             return Err(CoordinatorError::RunInProgress {
                 active: active.info.run_id.clone(),
             });
@@ -511,7 +552,11 @@ impl Coordinator {
         info.state = RunState::Aborted;
         info.reported.clear();
         self.store.put_run(&info)?;
-        if state.round.as_ref().is_some_and(|r| r.run_id == info.run_id) {
+        if state
+            .round
+            .as_ref()
+            .is_some_and(|r| r.run_id == info.run_id)
+        {
             state.round = None;
         }
         let run = &mut state.runs[index];
@@ -531,10 +576,9 @@ impl Coordinator {
     pub fn model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
         let version = if version.is_empty() {
             let state = self.lock();
-            let run = state
-                .runs
-                .last()
-                .ok_or_else(|| CoordinatorError::UnknownVersion("(no run has been started)".into()))?;
+            let run = state.runs.last().ok_or_else(|| {
+                CoordinatorError::UnknownVersion("(no run has been started)".into())
+            })?;
             run.info.latest_version().to_string()
         } else {
             version.to_string()
@@ -554,22 +598,29 @@ impl Coordinator {
     }
 
     /// The run's events from its start, then live ones, ending after the run ends.
-    pub fn watch(self: &Arc<Self>, run_id: &str) -> Result<impl Stream<Item = RunEvent> + use<>, CoordinatorError> {
+    pub fn watch(
+        self: &Arc<Self>,
+        run_id: &str,
+    ) -> Result<impl Stream<Item = RunEvent> + use<>, CoordinatorError> {
         let run_id = self.run(run_id)?.run_id;
         let changes = self.changed.subscribe();
         let start = (self.clone(), run_id, 0usize, changes);
-        let batches = futures::stream::unfold(start, |(this, run_id, seen, mut changes)| async move {
-            loop {
-                let (events, ended) = this.events_since(&run_id, seen);
-                if !events.is_empty() {
-                    let seen = seen + events.len();
-                    return Some((futures::stream::iter(events), (this, run_id, seen, changes)));
+        let batches =
+            futures::stream::unfold(start, |(this, run_id, seen, mut changes)| async move {
+                loop {
+                    let (events, ended) = this.events_since(&run_id, seen);
+                    if !events.is_empty() {
+                        let seen = seen + events.len();
+                        return Some((
+                            futures::stream::iter(events),
+                            (this, run_id, seen, changes),
+                        ));
+                    }
+                    if ended || changes.changed().await.is_err() {
+                        return None;
+                    }
                 }
-                if ended || changes.changed().await.is_err() {
-                    return None;
-                }
-            }
-        });
+            });
         Ok(futures::StreamExt::flatten(batches))
     }
 }

@@ -5,12 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{ModelHeader, RunConfig, UpdateHeader};
 use alveolus_proto::identity::{Identity, Role};
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
 use alveolus_proto::transfer::{Receiver, TransferError, chunks, digest};
 use alveolus_proto::weights::Weights;
-use alveolus_proto::PROTOCOL_VERSION;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -31,7 +31,9 @@ pub struct Services {
 impl Services {
     fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Identity, Status> {
         let certs = request.peer_certs();
-        Ok(self.tls.require(certs.as_deref().map(Vec::as_slice), role)?)
+        Ok(self
+            .tls
+            .require(certs.as_deref().map(Vec::as_slice), role)?)
     }
 
     fn model_stream(&self, version: &str) -> Result<ResponseStream<pb::ModelChunk>, Status> {
@@ -48,7 +50,9 @@ impl Services {
             sha256: digest(&bytes).into(),
         }));
         Ok(Box::pin(futures::stream::iter(
-            parts.into_iter().map(|part| Ok(pb::ModelChunk { part: Some(part) })),
+            parts
+                .into_iter()
+                .map(|part| Ok(pb::ModelChunk { part: Some(part) })),
         )))
     }
 }
@@ -66,7 +70,9 @@ async fn receive<M>(
         match part(message) {
             Some(Ok(data)) => receiver.push(&data)?,
             Some(Err(sha256)) => return Ok(receiver.finish(&sha256)?),
-            None => return Err(TransferError::OutOfOrder("a second header or an empty message").into()),
+            None => {
+                return Err(TransferError::OutOfOrder("a second header or an empty message").into());
+            }
         }
     }
     Err(TransferError::MissingTrailer.into())
@@ -74,7 +80,10 @@ async fn receive<M>(
 
 #[tonic::async_trait]
 impl Federation for Services {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
         let agent = request.get_ref().protocol_version;
         if agent != PROTOCOL_VERSION {
@@ -94,7 +103,10 @@ impl Federation for Services {
         }))
     }
 
-    async fn next_task(&self, request: Request<pb::NextTaskRequest>) -> Result<Response<pb::Task>, Status> {
+    async fn next_task(
+        &self,
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
         let site = self.caller(&request, Role::Site)?;
         let wait = Duration::from_secs(request.get_ref().wait_seconds.into());
         let task = self.coordinator.next_task(&site.name, wait).await;
@@ -103,12 +115,20 @@ impl Federation for Services {
 
     type PullModelStream = ResponseStream<pb::ModelChunk>;
 
-    async fn pull_model(&self, request: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
+    async fn pull_model(
+        &self,
+        request: Request<pb::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
         self.caller(&request, Role::Site)?;
-        Ok(Response::new(self.model_stream(&request.get_ref().version)?))
+        Ok(Response::new(
+            self.model_stream(&request.get_ref().version)?,
+        ))
     }
 
-    async fn push_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::PushUpdateResponse>, Status> {
+    async fn push_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
         let mut stream = request.into_inner();
         use pb::update_chunk::Part;
@@ -117,19 +137,24 @@ impl Federation for Services {
             .await
             .ok_or(CoordinatorError::Stream("empty update stream".into()))??;
         let Some(Part::Header(header)) = first.part else {
-            return Err(CoordinatorError::Stream("an update must start with its header".into()).into());
+            return Err(
+                CoordinatorError::Stream("an update must start with its header".into()).into(),
+            );
         };
         let header = UpdateHeader::try_from(header).map_err(CoordinatorError::from)?;
         // Refuse stale or duplicate updates before receiving a byte of data.
         self.coordinator.check_update(&site.name, &header)?;
         let _slot = self.coordinator.upload_slot().await;
-        let bytes = receive(&mut stream, header.total_bytes, self.coordinator.max_model_bytes(), |m: pb::UpdateChunk| {
-            match m.part? {
+        let bytes = receive(
+            &mut stream,
+            header.total_bytes,
+            self.coordinator.max_model_bytes(),
+            |m: pb::UpdateChunk| match m.part? {
                 Part::Data(d) => Some(Ok(d)),
                 Part::Trailer(t) => Some(Err(t.sha256.to_vec())),
                 Part::Header(_) => None,
-            }
-        })
+            },
+        )
         .await
         .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
@@ -145,7 +170,10 @@ impl Federation for Services {
 
 #[tonic::async_trait]
 impl Admin for Services {
-    async fn start_run(&self, request: Request<Streaming<pb::StartRunChunk>>) -> Result<Response<pb::RunInfo>, Status> {
+    async fn start_run(
+        &self,
+        request: Request<Streaming<pb::StartRunChunk>>,
+    ) -> Result<Response<pb::RunInfo>, Status> {
         let admin = self.caller(&request, Role::Admin)?;
         let mut stream = request.into_inner();
         use pb::start_run_chunk::Part;
@@ -154,61 +182,99 @@ impl Admin for Services {
             .await
             .ok_or(CoordinatorError::Stream("empty start-run stream".into()))??;
         let Some(Part::Config(config)) = first.part else {
-            return Err(CoordinatorError::Stream("a start-run stream must begin with the run config".into()).into());
+            return Err(CoordinatorError::Stream(
+                "a start-run stream must begin with the run config".into(),
+            )
+            .into());
         };
         let total_bytes = config.initial_model_bytes;
         let config = RunConfig::try_from(config).map_err(CoordinatorError::from)?;
-        let bytes = receive(&mut stream, total_bytes, self.coordinator.max_model_bytes(), |m: pb::StartRunChunk| {
-            match m.part? {
+        let bytes = receive(
+            &mut stream,
+            total_bytes,
+            self.coordinator.max_model_bytes(),
+            |m: pb::StartRunChunk| match m.part? {
                 Part::Data(d) => Some(Ok(d)),
                 Part::Trailer(t) => Some(Err(t.sha256.to_vec())),
                 Part::Config(_) => None,
-            }
-        })
+            },
+        )
         .await?;
         let info = self.coordinator.start_run(config, &bytes)?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "run started by admin");
         Ok(Response::new(info.into()))
     }
 
-    async fn get_run(&self, request: Request<pb::GetRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::RunInfo>, Status> {
         self.caller(&request, Role::Admin)?;
-        Ok(Response::new(self.coordinator.run(&request.get_ref().run_id)?.into()))
+        Ok(Response::new(
+            self.coordinator.run(&request.get_ref().run_id)?.into(),
+        ))
     }
 
-    async fn list_runs(&self, request: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
         self.caller(&request, Role::Admin)?;
         Ok(Response::new(pb::ListRunsResponse {
-            runs: self.coordinator.runs().into_iter().map(Into::into).collect(),
+            runs: self
+                .coordinator
+                .runs()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         }))
     }
 
     type WatchRunStream = ResponseStream<pb::RunEvent>;
 
-    async fn watch_run(&self, request: Request<pb::GetRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
+    async fn watch_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
         self.caller(&request, Role::Admin)?;
         let events = self.coordinator.watch(&request.get_ref().run_id)?;
         Ok(Response::new(Box::pin(events.map(|e| Ok(e.into())))))
     }
 
-    async fn abort_run(&self, request: Request<pb::GetRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+    async fn abort_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::RunInfo>, Status> {
         let admin = self.caller(&request, Role::Admin)?;
         let info = self.coordinator.abort(&request.get_ref().run_id)?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "abort requested");
         Ok(Response::new(info.into()))
     }
 
-    async fn list_sites(&self, request: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
+    async fn list_sites(
+        &self,
+        request: Request<pb::ListSitesRequest>,
+    ) -> Result<Response<pb::ListSitesResponse>, Status> {
         self.caller(&request, Role::Admin)?;
         Ok(Response::new(pb::ListSitesResponse {
-            sites: self.coordinator.sites().into_iter().map(Into::into).collect(),
+            sites: self
+                .coordinator
+                .sites()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         }))
     }
 
     type PullModelStream = ResponseStream<pb::ModelChunk>;
 
-    async fn pull_model(&self, request: Request<pb::PullModelRequest>) -> Result<Response<Self::PullModelStream>, Status> {
+    async fn pull_model(
+        &self,
+        request: Request<pb::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
         self.caller(&request, Role::Admin)?;
-        Ok(Response::new(self.model_stream(&request.get_ref().version)?))
+        Ok(Response::new(
+            self.model_stream(&request.get_ref().version)?,
+        ))
     }
 }

@@ -56,7 +56,9 @@ impl Store {
     }
 
     pub fn model_path(&self, version: &str) -> PathBuf {
-        self.root.join("models").join(format!("{version}.safetensors"))
+        self.root
+            .join("models")
+            .join(format!("{version}.safetensors"))
     }
 
     pub fn manifest_path(&self, version: &str) -> PathBuf {
@@ -64,7 +66,11 @@ impl Store {
     }
 
     /// Writes a checkpoint and its manifest durably; returns the version.
-    pub fn put_model(&self, bytes: &[u8], mut manifest: Manifest) -> Result<Manifest, CoordinatorError> {
+    pub fn put_model(
+        &self,
+        bytes: &[u8],
+        mut manifest: Manifest,
+    ) -> Result<Manifest, CoordinatorError> {
         let version = sha256_hex(bytes);
         manifest.sha256 = version.clone();
         manifest.bytes = bytes.len() as u64;
@@ -78,7 +84,8 @@ impl Store {
 
     /// A checkpoint's bytes, checked against its version, and its manifest.
     pub fn get_model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
-        validate_version(version).map_err(|_| CoordinatorError::UnknownVersion(version.to_string()))?;
+        validate_version(version)
+            .map_err(|_| CoordinatorError::UnknownVersion(version.to_string()))?;
         let path = self.model_path(version);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -88,7 +95,10 @@ impl Store {
             Err(e) => return Err(store_err(&path, e)),
         };
         if sha256_hex(&bytes) != version {
-            return Err(store_err(&path, "content does not match its digest (disk corruption?)"));
+            return Err(store_err(
+                &path,
+                "content does not match its digest (disk corruption?)",
+            ));
         }
         let path = self.manifest_path(version);
         let manifest = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
@@ -110,7 +120,8 @@ impl Store {
             let path = entry.map_err(|e| store_err(&dir, e))?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 let bytes = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
-                let run: RunInfo = serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e))?;
+                let run: RunInfo =
+                    serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e))?;
                 runs.push(run);
             }
         }

@@ -64,10 +64,11 @@ fn build_acceptor(
         .with_crls(revocations.crls.clone())
         .build()
         .map_err(|e| tls_err("client verifier", e))?;
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.to_vec(), key.clone_key())
-        .map_err(|e| tls_err("coordinator certificate", e))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.to_vec(), key.clone_key())
+            .map_err(|e| tls_err("coordinator certificate", e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -115,28 +116,42 @@ impl TlsState {
     /// The acceptor for the next connection, rebuilt when the CRL file changed.
     pub fn acceptor(&self) -> TlsAcceptor {
         let mut current = self.current.lock().expect("tls state lock");
-        let modified = std::fs::metadata(&self.crl_path).ok().and_then(|m| m.modified().ok());
+        let modified = std::fs::metadata(&self.crl_path)
+            .ok()
+            .and_then(|m| m.modified().ok());
         if modified != current.0.modified {
             match read_revocations(&self.crl_path)
-                .and_then(|r| Ok((build_acceptor(&self.roots, &self.chain, &self.key, &r)?, r))) {
+                .and_then(|r| Ok((build_acceptor(&self.roots, &self.chain, &self.key, &r)?, r)))
+            {
                 Ok((acceptor, revocations)) => {
-                    tracing::info!(revoked = revocations.serials.len(), "revocation list reloaded");
+                    tracing::info!(
+                        revoked = revocations.serials.len(),
+                        "revocation list reloaded"
+                    );
                     *current = (revocations, acceptor);
                 }
                 // Keep the last good list: a half-written or broken file must not open the door.
-                Err(e) => tracing::error!("revocation list not reloaded, keeping the previous one: {e}"),
+                Err(e) => {
+                    tracing::error!("revocation list not reloaded, keeping the previous one: {e}")
+                }
             }
         }
         current.1.clone()
     }
 
     /// The caller's identity, from the certificate the TLS layer already verified.
-    pub fn identify(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, CoordinatorError> {
+    pub fn identify(
+        &self,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Identity, CoordinatorError> {
         let leaf = peer_certs
             .and_then(|c| c.first())
-            .ok_or(CoordinatorError::Unauthenticated("no client certificate".into()))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-            .map_err(|_| CoordinatorError::Unauthenticated("unreadable client certificate".into()))?;
+            .ok_or(CoordinatorError::Unauthenticated(
+                "no client certificate".into(),
+            ))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| {
+            CoordinatorError::Unauthenticated("unreadable client certificate".into())
+        })?;
         if self
             .current
             .lock()
@@ -145,7 +160,9 @@ impl TlsState {
             .serials
             .contains(cert.raw_serial())
         {
-            return Err(CoordinatorError::PermissionDenied("this certificate has been revoked".into()));
+            return Err(CoordinatorError::PermissionDenied(
+                "this certificate has been revoked".into(),
+            ));
         }
         let uris: Vec<&str> = cert
             .subject_alternative_name()
@@ -165,7 +182,11 @@ impl TlsState {
         let identity = uris
             .iter()
             .find_map(|u| Identity::parse_uri(u).ok())
-            .ok_or_else(|| CoordinatorError::Unauthenticated("the certificate carries no Alveolus identity".into()))?;
+            .ok_or_else(|| {
+                CoordinatorError::Unauthenticated(
+                    "the certificate carries no Alveolus identity".into(),
+                )
+            })?;
         if identity.project != self.project {
             return Err(CoordinatorError::PermissionDenied(format!(
                 "certificate belongs to project `{}`, this coordinator serves `{}`",
@@ -176,7 +197,11 @@ impl TlsState {
     }
 
     /// Like [`identify`](Self::identify), and the identity must have `role`.
-    pub fn require(&self, peer_certs: Option<&[CertificateDer<'_>]>, role: Role) -> Result<Identity, CoordinatorError> {
+    pub fn require(
+        &self,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+        role: Role,
+    ) -> Result<Identity, CoordinatorError> {
         let identity = self.identify(peer_certs)?;
         if identity.role != role {
             return Err(CoordinatorError::PermissionDenied(format!(

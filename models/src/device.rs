@@ -17,7 +17,9 @@ pub enum DeviceChoice {
 pub enum DeviceError {
     #[error("`{0}` is not a device: use cpu, cuda or cuda:N")]
     Parse(String),
-    #[error("device {0} needs a build with the `tch` feature (LibTorch); this build has only the CPU backend")]
+    #[error(
+        "device {0} needs a build with the `tch` feature (LibTorch); this build has only the CPU backend"
+    )]
     Unavailable(DeviceChoice),
 }
 
@@ -49,7 +51,10 @@ impl DeviceChoice {
     /// The burn device, and a line naming backend and device for logs.
     pub fn resolve(self) -> Result<(Device, String), DeviceError> {
         match self {
-            Self::Cpu => Ok((Device::flex(), "burn-flex (pure-Rust CPU backend) on cpu".into())),
+            Self::Cpu => Ok((
+                Device::flex(),
+                "burn-flex (pure-Rust CPU backend) on cpu".into(),
+            )),
             Self::Cuda(_) => Err(DeviceError::Unavailable(self)),
         }
     }

@@ -13,13 +13,13 @@ pub mod unet;
 pub mod weights;
 
 pub use alveolus_proto::weights::{Tensor as NamedTensor, Weights};
+/// The burn device type, re-exported so that users of this crate need not depend on burn.
+pub use burn::tensor::Device;
 pub use device::{DeviceChoice, DeviceError};
 pub use metrics::SegmentationCounts;
 pub use spec::{ModelSpec, SpecError};
 pub use train::{LabelledSlice, TrainOutcome};
 pub use unet::UNet2d;
-/// The burn device type, re-exported so that users of this crate need not depend on burn.
-pub use burn::tensor::Device;
 
 /// Classes every model predicts, in output-channel order.
 pub const CLASS_NAMES: [&str; 3] = ["background", "ggo", "consolidation"];

@@ -13,7 +13,9 @@ pub fn segmentation_loss(logits: Tensor<4>, one_hot: Tensor<4>) -> Tensor<1> {
         .sum()
         .mul_scalar(-1.0 / pixels);
 
-    let probs = softmax(logits, 1).swap_dims(0, 1).reshape([classes as i32, -1]);
+    let probs = softmax(logits, 1)
+        .swap_dims(0, 1)
+        .reshape([classes as i32, -1]);
     let truth = one_hot.swap_dims(0, 1).reshape([classes as i32, -1]);
     let foreground = 1..classes;
     let probs = probs.slice([foreground.clone()]);

@@ -45,7 +45,11 @@ impl SegmentationCounts {
     /// Adds one slice (or batch) of predicted and true labels, equal lengths. Labels at or above
     /// the class count are counted as background-free mismatches of no class.
     pub fn add(&mut self, predicted: &[u8], labelled: &[u8]) {
-        assert_eq!(predicted.len(), labelled.len(), "label maps must have the same size");
+        assert_eq!(
+            predicted.len(),
+            labelled.len(),
+            "label maps must have the same size"
+        );
         for (&p, &l) in predicted.iter().zip(labelled) {
             let (p, l) = (p as usize, l as usize);
             if p < self.classes {
@@ -76,7 +80,11 @@ impl SegmentationCounts {
     }
 
     pub fn class_dice(&self, class: usize) -> Option<f64> {
-        dice(self.intersection[class], self.predicted[class], self.labelled[class])
+        dice(
+            self.intersection[class],
+            self.predicted[class],
+            self.labelled[class],
+        )
     }
 
     pub fn infection_dice(&self) -> Option<f64> {
@@ -93,7 +101,9 @@ impl SegmentationCounts {
         DiceReport {
             per_class: (1..self.classes)
                 .map(|c| {
-                    let name = class_names.get(c).map_or_else(|| format!("class{c}"), |n| n.to_string());
+                    let name = class_names
+                        .get(c)
+                        .map_or_else(|| format!("class{c}"), |n| n.to_string());
                     (name, self.class_dice(c))
                 })
                 .collect(),

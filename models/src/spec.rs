@@ -83,7 +83,10 @@ impl ModelSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |m: String| Err(SpecError::Invalid(m));
         if self.kind != "unet2d" {
-            return bad(format!("kind `{}` is not supported (only unet2d)", self.kind));
+            return bad(format!(
+                "kind `{}` is not supported (only unet2d)",
+                self.kind
+            ));
         }
         if self.in_channels == 0 || self.classes < 2 || self.base_channels == 0 {
             return bad("channels and classes must be positive (at least 2 classes)".into());
@@ -91,7 +94,10 @@ impl ModelSpec {
         if self.depth == 0 || self.depth > 6 {
             return bad(format!("depth {} is not between 1 and 6", self.depth));
         }
-        if self.image_size < 16 || self.image_size > 2048 || self.image_size % (1 << self.depth) != 0 {
+        if self.image_size < 16
+            || self.image_size > 2048
+            || !self.image_size.is_multiple_of(1 << self.depth)
+        {
             return bad(format!(
                 "image_size {} must be 16..2048 and divisible by 2^depth = {}",
                 self.image_size,
@@ -102,7 +108,10 @@ impl ModelSpec {
     }
 
     pub fn from_weights(weights: &Weights) -> Result<Self, SpecError> {
-        let json = weights.metadata.get(METADATA_KEY).ok_or(SpecError::Missing)?;
+        let json = weights
+            .metadata
+            .get(METADATA_KEY)
+            .ok_or(SpecError::Missing)?;
         let spec: ModelSpec =
             serde_json::from_str(json).map_err(|e| SpecError::Invalid(e.to_string()))?;
         spec.validate()?;

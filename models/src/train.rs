@@ -4,17 +4,17 @@ use alveolus_proto::domain::TrainingConfig;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::Rng;
 
+use crate::Weights;
 use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
 use crate::spec::{ModelSpec, SpecError};
 use crate::unet::UNet2d;
 use crate::weights::{LoadError, load_weights, to_weights};
-use crate::Weights;
 
 /// One slice at the model's resolution: intensities in [0, 1] and a label per pixel.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +41,11 @@ pub enum TrainError {
         size: usize,
     },
     #[error("slice {index} has label {label}; the model knows classes 0..{classes}")]
-    Label { index: usize, label: u8, classes: usize },
+    Label {
+        index: usize,
+        label: u8,
+        classes: usize,
+    },
     #[error("training diverged: the loss became {0}")]
     Diverged(f64),
 }
@@ -195,7 +199,12 @@ pub fn train(
 }
 
 /// Predicted class per pixel for each image (`image_size^2` values in [0, 1]).
-pub fn predict(model: &UNet2d, spec: &ModelSpec, images: &[&[f32]], device: &Device) -> Vec<Vec<u8>> {
+pub fn predict(
+    model: &UNet2d,
+    spec: &ModelSpec,
+    images: &[&[f32]],
+    device: &Device,
+) -> Vec<Vec<u8>> {
     let n = spec.image_size;
     let model = model.valid();
     let mut out = Vec::with_capacity(images.len());

@@ -61,7 +61,11 @@ impl UNet2d {
         let width = |level: usize| spec.base_channels << level;
         let encoders = (0..spec.depth)
             .map(|l| {
-                let cin = if l == 0 { spec.in_channels } else { width(l - 1) };
+                let cin = if l == 0 {
+                    spec.in_channels
+                } else {
+                    width(l - 1)
+                };
                 ConvBlock::new(cin, width(l), device)
             })
             .collect();

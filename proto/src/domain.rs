@@ -24,10 +24,17 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> DomainError {
 
 /// Checks a model version string: lower-case hex sha256.
 pub fn validate_version(version: &str) -> Result<(), DomainError> {
-    if version.len() == 64 && version.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if version.len() == 64
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
-        Err(invalid("version", format!("`{version}` is not a sha256 in lower-case hex")))
+        Err(invalid(
+            "version",
+            format!("`{version}` is not a sha256 in lower-case hex"),
+        ))
     }
 }
 
@@ -58,8 +65,14 @@ impl TrainingConfig {
         if self.local_epochs == 0 || self.local_epochs > 1000 {
             return Err(invalid("local_epochs", "must be between 1 and 1000"));
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate < 10.0) {
-            return Err(invalid("learning_rate", format!("{} is not in (0, 10)", self.learning_rate)));
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate < 10.0)
+        {
+            return Err(invalid(
+                "learning_rate",
+                format!("{} is not in (0, 10)", self.learning_rate),
+            ));
         }
         if self.batch_size == 0 || self.batch_size > 4096 {
             return Err(invalid("batch_size", "must be between 1 and 4096"));
@@ -261,7 +274,10 @@ impl TryFrom<pb::RunConfig> for RunConfig {
             rounds: c.rounds,
             min_sites: c.min_sites,
             deadline_seconds: c.deadline_seconds,
-            training: c.training.ok_or(DomainError::Missing("training"))?.try_into()?,
+            training: c
+                .training
+                .ok_or(DomainError::Missing("training"))?
+                .try_into()?,
         };
         c.validate()?;
         Ok(c)
@@ -296,7 +312,10 @@ impl TryFrom<pb::Task> for Task {
                     run_id: t.run_id,
                     round: t.round,
                     model_version: t.model_version,
-                    training: t.training.ok_or(DomainError::Missing("training"))?.try_into()?,
+                    training: t
+                        .training
+                        .ok_or(DomainError::Missing("training"))?
+                        .try_into()?,
                 }))
             }
         }
@@ -305,7 +324,10 @@ impl TryFrom<pb::Task> for Task {
 
 impl From<Metrics> for pb::Metrics {
     fn from(m: Metrics) -> Self {
-        Self { loss: m.loss, dice: m.dice }
+        Self {
+            loss: m.loss,
+            dice: m.dice,
+        }
     }
 }
 
@@ -316,9 +338,15 @@ impl TryFrom<pb::Metrics> for Metrics {
             return Err(invalid("metrics.loss", "not finite"));
         }
         if !(0.0..=1.0).contains(&m.dice) {
-            return Err(invalid("metrics.dice", format!("{} is not in [0, 1]", m.dice)));
+            return Err(invalid(
+                "metrics.dice",
+                format!("{} is not in [0, 1]", m.dice),
+            ));
         }
-        Ok(Self { loss: m.loss, dice: m.dice })
+        Ok(Self {
+            loss: m.loss,
+            dice: m.dice,
+        })
     }
 }
 
@@ -340,14 +368,20 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     fn try_from(h: pb::UpdateHeader) -> Result<Self, DomainError> {
         validate_version(&h.base_version)?;
         if h.num_samples == 0 {
-            return Err(invalid("num_samples", "an update must come from at least one sample"));
+            return Err(invalid(
+                "num_samples",
+                "an update must come from at least one sample",
+            ));
         }
         Ok(Self {
             run_id: h.run_id,
             round: h.round,
             base_version: h.base_version,
             num_samples: h.num_samples,
-            metrics: h.metrics.ok_or(DomainError::Missing("metrics"))?.try_into()?,
+            metrics: h
+                .metrics
+                .ok_or(DomainError::Missing("metrics"))?
+                .try_into()?,
             total_bytes: h.total_bytes,
         })
     }
@@ -430,9 +464,13 @@ impl From<RunEvent> for pb::RunEvent {
     fn from(e: RunEvent) -> Self {
         use pb::run_event::Kind;
         let kind = match e {
-            RunEvent::RoundStarted { round, model_version } => {
-                Kind::RoundStarted(pb::RoundStarted { round, model_version })
-            }
+            RunEvent::RoundStarted {
+                round,
+                model_version,
+            } => Kind::RoundStarted(pb::RoundStarted {
+                round,
+                model_version,
+            }),
             RunEvent::UpdateAccepted { round, site } => {
                 Kind::UpdateAccepted(pb::UpdateAccepted { round, site })
             }
@@ -525,11 +563,17 @@ mod tests {
         bad.min_sites = 0;
         assert!(matches!(
             RunConfig::try_from(bad),
-            Err(DomainError::Invalid { field: "min_sites", .. })
+            Err(DomainError::Invalid {
+                field: "min_sites",
+                ..
+            })
         ));
         let mut bad = pb::RunConfig::from(RunConfig::default());
         bad.training = None;
-        assert_eq!(RunConfig::try_from(bad), Err(DomainError::Missing("training")));
+        assert_eq!(
+            RunConfig::try_from(bad),
+            Err(DomainError::Missing("training"))
+        );
     }
 
     #[test]
@@ -539,7 +583,10 @@ mod tests {
             round: 1,
             base_version: "a".repeat(64),
             num_samples: 3,
-            metrics: Some(pb::Metrics { loss: 0.5, dice: 0.2 }),
+            metrics: Some(pb::Metrics {
+                loss: 0.5,
+                dice: 0.2,
+            }),
             total_bytes: 10,
         };
         assert!(UpdateHeader::try_from(good.clone()).is_ok());
@@ -547,7 +594,10 @@ mod tests {
         bad.base_version = "xyz".into();
         assert!(UpdateHeader::try_from(bad).is_err());
         let mut bad = good.clone();
-        bad.metrics = Some(pb::Metrics { loss: f64::NAN, dice: 0.2 });
+        bad.metrics = Some(pb::Metrics {
+            loss: f64::NAN,
+            dice: 0.2,
+        });
         assert!(UpdateHeader::try_from(bad).is_err());
         let mut bad = good;
         bad.num_samples = 0;

@@ -40,9 +40,13 @@ pub struct Identity {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("`{0}` is not a valid name: use 1 to 64 characters from a-z, A-Z, 0-9, '-', '_' and '.'")]
+    #[error(
+        "`{0}` is not a valid name: use 1 to 64 characters from a-z, A-Z, 0-9, '-', '_' and '.'"
+    )]
     InvalidName(String),
-    #[error("`{0}` is not an Alveolus identity URI (expected spiffe://PROJECT/site|admin|coordinator/NAME)")]
+    #[error(
+        "`{0}` is not an Alveolus identity URI (expected spiffe://PROJECT/site|admin|coordinator/NAME)"
+    )]
     InvalidUri(String),
 }
 

@@ -103,9 +103,10 @@ impl ClientKit {
     }
 
     pub fn server_name(&self) -> String {
-        self.config.server_name.clone().unwrap_or_else(|| {
-            host_of(&self.config.coordinator).to_string()
-        })
+        self.config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&self.config.coordinator).to_string())
     }
 
     /// Dials the coordinator over mutual TLS (TLS 1.3, HTTP/2).

@@ -53,7 +53,11 @@ pub enum WeightsError {
     #[error("tensor `{0}` is not part of the model")]
     Unexpected(String),
     #[error("tensor `{name}` holds a non-finite value ({value}) at index {index}")]
-    NonFinite { name: String, index: usize, value: f32 },
+    NonFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
 }
 
 impl Weights {
@@ -76,9 +80,10 @@ impl Weights {
             );
             offset = end;
         }
-        let mut header = serde_json::to_vec(&header).expect("a JSON map of strings always serialises");
+        let mut header =
+            serde_json::to_vec(&header).expect("a JSON map of strings always serialises");
         // Data starts 8-byte aligned, as safetensors readers that memory-map expect.
-        while (8 + header.len()) % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
         let mut out = Vec::with_capacity(8 + header.len() + offset);
@@ -142,7 +147,11 @@ impl Weights {
                 });
             }
         }
-        if let Some(extra) = other.tensors.keys().find(|n| !self.tensors.contains_key(*n)) {
+        if let Some(extra) = other
+            .tensors
+            .keys()
+            .find(|n| !self.tensors.contains_key(*n))
+        {
             return Err(WeightsError::Unexpected(extra.clone()));
         }
         Ok(())
@@ -176,7 +185,13 @@ impl Weights {
             .map(|(name, t)| {
                 let b = &base.tensors[name];
                 let values = t.values.iter().zip(&b.values).map(|(x, y)| x - y).collect();
-                (name.clone(), Tensor { shape: t.shape.clone(), values })
+                (
+                    name.clone(),
+                    Tensor {
+                        shape: t.shape.clone(),
+                        values,
+                    },
+                )
             })
             .collect();
         Ok(Weights {
@@ -196,9 +211,12 @@ mod tests {
             "enc.0.conv.weight".into(),
             Tensor::new(vec![2, 1, 1, 1], vec![0.5, -1.25]).unwrap(),
         );
-        w.tensors
-            .insert("head.bias".into(), Tensor::new(vec![3], vec![1.0, 2.0, 3.0]).unwrap());
-        w.metadata.insert("alveolus.model".into(), "{\"kind\":\"unet2d\"}".into());
+        w.tensors.insert(
+            "head.bias".into(),
+            Tensor::new(vec![3], vec![1.0, 2.0, 3.0]).unwrap(),
+        );
+        w.metadata
+            .insert("alveolus.model".into(), "{\"kind\":\"unet2d\"}".into());
         w
     }
 
@@ -212,7 +230,10 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_errors() {
-        assert!(matches!(Weights::decode(b"nope"), Err(WeightsError::Format(_))));
+        assert!(matches!(
+            Weights::decode(b"nope"),
+            Err(WeightsError::Format(_))
+        ));
         let bytes = sample().encode();
         assert!(Weights::decode(&bytes[..bytes.len() - 3]).is_err());
     }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_coordinator::CoordinatorSettings;
+use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::domain::{RunConfig, RunInfo, TrainingConfig};
 use alveolus_proto::kit::ClientKit;
@@ -45,7 +45,11 @@ impl Project {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A project with the given sites and one admin, `researcher`, whose coordinator is
@@ -85,8 +89,11 @@ impl Drop for InProcessCoordinator {
 }
 
 pub async fn start_coordinator(project: &Project) -> InProcessCoordinator {
-    let settings = CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", project.port)).await.unwrap();
+    let settings =
+        CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", project.port))
+        .await
+        .unwrap();
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         alveolus_coordinator::run(listener, settings, async {
@@ -216,7 +223,11 @@ pub async fn admin(project: &Project) -> AdminClient<Channel> {
     AdminClient::new(connect(&project.admin_kit()).await)
 }
 
-pub async fn start_run(admin: &mut AdminClient<Channel>, config: RunConfig, weights: &Weights) -> RunInfo {
+pub async fn start_run(
+    admin: &mut AdminClient<Channel>,
+    config: RunConfig,
+    weights: &Weights,
+) -> RunInfo {
     let bytes = weights.encode();
     use pb::start_run_chunk::Part;
     let mut config = pb::RunConfig::from(config);
@@ -226,13 +237,19 @@ pub async fn start_run(admin: &mut AdminClient<Channel>, config: RunConfig, weig
     parts.push(Part::Trailer(pb::TransferTrailer {
         sha256: digest(&bytes).into(),
     }));
-    let stream = futures::stream::iter(parts.into_iter().map(|p| pb::StartRunChunk { part: Some(p) }));
+    let stream = futures::stream::iter(
+        parts
+            .into_iter()
+            .map(|p| pb::StartRunChunk { part: Some(p) }),
+    );
     RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
 }
 
 pub async fn get_run(admin: &mut AdminClient<Channel>, run_id: &str) -> RunInfo {
     let info = admin
-        .get_run(pb::GetRunRequest { run_id: run_id.into() })
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -252,7 +269,10 @@ pub async fn wait_for(
         if done(&info) {
             return info;
         }
-        assert!(Instant::now() < deadline, "timed out waiting; run is {info:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting; run is {info:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -261,7 +281,12 @@ pub async fn wait_for(
 pub async fn wait_for_sites(admin: &mut AdminClient<Channel>, sites: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let known = admin.list_sites(pb::ListSitesRequest {}).await.unwrap().into_inner().sites;
+        let known = admin
+            .list_sites(pb::ListSitesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sites;
         if sites.iter().all(|s| known.iter().any(|k| k.name == *s)) {
             return;
         }

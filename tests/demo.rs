@@ -1,0 +1,44 @@
+//! The newcomer's command, run for real: `alveolus demo`. Slow (minutes), so it runs only with
+//! ALVEOLUS_SLOW_TESTS=1, as CI does.
+
+use std::process::Command;
+use std::time::Instant;
+
+#[test]
+fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
+    if std::env::var_os("ALVEOLUS_SLOW_TESTS").is_none() {
+        eprintln!("skipped: set ALVEOLUS_SLOW_TESTS=1 to run the demo");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("demo");
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_alveolus"))
+        .args(["demo", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    println!("{stdout}");
+    assert!(seconds < 300.0, "the demo took {seconds:.0} s");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 5);
+    for (i, round) in rounds.iter().enumerate() {
+        assert_eq!(round["round"], i as u64 + 1);
+        assert_eq!(round["sites"], 3);
+        assert!(round["loss"].as_f64().unwrap().is_finite());
+    }
+    let first = rounds[0]["dice"].as_f64().unwrap();
+    let last = rounds.last().unwrap()["dice"].as_f64().unwrap();
+    assert!(last > first + 0.2, "validation Dice went from {first:.3} to {last:.3}");
+
+    // The final model and its manifest are there and agree.
+    let model = std::fs::read(dir.join("final-model.safetensors")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("final-model.json")).unwrap()).unwrap();
+    assert_eq!(manifest["sha256"], alveolus_proto::sha256_hex(&model));
+    assert_eq!(manifest["sha256"], report["final_model"]);
+    assert_eq!(stdout.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), rounds.len());
+}

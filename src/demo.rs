@@ -278,6 +278,14 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    if let Some(peak) = children[0].id().and_then(peak_rss_bytes) {
+        println!(
+            "coordinator peak memory (RSS): {:.1} MiB; model size: {:.2} MiB ({} bytes)",
+            peak as f64 / (1 << 20) as f64,
+            bytes.len() as f64 / (1 << 20) as f64,
+            bytes.len()
+        );
+    }
     for child in &mut children {
         let _ = child.start_kill();
     }
@@ -285,6 +293,14 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
     println!("report:      {}", out.join("report.json").display());
     println!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Peak resident memory of a process, where the platform tells it (Linux: VmHWM).
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Infection, GGO and consolidation Dice of a model on the held-out slices.

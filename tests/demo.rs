@@ -19,11 +19,16 @@ fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     println!("{stdout}");
     assert!(seconds < 300.0, "the demo took {seconds:.0} s");
 
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
     let rounds = report["rounds"].as_array().unwrap();
     assert!(rounds.len() >= 5);
     for (i, round) in rounds.iter().enumerate() {
@@ -33,12 +38,22 @@ fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
     }
     let first = rounds[0]["dice"].as_f64().unwrap();
     let last = rounds.last().unwrap()["dice"].as_f64().unwrap();
-    assert!(last > first + 0.2, "validation Dice went from {first:.3} to {last:.3}");
+    assert!(
+        last > first + 0.2,
+        "validation Dice went from {first:.3} to {last:.3}"
+    );
 
     // The final model and its manifest are there and agree.
     let model = std::fs::read(dir.join("final-model.safetensors")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("final-model.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("final-model.json")).unwrap()).unwrap();
     assert_eq!(manifest["sha256"], alveolus_proto::sha256_hex(&model));
     assert_eq!(manifest["sha256"], report["final_model"]);
-    assert_eq!(stdout.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), rounds.len());
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        rounds.len()
+    );
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alveolus_proto::identity::{Role, validate_name};
-use alveolus_proto::kit::KIT_FILE;
+use alveolus_proto::kit::{KIT_FILE, kit_role};
 use serde::{Deserialize, Serialize};
 
 use crate::provision::CRL_FILE;
@@ -101,14 +101,14 @@ impl CoordinatorSettings {
             message,
         };
         let text = String::from_utf8(read(&path)?).map_err(|_| invalid("not UTF-8".into()))?;
-        let config: CoordinatorKitConfig =
-            toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if config.role != Role::Coordinator {
+        let role = kit_role(&text).map_err(invalid)?;
+        if role != Role::Coordinator {
             return Err(invalid(format!(
-                "this is a {} kit; the coordinator needs the kit in the project's coordinator/ folder",
-                config.role
+                "this is a {role} kit; the coordinator needs the kit in the project's coordinator/ folder"
             )));
         }
+        let config: CoordinatorKitConfig =
+            toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         validate_name(&config.project).map_err(|e| invalid(e.to_string()))?;
         if config.upload_slots == 0 {
             return Err(invalid("upload_slots must be at least 1".into()));

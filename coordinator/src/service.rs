@@ -71,7 +71,9 @@ async fn receive<M>(
             Some(Ok(data)) => receiver.push(&data)?,
             Some(Err(sha256)) => return Ok(receiver.finish(&sha256)?),
             None => {
-                return Err(TransferError::OutOfOrder("a second header or an empty message").into());
+                return Err(
+                    TransferError::OutOfOrder("a second header or an empty message").into(),
+                );
             }
         }
     }

@@ -76,22 +76,24 @@ impl ClientKit {
             path: path.clone(),
             message: "not UTF-8".into(),
         })?;
-        let config: ClientKitConfig = toml::from_str(&text).map_err(|e| KitError::Parse {
+        let parse_error = |message: String| KitError::Parse {
             path: path.clone(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        if kit_role(&text).map_err(parse_error)? == Role::Coordinator {
+            return Err(KitError::Invalid {
+                path,
+                message: "this is the coordinator's kit; use it with `alveolus coordinator`".into(),
+            });
+        }
+        let config: ClientKitConfig =
+            toml::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
         let identity = Identity::new(&config.project, config.role, &config.name).map_err(|e| {
             KitError::Invalid {
                 path: path.clone(),
                 message: e.to_string(),
             }
         })?;
-        if config.role == Role::Coordinator {
-            return Err(KitError::Invalid {
-                path,
-                message: "this is the coordinator's kit; use it with `alveolus coordinator`".into(),
-            });
-        }
         Ok(Self {
             ca_pem: read(&dir.join(&config.ca_cert))?,
             cert_pem: read(&dir.join(&config.cert))?,
@@ -130,6 +132,18 @@ impl ClientKit {
             .keep_alive_while_idle(true);
         endpoint.connect().await.map_err(|e| err(error_chain(&e)))
     }
+}
+
+/// The `role` a kit.toml declares, read before the role's own strict schema is applied so that a
+/// kit used in the wrong place gets a clear message instead of "unknown field".
+pub fn kit_role(text: &str) -> Result<Role, String> {
+    #[derive(Deserialize)]
+    struct RoleOnly {
+        role: Role,
+    }
+    toml::from_str::<RoleOnly>(text)
+        .map(|r| r.role)
+        .map_err(|e| e.to_string())
 }
 
 /// The host part of `HOST:PORT`, `[V6]:PORT` included.

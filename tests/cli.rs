@@ -1,0 +1,186 @@
+//! The binary's own checks: bad flags and bad files give clear errors and a non-zero exit.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn alveolus(args: &[&str]) -> (bool, String) {
+    let (ok, stdout, stderr) = alveolus_split(args);
+    (ok, format!("{stdout}{stderr}"))
+}
+
+fn alveolus_split(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(BIN).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stdout, stderr)
+}
+
+#[test]
+fn provision_refuses_bad_names_addresses_and_existing_projects() {
+    let project = project(&["alpha"]);
+    let out = project.path("again");
+    let out = out.to_str().unwrap();
+    let (ok, text) = alveolus(&[
+        "provision",
+        "--project",
+        "p",
+        "--coordinator",
+        "host:7443",
+        "--site",
+        "a/b",
+        "--admin",
+        "x",
+        "--out",
+        out,
+    ]);
+    assert!(!ok && text.contains("`a/b` is not a valid name"), "{text}");
+    let (ok, text) = alveolus(&[
+        "provision",
+        "--project",
+        "p",
+        "--coordinator",
+        "no-port",
+        "--site",
+        "a",
+        "--admin",
+        "x",
+        "--out",
+        out,
+    ]);
+    assert!(!ok && text.contains("not HOST:PORT"), "{text}");
+    let (ok, text) = alveolus(&[
+        "provision",
+        "--project",
+        "p",
+        "--coordinator",
+        "h:1",
+        "--site",
+        "a",
+        "a",
+        "--admin",
+        "x",
+        "--out",
+        out,
+    ]);
+    assert!(!ok && text.contains("given twice"), "{text}");
+    let existing = project.root.to_str().unwrap();
+    let (ok, text) = alveolus(&[
+        "provision",
+        "--project",
+        "p",
+        "--coordinator",
+        "h:1",
+        "--site",
+        "a",
+        "--admin",
+        "x",
+        "--out",
+        existing,
+    ]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let (ok, text) = alveolus(&["revoke", "--project-dir", existing, "--site", "nobody"]);
+    assert!(
+        !ok && text.contains("no certificate was issued to site/nobody"),
+        "{text}"
+    );
+}
+
+#[test]
+fn kits_are_checked_before_anything_runs() {
+    let project = project(&["alpha"]);
+    let site = project.site_kit("alpha");
+    // A site kit cannot start a coordinator, an admin kit cannot run an agent.
+    let (ok, text) = alveolus(&["coordinator", "--kit", site.to_str().unwrap()]);
+    assert!(!ok && text.contains("site kit"), "{text}");
+    let data = site_data(&project, "alpha", 0, 1);
+    let admin = project.admin_kit();
+    let (ok, text) = alveolus(&[
+        "agent",
+        "--kit",
+        admin.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("agents need a site kit"), "{text}");
+    // An unknown key in kit.toml is refused with the file named.
+    let kit_file = site.join("kit.toml");
+    let mut text = std::fs::read_to_string(&kit_file).unwrap();
+    text.push_str("colour = \"blue\"\n");
+    std::fs::write(&kit_file, text).unwrap();
+    let (ok, text) = alveolus(&[
+        "agent",
+        "--kit",
+        site.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("kit.toml") && text.contains("colour"),
+        "{text}"
+    );
+}
+
+#[test]
+fn evaluate_reports_dice_and_refuses_broken_inputs() {
+    let project = project(&["alpha"]);
+    let data = site_data(&project, "alpha", 0, 2);
+    let model_path = project.path("model.safetensors");
+    std::fs::write(&model_path, tiny_model(9).encode()).unwrap();
+    let (ok, stdout, stderr) = alveolus_split(&[
+        "evaluate",
+        "--model",
+        model_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let dice = report["infection"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&dice));
+    assert_eq!(report["per_class"][0][0], "ggo");
+
+    // A truncated model file.
+    let bytes = std::fs::read(&model_path).unwrap();
+    std::fs::write(&model_path, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, text) = alveolus(&[
+        "evaluate",
+        "--model",
+        model_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("is not a model file"), "{text}");
+
+    // A mask with a label the model does not know.
+    std::fs::write(&model_path, &bytes).unwrap();
+    let mask = std::fs::read_dir(data.join("masks"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (w, h) = (4u32, 4u32);
+    let file = std::fs::File::create(&mask).unwrap();
+    let mut encoder = png::Encoder::new(file, w, h);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder
+        .write_header()
+        .unwrap()
+        .write_image_data(&[7u8; 16])
+        .unwrap();
+    let (ok, text) = alveolus(&[
+        "evaluate",
+        "--model",
+        model_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && (text.contains("label value 7") || text.contains("mask is")),
+        "{text}"
+    );
+}

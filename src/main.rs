@@ -103,6 +103,32 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Train on one folder of labelled slices, without federation: the central or
+    /// single-site baseline a federated run has to beat.
+    Train {
+        /// Labelled slice folder (images/, masks/).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the trained model (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Network preset: tiny, small (128 px) or default (256 px).
+        #[arg(long, default_value = "small")]
+        model: String,
+        #[arg(long, default_value_t = 10)]
+        epochs: u32,
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 4)]
+        batch_size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// A labelled folder to report Dice on after training.
+        #[arg(long)]
+        validate: Option<PathBuf>,
+    },
     /// Dice of a model on a labelled slice folder.
     Evaluate {
         #[arg(long)]
@@ -301,6 +327,78 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Model {
             command: ModelCommand::Pull { kit, version, out },
         } => admin::pull_model_to_file(&kit, &version, &out).await,
+        Command::Train {
+            data,
+            out,
+            model,
+            epochs,
+            lr,
+            batch_size,
+            seed,
+            device,
+            validate,
+        } => {
+            let config = TrainingConfig {
+                local_epochs: epochs,
+                learning_rate: lr,
+                batch_size,
+                seed,
+            };
+            config.validate()?;
+            let spec = ModelSpec::preset(&model)?;
+            let dataset = SliceDataset::open(&data)?;
+            let validation = validate.as_deref().map(SliceDataset::open).transpose()?;
+            let (device, description) = device.resolve()?;
+            println!(
+                "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {description}",
+                spec.image_size,
+                spec.base_channels,
+                spec.depth,
+                dataset.len()
+            );
+            let initial = alveolus_models::train::initial_weights(&spec, seed)?;
+            let slices = dataset.at_size(spec.image_size);
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut last = std::time::Instant::now();
+                let outcome = alveolus_models::train::train(
+                    &initial,
+                    &slices,
+                    &config,
+                    &device,
+                    |epoch, loss| {
+                        println!(
+                            "epoch {epoch:>3}  loss {loss:.4}  {:.1} s",
+                            last.elapsed().as_secs_f64()
+                        );
+                        last = std::time::Instant::now();
+                    },
+                )?;
+                let report = validation
+                    .map(|v| evaluate(&outcome.weights, &v, &device))
+                    .transpose()?;
+                anyhow::Ok((outcome, report))
+            })
+            .await??;
+            let (outcome, report) = outcome;
+            std::fs::write(&out, outcome.weights.encode())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "training-set infection dice (last epoch) {:.4}",
+                outcome.dice
+            );
+            if let Some(report) = report {
+                for (name, dice) in &report.per_class {
+                    println!("validation {name:<14} dice {}", fmt_opt(*dice));
+                }
+                println!(
+                    "validation {:<14} dice {}",
+                    "infection",
+                    fmt_opt(report.infection)
+                );
+            }
+            println!("model written to {}", out.display());
+            Ok(())
+        }
         Command::Evaluate {
             model,
             data,

@@ -63,11 +63,12 @@ impl Default for AgentOptions {
     }
 }
 
+/// The coordinator will not change its mind about these: retrying cannot help.
 fn is_fatal(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         Code::PermissionDenied | Code::Unauthenticated
-    ) || (status.code() == Code::FailedPrecondition && status.message().contains("protocol"))
+    )
 }
 
 /// Runs until `shutdown` completes or the coordinator refuses this agent for good.
@@ -135,7 +136,11 @@ impl Agent {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .await
-            .map_err(status_error)?
+            .map_err(|s| match s.code() {
+                // The only precondition of Join: both ends speak the same protocol version.
+                Code::FailedPrecondition => AgentError::Refused(s.message().to_string()),
+                _ => status_error(s),
+            })?
             .into_inner();
         tracing::info!(site = %joined.site, project = %joined.project, "joined the coordinator");
         loop {
@@ -241,10 +246,7 @@ impl Agent {
                 Ok(())
             }
             // The round moved on without us (deadline) or we already reported: wait for the next.
-            Err(s)
-                if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists)
-                    && !is_fatal(&s) =>
-            {
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) => {
                 tracing::warn!(round, "update not used: {}", s.message());
                 Ok(())
             }

@@ -136,7 +136,9 @@ impl Coordinator {
                     "resuming run at round {}",
                     info.rounds.len() + 1
                 );
-                coordinator.open_round(&mut state, last, info.latest_version().to_string())?;
+                let version = info.latest_version().to_string();
+                let (bytes, _) = coordinator.store.get_model(&version)?;
+                Self::open_round(&mut state, last, version, Weights::decode(&bytes)?);
             }
         }
         Ok(Arc::new(coordinator))
@@ -158,15 +160,8 @@ impl Coordinator {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Starts round `rounds.len() + 1` of run `index` from `version`.
-    fn open_round(
-        &self,
-        state: &mut State,
-        index: usize,
-        version: String,
-    ) -> Result<(), CoordinatorError> {
-        let (bytes, _) = self.store.get_model(&version)?;
-        let base = Weights::decode(&bytes)?;
+    /// Starts round `rounds.len() + 1` of run `index` from model `version` (`base`).
+    fn open_round(state: &mut State, index: usize, version: String, base: Weights) {
         let run = &mut state.runs[index];
         let round = run.info.rounds.len() as u32 + 1;
         run.events.push(RunEvent::RoundStarted {
@@ -184,7 +179,6 @@ impl Coordinator {
             fedavg: FedAvg::new(&base),
             base: Arc::new(base),
         });
-        Ok(())
     }
 
     fn run_index(state: &State, run_id: &str) -> Result<usize, CoordinatorError> {
@@ -467,7 +461,7 @@ impl Coordinator {
             run.events.push(RunEvent::RunFinished(run.info.clone()));
             tracing::info!(run = %open.run_id, "run completed");
         } else {
-            self.open_round(state, index, summary.version)?;
+            Self::open_round(state, index, summary.version, weights);
         }
         Ok(())
     }
@@ -526,7 +520,7 @@ impl Coordinator {
             events: Vec::new(),
         });
         let index = state.runs.len() - 1;
-        self.open_round(&mut state, index, manifest.sha256)?;
+        Self::open_round(&mut state, index, manifest.sha256, weights);
         drop(state);
         tracing::info!(run = %info.run_id, rounds = info.config.rounds, "run started");
         self.announce();

@@ -19,6 +19,9 @@ use crate::error::CoordinatorError;
 use crate::rounds::Coordinator;
 use crate::tls::TlsState;
 
+/// Longest an update upload may take once its slot is granted.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Both services share the coordinator and the TLS state (for identities and revocation).
@@ -147,7 +150,7 @@ impl Federation for Services {
         // Refuse stale or duplicate updates before receiving a byte of data.
         self.coordinator.check_update(&site.name, &header)?;
         let _slot = self.coordinator.upload_slot().await;
-        let bytes = receive(
+        let receiving = receive(
             &mut stream,
             header.total_bytes,
             self.coordinator.max_model_bytes(),
@@ -156,9 +159,17 @@ impl Federation for Services {
                 Part::Trailer(t) => Some(Err(t.sha256.to_vec())),
                 Part::Header(_) => None,
             },
-        )
-        .await
-        .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
+        );
+        // A site that opens an upload and stalls must not hold its slot forever.
+        let bytes = tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
+            .await
+            .map_err(|_| {
+                CoordinatorError::Stream(format!(
+                    "upload not finished within {} s",
+                    UPLOAD_TIMEOUT.as_secs()
+                ))
+            })?
+            .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
         let reports = self
             .coordinator

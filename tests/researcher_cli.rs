@@ -1,0 +1,120 @@
+//! The researcher's and site's commands, run as a user would: the real binary against a real
+//! coordinator and agent.
+
+mod common;
+
+use std::process::Command;
+
+use alveolus_proto::sha256_hex;
+use common::*;
+
+fn run_ok(args: &[&str]) -> String {
+    let output = Command::new(BIN).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "alveolus {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+    let data = site_data(&project, "alpha", 0, 2);
+    let _agent = spawn_agent(&project, "alpha", &data);
+    let admin = project.admin_kit();
+    let admin = admin.to_str().unwrap();
+    let site = project.site_kit("alpha");
+    let init = project.path("init.safetensors");
+    std::fs::write(&init, tiny_model(4).encode()).unwrap();
+
+    let started = tokio::task::spawn_blocking({
+        let (admin, init) = (admin.to_string(), init.clone());
+        move || {
+            run_ok(&[
+                "run",
+                "start",
+                "--kit",
+                &admin,
+                "--rounds",
+                "2",
+                "--local-epochs",
+                "1",
+                "--init",
+                init.to_str().unwrap(),
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(started.contains("started run-"), "{started}");
+    assert!(started.contains("2 rounds, min 1 sites"), "{started}");
+
+    // `watch` follows the run live and returns when it ends.
+    let admin_owned = admin.to_string();
+    let watched =
+        tokio::task::spawn_blocking(move || run_ok(&["run", "watch", "--kit", &admin_owned]))
+            .await
+            .unwrap();
+    assert!(watched.contains("round 1 started"), "{watched}");
+    assert!(watched.contains("round 1: update from alpha"), "{watched}");
+    assert!(
+        watched.contains("round 2 finished: 1 sites, 2 samples"),
+        "{watched}"
+    );
+    assert!(watched.trim_end().ends_with("completed"), "{watched}");
+
+    let status = run_ok(&["run", "status", "--kit", admin, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "completed");
+    let rounds = status["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let run_id = status["run_id"].as_str().unwrap();
+    assert!(run_ok(&["run", "list", "--kit", admin]).contains(run_id));
+    let sites = run_ok(&["sites", "list", "--kit", admin]);
+    assert!(
+        sites.contains("alpha") && sites.contains(&format!("{run_id}: rounds 1-2")),
+        "{sites}"
+    );
+
+    // A site pulls the latest model, an admin a given version; both are digest-checked.
+    let latest = rounds[1]["version"].as_str().unwrap();
+    let pulled = project.path("latest.safetensors");
+    run_ok(&[
+        "model",
+        "pull",
+        "--kit",
+        site.to_str().unwrap(),
+        "--out",
+        pulled.to_str().unwrap(),
+    ]);
+    assert_eq!(sha256_hex(&std::fs::read(&pulled).unwrap()), latest);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pulled.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(manifest["round"], 2);
+    let first = rounds[0]["version"].as_str().unwrap();
+    let pulled = project.path("first.safetensors");
+    run_ok(&[
+        "model",
+        "pull",
+        "--kit",
+        admin,
+        "--version",
+        first,
+        "--out",
+        pulled.to_str().unwrap(),
+    ]);
+    assert_eq!(sha256_hex(&std::fs::read(&pulled).unwrap()), first);
+
+    // A long run can be aborted.
+    run_ok(&[
+        "run", "start", "--kit", admin, "--rounds", "1000", "--model", "tiny",
+    ]);
+    let aborted = run_ok(&["run", "abort", "--kit", admin]);
+    assert!(aborted.trim_end().ends_with("is aborted"), "{aborted}");
+    let status = run_ok(&["run", "status", "--kit", admin]);
+    assert!(status.contains("aborted"), "{status}");
+}

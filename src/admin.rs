@@ -8,7 +8,7 @@ use alveolus_proto::domain::{RunConfig, RunEvent, RunInfo, SiteInfo};
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::pb::{self, admin_client::AdminClient, federation_client::FederationClient};
-use alveolus_proto::transfer::{chunks, digest};
+use alveolus_proto::transfer::framed;
 use anyhow::{Context, Result, bail};
 use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
@@ -40,21 +40,11 @@ pub async fn start_run_with(
     weights: &Weights,
 ) -> Result<RunInfo> {
     let bytes = weights.encode();
-    use pb::start_run_chunk::Part;
     let mut config = pb::RunConfig::from(config);
     config.initial_model_bytes = bytes.len() as u64;
-    let mut parts = vec![Part::Config(config)];
-    parts.extend(chunks(&bytes).map(Part::Data));
-    parts.push(Part::Trailer(pb::TransferTrailer {
-        sha256: digest(&bytes).into(),
-    }));
-    let messages = futures::stream::iter(
-        parts
-            .into_iter()
-            .map(|p| pb::StartRunChunk { part: Some(p) }),
-    );
+    let messages: Vec<pb::StartRunChunk> = framed(config, &bytes);
     let info = client
-        .start_run(messages)
+        .start_run(futures::stream::iter(messages))
         .await
         .map_err(status)?
         .into_inner();

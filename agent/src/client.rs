@@ -14,9 +14,8 @@ use alveolus_models::{DeviceChoice, ModelSpec, Weights};
 use alveolus_proto::domain::{Metrics, ModelHeader, Task, TrainTask, UpdateHeader};
 use alveolus_proto::kit::{ClientKit, KitError};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::transfer::{Receiver, chunks, digest};
+use alveolus_proto::transfer::{ReceiveError, framed, receive_header, receive_payload};
 use alveolus_proto::{PROTOCOL_VERSION, sha256_hex};
-use futures::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -228,15 +227,8 @@ impl Agent {
             seconds = format!("{:.1}", started.elapsed().as_secs_f32()),
             "local training done; pushing update"
         );
-        use pb::update_chunk::Part;
-        let mut parts = vec![Part::Header(header.into())];
-        parts.extend(chunks(&bytes).map(Part::Data));
-        parts.push(Part::Trailer(pb::TransferTrailer {
-            sha256: digest(&bytes).into(),
-        }));
-        let messages =
-            futures::stream::iter(parts.into_iter().map(|p| pb::UpdateChunk { part: Some(p) }));
-        match client.push_update(messages).await {
+        let messages: Vec<pb::UpdateChunk> = framed(header.into(), &bytes);
+        match client.push_update(futures::stream::iter(messages)).await {
             Ok(response) => {
                 tracing::info!(
                     round,
@@ -317,33 +309,19 @@ pub async fn receive_model(
     mut stream: tonic::Streaming<pb::ModelChunk>,
     limit: u64,
 ) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
-    use pb::model_chunk::Part;
-    let transfer = |m: String| AgentError::Transfer(m);
-    let first = stream
-        .next()
-        .await
-        .ok_or_else(|| transfer("empty model stream".into()))?
-        .map_err(status_error)?;
-    let Some(Part::Header(header)) = first.part else {
-        return Err(transfer("a model stream must start with its header".into()));
+    let transfer = |e: ReceiveError| match e {
+        ReceiveError::Stream(status) => status_error(status),
+        e => AgentError::Transfer(e.to_string()),
     };
-    let header = ModelHeader::try_from(header).map_err(|e| transfer(e.to_string()))?;
-    let mut receiver =
-        Receiver::new(header.total_bytes, limit).map_err(|e| transfer(e.to_string()))?;
-    while let Some(message) = stream.next().await {
-        match message.map_err(status_error)?.part {
-            Some(Part::Data(data)) => receiver.push(&data).map_err(|e| transfer(e.to_string()))?,
-            Some(Part::Trailer(trailer)) => {
-                let bytes = receiver
-                    .finish(&trailer.sha256)
-                    .map_err(|e| transfer(e.to_string()))?;
-                if sha256_hex(&bytes) != header.version {
-                    return Err(transfer("model digest does not match its version".into()));
-                }
-                return Ok((header, bytes));
-            }
-            _ => return Err(transfer("unexpected message in model stream".into())),
-        }
+    let header = receive_header(&mut stream).await.map_err(transfer)?;
+    let header = ModelHeader::try_from(header).map_err(|e| AgentError::Transfer(e.to_string()))?;
+    let bytes = receive_payload(&mut stream, header.total_bytes, limit)
+        .await
+        .map_err(transfer)?;
+    if sha256_hex(&bytes) != header.version {
+        return Err(AgentError::Transfer(
+            "model digest does not match its version".into(),
+        ));
     }
-    Err(transfer("model stream ended without its trailer".into()))
+    Ok((header, bytes))
 }

@@ -1,7 +1,7 @@
 //! Everything that can go wrong in the coordinator, and the one place it becomes a gRPC status.
 
 use alveolus_proto::domain::DomainError;
-use alveolus_proto::transfer::TransferError;
+use alveolus_proto::transfer::{ReceiveError, TransferError};
 use alveolus_proto::weights::WeightsError;
 use tonic::Status;
 
@@ -43,6 +43,15 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("state storage: {0}")]
     Store(String),
+}
+
+impl From<ReceiveError> for CoordinatorError {
+    fn from(error: ReceiveError) -> Self {
+        match error {
+            ReceiveError::Transfer(e) => CoordinatorError::Transfer(e),
+            ReceiveError::Stream(status) => CoordinatorError::Stream(status.message().to_string()),
+        }
+    }
 }
 
 impl From<CoordinatorError> for Status {

@@ -9,9 +9,8 @@ use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{ModelHeader, RunConfig, UpdateHeader};
 use alveolus_proto::identity::{Identity, Role};
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
-use alveolus_proto::transfer::{Receiver, TransferError, chunks, digest};
+use alveolus_proto::transfer::{framed, receive_header, receive_payload};
 use alveolus_proto::weights::Weights;
-use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -46,41 +45,11 @@ impl Services {
             total_bytes: bytes.len() as u64,
             manifest_json: serde_json::to_string(&manifest).expect("manifest serialises"),
         };
-        use pb::model_chunk::Part;
-        let mut parts = vec![Part::Header(header.into())];
-        parts.extend(chunks(&bytes).map(Part::Data));
-        parts.push(Part::Trailer(pb::TransferTrailer {
-            sha256: digest(&bytes).into(),
-        }));
+        let messages: Vec<pb::ModelChunk> = framed(header.into(), &bytes);
         Ok(Box::pin(futures::stream::iter(
-            parts
-                .into_iter()
-                .map(|part| Ok(pb::ModelChunk { part: Some(part) })),
+            messages.into_iter().map(Ok),
         )))
     }
-}
-
-/// Receives data chunks then a trailer; `part` splits a message into data or trailer.
-async fn receive<M>(
-    stream: &mut Streaming<M>,
-    announced: u64,
-    limit: u64,
-    part: impl Fn(M) -> Option<Result<Bytes, Vec<u8>>>,
-) -> Result<Bytes, CoordinatorError> {
-    let mut receiver = Receiver::new(announced, limit)?;
-    while let Some(message) = stream.next().await {
-        let message = message.map_err(|s| CoordinatorError::Stream(s.message().to_string()))?;
-        match part(message) {
-            Some(Ok(data)) => receiver.push(&data)?,
-            Some(Err(sha256)) => return Ok(receiver.finish(&sha256)?),
-            None => {
-                return Err(
-                    TransferError::OutOfOrder("a second header or an empty message").into(),
-                );
-            }
-        }
-    }
-    Err(TransferError::MissingTrailer.into())
 }
 
 #[tonic::async_trait]
@@ -136,29 +105,17 @@ impl Federation for Services {
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
         let mut stream = request.into_inner();
-        use pb::update_chunk::Part;
-        let first = stream
-            .next()
+        let header = receive_header(&mut stream)
             .await
-            .ok_or(CoordinatorError::Stream("empty update stream".into()))??;
-        let Some(Part::Header(header)) = first.part else {
-            return Err(
-                CoordinatorError::Stream("an update must start with its header".into()).into(),
-            );
-        };
+            .map_err(CoordinatorError::from)?;
         let header = UpdateHeader::try_from(header).map_err(CoordinatorError::from)?;
         // Refuse stale or duplicate updates before receiving a byte of data.
         self.coordinator.check_update(&site.name, &header)?;
         let _slot = self.coordinator.upload_slot().await;
-        let receiving = receive(
+        let receiving = receive_payload(
             &mut stream,
             header.total_bytes,
             self.coordinator.max_model_bytes(),
-            |m: pb::UpdateChunk| match m.part? {
-                Part::Data(d) => Some(Ok(d)),
-                Part::Trailer(t) => Some(Err(t.sha256.to_vec())),
-                Part::Header(_) => None,
-            },
         );
         // A site that opens an upload and stalls must not hold its slot forever.
         let bytes = tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
@@ -169,6 +126,7 @@ impl Federation for Services {
                     UPLOAD_TIMEOUT.as_secs()
                 ))
             })?
+            .map_err(CoordinatorError::from)
             .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
         let reports = self
@@ -189,30 +147,14 @@ impl Admin for Services {
     ) -> Result<Response<pb::RunInfo>, Status> {
         let admin = self.caller(&request, Role::Admin)?;
         let mut stream = request.into_inner();
-        use pb::start_run_chunk::Part;
-        let first = stream
-            .next()
+        let config = receive_header(&mut stream)
             .await
-            .ok_or(CoordinatorError::Stream("empty start-run stream".into()))??;
-        let Some(Part::Config(config)) = first.part else {
-            return Err(CoordinatorError::Stream(
-                "a start-run stream must begin with the run config".into(),
-            )
-            .into());
-        };
+            .map_err(CoordinatorError::from)?;
         let total_bytes = config.initial_model_bytes;
         let config = RunConfig::try_from(config).map_err(CoordinatorError::from)?;
-        let bytes = receive(
-            &mut stream,
-            total_bytes,
-            self.coordinator.max_model_bytes(),
-            |m: pb::StartRunChunk| match m.part? {
-                Part::Data(d) => Some(Ok(d)),
-                Part::Trailer(t) => Some(Err(t.sha256.to_vec())),
-                Part::Config(_) => None,
-            },
-        )
-        .await?;
+        let bytes = receive_payload(&mut stream, total_bytes, self.coordinator.max_model_bytes())
+            .await
+            .map_err(CoordinatorError::from)?;
         let info = self.coordinator.start_run(config, &bytes)?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "run started by admin");
         Ok(Response::new(info.into()))

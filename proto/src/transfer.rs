@@ -3,7 +3,10 @@
 //! anything is made of its bytes.
 
 use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+
+use crate::pb;
 
 /// Data bytes per message: a quarter of gRPC's default 4 MiB decode limit, whatever the model
 /// size.
@@ -90,6 +93,103 @@ impl Receiver {
     }
 }
 
+/// One message of a chunked transfer, split into what it carries.
+pub enum Frame<H> {
+    Header(H),
+    Data(Bytes),
+    Trailer(Vec<u8>),
+}
+
+/// A generated message type that carries transfer frames (`oneof part { header, data, trailer }`).
+pub trait Framed: Sized {
+    type Header;
+    fn from_frame(frame: Frame<Self::Header>) -> Self;
+    /// `None` for a message without a part.
+    fn into_frame(self) -> Option<Frame<Self::Header>>;
+}
+
+macro_rules! framed {
+    ($message:ty, $part:ident, $header:ty, $variant:ident) => {
+        impl Framed for $message {
+            type Header = $header;
+            fn from_frame(frame: Frame<$header>) -> Self {
+                use pb::$part::Part;
+                let part = match frame {
+                    Frame::Header(h) => Part::$variant(h),
+                    Frame::Data(d) => Part::Data(d),
+                    Frame::Trailer(sha256) => Part::Trailer(pb::TransferTrailer {
+                        sha256: sha256.into(),
+                    }),
+                };
+                Self { part: Some(part) }
+            }
+            fn into_frame(self) -> Option<Frame<$header>> {
+                use pb::$part::Part;
+                Some(match self.part? {
+                    Part::$variant(h) => Frame::Header(h),
+                    Part::Data(d) => Frame::Data(d),
+                    Part::Trailer(t) => Frame::Trailer(t.sha256.to_vec()),
+                })
+            }
+        }
+    };
+}
+
+framed!(pb::ModelChunk, model_chunk, pb::ModelHeader, Header);
+framed!(pb::UpdateChunk, update_chunk, pb::UpdateHeader, Header);
+framed!(pb::StartRunChunk, start_run_chunk, pb::RunConfig, Config);
+
+/// The messages of one transfer: `header`, the payload in chunks, the payload's sha256.
+pub fn framed<M: Framed>(header: M::Header, payload: &Bytes) -> Vec<M> {
+    std::iter::once(Frame::Header(header))
+        .chain(chunks(payload).map(Frame::Data))
+        .chain(std::iter::once(Frame::Trailer(digest(payload))))
+        .map(M::from_frame)
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("stream broken: {0}")]
+    Stream(tonic::Status),
+}
+
+/// Reads a transfer's header (the first message).
+pub async fn receive_header<M: Framed>(
+    stream: &mut (impl Stream<Item = Result<M, tonic::Status>> + Unpin),
+) -> Result<M::Header, ReceiveError> {
+    match stream.next().await {
+        Some(message) => match message.map_err(ReceiveError::Stream)?.into_frame() {
+            Some(Frame::Header(h)) => Ok(h),
+            _ => Err(TransferError::OutOfOrder("a transfer must start with its header").into()),
+        },
+        None => Err(TransferError::OutOfOrder("the stream is empty").into()),
+    }
+}
+
+/// Reads the data chunks and the trailer that follow a header, checking size and digest.
+pub async fn receive_payload<M: Framed>(
+    stream: &mut (impl Stream<Item = Result<M, tonic::Status>> + Unpin),
+    announced: u64,
+    limit: u64,
+) -> Result<Bytes, ReceiveError> {
+    let mut receiver = Receiver::new(announced, limit)?;
+    while let Some(message) = stream.next().await {
+        match message.map_err(ReceiveError::Stream)?.into_frame() {
+            Some(Frame::Data(data)) => receiver.push(&data)?,
+            Some(Frame::Trailer(sha256)) => return Ok(receiver.finish(&sha256)?),
+            _ => {
+                return Err(
+                    TransferError::OutOfOrder("a second header or an empty message").into(),
+                );
+            }
+        }
+    }
+    Err(TransferError::MissingTrailer.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +202,21 @@ mod tests {
         assert!(parts.iter().all(|p| p.len() <= CHUNK_BYTES));
         assert_eq!(parts.iter().map(Bytes::len).sum::<usize>(), payload.len());
         assert_eq!(chunks(&Bytes::new()).count(), 0);
+    }
+
+    #[test]
+    fn framed_transfer_round_trips_through_the_receiver() {
+        let payload = Bytes::from(vec![3u8; CHUNK_BYTES + 10]);
+        let messages: Vec<pb::UpdateChunk> = framed(pb::UpdateHeader::default(), &payload);
+        assert_eq!(messages.len(), 4);
+        let mut stream = futures::stream::iter(messages.into_iter().map(Ok));
+        let received = futures::executor::block_on(async {
+            receive_header(&mut stream).await.unwrap();
+            receive_payload(&mut stream, payload.len() as u64, u64::MAX)
+                .await
+                .unwrap()
+        });
+        assert_eq!(received, payload);
     }
 
     #[test]

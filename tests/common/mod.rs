@@ -12,7 +12,7 @@ use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::domain::{RunConfig, RunInfo, TrainingConfig};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::pb::{self, admin_client::AdminClient};
-use alveolus_proto::transfer::{chunks, digest};
+use alveolus_proto::transfer::framed;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -229,19 +229,9 @@ pub async fn start_run(
     weights: &Weights,
 ) -> RunInfo {
     let bytes = weights.encode();
-    use pb::start_run_chunk::Part;
     let mut config = pb::RunConfig::from(config);
     config.initial_model_bytes = bytes.len() as u64;
-    let mut parts = vec![Part::Config(config)];
-    parts.extend(chunks(&bytes).map(Part::Data));
-    parts.push(Part::Trailer(pb::TransferTrailer {
-        sha256: digest(&bytes).into(),
-    }));
-    let stream = futures::stream::iter(
-        parts
-            .into_iter()
-            .map(|p| pb::StartRunChunk { part: Some(p) }),
-    );
+    let stream = futures::stream::iter(framed::<pb::StartRunChunk>(config, &bytes));
     RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
 }
 

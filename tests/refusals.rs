@@ -168,6 +168,31 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
+    // An update announcing far more bytes than the model has, before sending any.
+    let huge = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            run_id: run.run_id.clone(),
+            round: 1,
+            base_version: task.model_version.clone(),
+            num_samples: 4,
+            metrics: Some(pb::Metrics {
+                loss: 0.5,
+                dice: 0.5,
+            }),
+            total_bytes: 8 << 30,
+        })),
+    };
+    let status = site
+        .push_update(futures::stream::iter(vec![huge]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("more than"),
+        "{}",
+        status.message()
+    );
+
     // Nothing of the above reached the aggregate: after one good update of 0.25 everywhere, the
     // round's model is exactly the initial one plus 0.25.
     let update = constant_update(&model, 0.25).encode();

@@ -21,6 +21,9 @@ use crate::tls::TlsState;
 /// Longest an update upload may take once its slot is granted.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Room for an update's safetensors header (tensor names and shapes) beyond its values.
+const UPDATE_HEADER_SLACK: u64 = 1 << 20;
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Both services share the coordinator and the TLS state (for identities and revocation).
@@ -110,13 +113,13 @@ impl Federation for Services {
             .map_err(CoordinatorError::from)?;
         let header = UpdateHeader::try_from(header).map_err(CoordinatorError::from)?;
         // Refuse stale or duplicate updates before receiving a byte of data.
-        self.coordinator.check_update(&site.name, &header)?;
+        let base = self.coordinator.check_update(&site.name, &header)?;
+        // An update has the base model's tensors: its size is known up to the header, so a site
+        // cannot make the coordinator reserve more than a model's worth of memory.
+        let limit = (base.num_values() as u64 * 4 + UPDATE_HEADER_SLACK)
+            .min(self.coordinator.max_model_bytes());
         let _slot = self.coordinator.upload_slot().await;
-        let receiving = receive_payload(
-            &mut stream,
-            header.total_bytes,
-            self.coordinator.max_model_bytes(),
-        );
+        let receiving = receive_payload(&mut stream, header.total_bytes, limit);
         // A site that opens an upload and stalls must not hold its slot forever.
         let bytes = tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
             .await

@@ -121,6 +121,21 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("round 2"), "{}", status.message());
 
+    // An update for another run.
+    let status = push(
+        &mut site,
+        &Push {
+            run_id: "run-0",
+            ..good
+        },
+        &bytes,
+        digest(&bytes),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("run-0"), "{}", status.message());
+
     // An update computed from another model version.
     let other = "ab".repeat(32);
     let status = push(

@@ -132,6 +132,8 @@ impl Federation for Services {
             .map_err(CoordinatorError::from)
             .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
+        // The raw bytes are no longer needed: free them before folding.
+        drop(bytes);
         let reports = self
             .coordinator
             .accept_update(&site.name, &header, &update)

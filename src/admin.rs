@@ -257,7 +257,7 @@ pub async fn pull_model_to_file(kit_dir: &Path, version: &str, out: &Path) -> Re
     }
     .map_err(status)?
     .into_inner();
-    let (header, bytes) = receive_model(stream, u64::MAX).await?;
+    let (header, bytes) = receive_model(stream, version).await?;
     Weights::decode(&bytes).context("the coordinator sent a model that does not parse")?;
     std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let manifest = out.with_extension("json");
@@ -287,7 +287,7 @@ pub async fn pull_model(
         .await
         .map_err(status)?
         .into_inner();
-    let (header, bytes) = receive_model(stream, u64::MAX).await?;
+    let (header, bytes) = receive_model(stream, version).await?;
     Ok((Weights::decode(&bytes)?, bytes, header.manifest_json))
 }
 

@@ -21,6 +21,9 @@ use tonic::transport::Channel;
 
 use crate::slices::SliceDataset;
 
+/// Largest model the agent accepts (a coordinator cannot make it reserve more).
+const MAX_MODEL_BYTES: u64 = 4 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -294,20 +297,15 @@ pub async fn pull_model(
         .await
         .map_err(status_error)?
         .into_inner();
-    let (header, bytes) = receive_model(stream, u64::MAX).await?;
-    if !version.is_empty() && header.version != version {
-        return Err(AgentError::Transfer(format!(
-            "asked for model {version}, received {}",
-            header.version
-        )));
-    }
+    let (_, bytes) = receive_model(stream, version).await?;
     Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
 }
 
-/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version.
+/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
+/// and, unless `requested` is empty (the latest), that it is the version asked for.
 pub async fn receive_model(
     mut stream: tonic::Streaming<pb::ModelChunk>,
-    limit: u64,
+    requested: &str,
 ) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
     let transfer = |e: ReceiveError| match e {
         ReceiveError::Stream(status) => status_error(status),
@@ -315,7 +313,13 @@ pub async fn receive_model(
     };
     let header = receive_header(&mut stream).await.map_err(transfer)?;
     let header = ModelHeader::try_from(header).map_err(|e| AgentError::Transfer(e.to_string()))?;
-    let bytes = receive_payload(&mut stream, header.total_bytes, limit)
+    if !requested.is_empty() && header.version != requested {
+        return Err(AgentError::Transfer(format!(
+            "asked for model {requested}, received {}",
+            header.version
+        )));
+    }
+    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES)
         .await
         .map_err(transfer)?;
     if sha256_hex(&bytes) != header.version {

@@ -216,3 +216,132 @@ pub fn predict(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::LoadError;
+
+    fn slices(spec: &ModelSpec, n: usize) -> Vec<LabelledSlice> {
+        let side = spec.image_size;
+        (0..n)
+            .map(|k| {
+                // A bright disc (label 1) on a dark background, at a different place per slice.
+                let (cx, cy) = ((side / 3 + k * 3) as f32, (side / 2) as f32);
+                let mut image = vec![0.1; side * side];
+                let mut mask = vec![0u8; side * side];
+                for y in 0..side {
+                    for x in 0..side {
+                        if (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)
+                            < (side as f32 / 5.0).powi(2)
+                        {
+                            image[y * side + x] = 0.8;
+                            mask[y * side + x] = 1;
+                        }
+                    }
+                }
+                LabelledSlice { image, mask }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn weights_round_trip_through_the_module_exactly() {
+        let spec = ModelSpec::tiny();
+        let weights = initial_weights(&spec, 11).unwrap();
+        assert_eq!(
+            initial_weights(&spec, 11).unwrap(),
+            weights,
+            "same seed, same weights"
+        );
+        assert_ne!(
+            initial_weights(&spec, 12).unwrap(),
+            weights,
+            "another seed, other weights"
+        );
+        let device = Device::flex();
+        let (_, model) = load_model(&weights, &device).unwrap();
+        let mut back = to_weights(&model);
+        back.metadata = weights.metadata.clone();
+        assert_eq!(back, weights);
+        assert!(weights.tensors.contains_key("encoders.0.conv1.weight"));
+        assert!(weights.tensors.contains_key("decoders.1.norm2.running_var"));
+        assert!(weights.tensors.contains_key("head.bias"));
+    }
+
+    #[test]
+    fn loading_refuses_missing_reshaped_and_foreign_tensors() {
+        let spec = ModelSpec::tiny();
+        let device = Device::flex();
+        let weights = initial_weights(&spec, 1).unwrap();
+        let mut missing = weights.clone();
+        missing.tensors.remove("head.weight");
+        assert!(
+            matches!(load_model(&missing, &device), Err(TrainError::Load(LoadError::Missing(n))) if n == "head.weight")
+        );
+        let mut reshaped = weights.clone();
+        reshaped.tensors.get_mut("head.bias").unwrap().shape = vec![1, 3];
+        assert!(matches!(
+            load_model(&reshaped, &device),
+            Err(TrainError::Load(LoadError::Shape { .. }))
+        ));
+        let mut extra = weights.clone();
+        extra.tensors.insert(
+            "decoy".into(),
+            crate::NamedTensor {
+                shape: vec![1],
+                values: vec![0.0],
+            },
+        );
+        assert!(
+            matches!(load_model(&extra, &device), Err(TrainError::Load(LoadError::Unexpected(n))) if n == "decoy")
+        );
+        let mut anonymous = weights;
+        anonymous.metadata.clear();
+        assert!(matches!(
+            load_model(&anonymous, &device),
+            Err(TrainError::Spec(SpecError::Missing))
+        ));
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_learns_a_simple_lesion() {
+        let spec = ModelSpec::tiny();
+        let start = initial_weights(&spec, 3).unwrap();
+        let data = slices(&spec, 8);
+        let config = TrainingConfig {
+            local_epochs: 25,
+            learning_rate: 1e-2,
+            batch_size: 4,
+            seed: 1,
+        };
+        let mut losses = Vec::new();
+        let outcome = train(&start, &data, &config, &Device::flex(), |_, loss| {
+            losses.push(loss)
+        })
+        .unwrap();
+        assert_eq!(losses.len(), 25);
+        assert!(
+            losses[24] < losses[0] * 0.7,
+            "loss went {:.3} -> {:.3}",
+            losses[0],
+            losses[24]
+        );
+        assert!(outcome.dice > 0.7, "training Dice {:.3}", outcome.dice);
+        assert_eq!(outcome.samples, 8);
+        assert_eq!(outcome.weights.metadata, start.metadata);
+        // Wrong input sizes and labels are refused, not trained on.
+        let mut bad = data.clone();
+        bad[2].mask[0] = 9;
+        assert!(matches!(
+            train(&start, &bad, &config, &Device::flex(), |_, _| {}),
+            Err(TrainError::Label { index: 2, .. })
+        ));
+        let mut bad = data;
+        bad[1].image.pop();
+        assert!(matches!(
+            train(&start, &bad, &config, &Device::flex(), |_, _| {}),
+            Err(TrainError::SliceSize { index: 1, .. })
+        ));
+    }
+}

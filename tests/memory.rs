@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use alveolus_models::{ModelSpec, NamedTensor, Weights};
+use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{RunState, Task};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
@@ -46,24 +46,7 @@ async fn push_constant_update(project: &Project, site: &str, model: &Weights) {
     let Task::Train(task) = Task::try_from(task).unwrap() else {
         panic!("{site} got no task");
     };
-    let update = Weights {
-        tensors: model
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                let values = vec![0.001; t.values.len()];
-                (
-                    n.clone(),
-                    NamedTensor {
-                        shape: t.shape.clone(),
-                        values,
-                    },
-                )
-            })
-            .collect(),
-        metadata: Default::default(),
-    }
-    .encode();
+    let update = constant_update(model, 0.001).encode();
     let header = pb::UpdateHeader {
         run_id: task.run_id,
         round: task.round,

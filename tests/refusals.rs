@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use alveolus_models::{NamedTensor, Weights};
 use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{RunState, Task};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
@@ -13,26 +12,6 @@ use alveolus_proto::transfer::{chunks, digest};
 use common::*;
 use tonic::Code;
 use tonic::transport::Channel;
-
-/// An update with every value set to `value`, in the layout of `model`.
-fn constant_update(model: &Weights, value: f32) -> Weights {
-    Weights {
-        tensors: model
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    NamedTensor {
-                        shape: t.shape.clone(),
-                        values: vec![value; t.values.len()],
-                    },
-                )
-            })
-            .collect(),
-        metadata: Default::default(),
-    }
-}
 
 struct Push<'a> {
     run_id: &'a str,

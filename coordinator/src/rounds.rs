@@ -50,6 +50,37 @@ struct OpenRound {
     fedavg: FedAvg,
 }
 
+impl OpenRound {
+    /// Whether an update with `header` from `site` belongs to this round.
+    fn admits(&self, site: &str, header: &UpdateHeader) -> Result<(), CoordinatorError> {
+        if header.run_id != self.run_id {
+            return Err(CoordinatorError::WrongRun {
+                got: header.run_id.clone(),
+                expected: self.run_id.clone(),
+            });
+        }
+        if header.round != self.round {
+            return Err(CoordinatorError::WrongRound {
+                got: header.round,
+                expected: self.round,
+            });
+        }
+        if header.base_version != self.base_version {
+            return Err(CoordinatorError::WrongBase {
+                got: header.base_version.clone(),
+                expected: self.base_version.clone(),
+            });
+        }
+        if self.reports.iter().any(|r| r.site == site) {
+            return Err(CoordinatorError::AlreadyReported {
+                site: site.to_string(),
+                round: self.round,
+            });
+        }
+        Ok(())
+    }
+}
+
 struct RunRecord {
     info: RunInfo,
     /// Everything `watch` replays: a watcher that attaches late still sees the whole run.
@@ -256,30 +287,7 @@ impl Coordinator {
     ) -> Result<Arc<Weights>, CoordinatorError> {
         let state = self.lock();
         let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
-        if header.run_id != open.run_id {
-            return Err(CoordinatorError::WrongRun {
-                got: header.run_id.clone(),
-                expected: open.run_id.clone(),
-            });
-        }
-        if header.round != open.round {
-            return Err(CoordinatorError::WrongRound {
-                got: header.round,
-                expected: open.round,
-            });
-        }
-        if header.base_version != open.base_version {
-            return Err(CoordinatorError::WrongBase {
-                got: header.base_version.clone(),
-                expected: open.base_version.clone(),
-            });
-        }
-        if open.reports.iter().any(|r| r.site == site) {
-            return Err(CoordinatorError::AlreadyReported {
-                site: site.to_string(),
-                round: open.round,
-            });
-        }
+        open.admits(site, header)?;
         Ok(open.base.clone())
     }
 
@@ -304,20 +312,9 @@ impl Coordinator {
         base.check_same_layout(update)?;
         update.check_finite()?;
         let mut state = self.lock();
-        // The round may have closed while the data streamed in.
+        // The round may have closed while the data streamed in: check again under the lock.
         let open = state.round.as_mut().ok_or(CoordinatorError::NoActiveRun)?;
-        if open.round != header.round || open.run_id != header.run_id {
-            return Err(CoordinatorError::WrongRound {
-                got: header.round,
-                expected: open.round,
-            });
-        }
-        if open.reports.iter().any(|r| r.site == site) {
-            return Err(CoordinatorError::AlreadyReported {
-                site: site.to_string(),
-                round: open.round,
-            });
-        }
+        open.admits(site, header)?;
         open.fedavg.add(update, header.num_samples);
         open.participants.insert(site.to_string());
         open.reports.push(Report {

@@ -288,3 +288,24 @@ pub async fn wait_for_sites(admin: &mut AdminClient<Channel>, sites: &[&str]) {
 pub fn read_weights(path: &Path) -> Weights {
     Weights::decode(&std::fs::read(path).unwrap()).unwrap()
 }
+
+/// An update with every value set to `value`, in the layout of `model`.
+pub fn constant_update(model: &Weights, value: f32) -> Weights {
+    Weights {
+        tensors: model
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let values = vec![value; t.values.len()];
+                (
+                    n.clone(),
+                    alveolus_models::NamedTensor {
+                        shape: t.shape.clone(),
+                        values,
+                    },
+                )
+            })
+            .collect(),
+        metadata: Default::default(),
+    }
+}

@@ -314,8 +314,8 @@ fn score(
         report
             .per_class
             .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, d)| *d)
+            .find(|s| s.class == name)
+            .and_then(|s| s.dice)
     };
     Ok((
         report.infection.unwrap_or(0.0),

@@ -2,7 +2,9 @@
 //! by the coordinator, agent and models crates.
 
 mod admin;
+mod bench;
 mod demo;
+mod progress;
 
 use std::path::{Path, PathBuf};
 
@@ -10,12 +12,15 @@ use alveolus_agent::evaluate::evaluate;
 use alveolus_agent::{AgentOptions, SliceDataset};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
-use alveolus_models::{DeviceChoice, ModelSpec, Weights};
+use alveolus_models::augment::AugmentConfig;
+use alveolus_models::metrics::DiceReport;
+use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions, Weights};
 use alveolus_proto::domain::{RunConfig, TrainingConfig};
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use progress::TrainingProgress;
 
 #[derive(Parser)]
 #[command(
@@ -115,8 +120,17 @@ enum Command {
         /// Network preset: tiny, small (128 px) or default (256 px).
         #[arg(long, default_value = "small")]
         model: String,
+        /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
+        #[arg(long, default_value_t = 3)]
+        classes: usize,
         #[arg(long, default_value_t = 10)]
         epochs: u32,
+        /// Learning-rate schedule: cosine (5% warm-up, then cosine decay) or constant.
+        #[arg(long, default_value = "cosine")]
+        schedule: ScheduleChoice,
+        /// Train on the slices as they are: no flips, rotations, zooms or intensity jitter.
+        #[arg(long)]
+        no_augment: bool,
         #[arg(long, default_value_t = 2e-3)]
         lr: f64,
         #[arg(long, default_value_t = 4)]
@@ -140,6 +154,11 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Measure training speed against PyTorch.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Everything on one machine: a coordinator and three hospital agents over real mTLS.
     Demo {
         #[arg(long, default_value = "demo-out")]
@@ -149,6 +168,32 @@ enum Command {
         /// MedSeg slice folder; defaults to the copy shipped with the project.
         #[arg(long)]
         data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time a training step (forward, loss, backward, AdamW) on each backend of this build and
+    /// in PyTorch on the same batch, and print the medians and ratios.
+    Train {
+        /// Network preset: tiny, small or default.
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// CPU threads for every backend and for PyTorch.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        /// Devices to time (flex, cpu, cuda[:N]; repeatable); all this build has by default.
+        #[arg(long)]
+        device: Vec<DeviceChoice>,
+        /// Time only our backends (PyTorch needs Python with torch and safetensors).
+        #[arg(long)]
+        without_pytorch: bool,
     },
 }
 
@@ -331,7 +376,10 @@ async fn dispatch(command: Command) -> Result<()> {
             data,
             out,
             model,
+            classes,
             epochs,
+            schedule,
+            no_augment,
             lr,
             batch_size,
             seed,
@@ -345,10 +393,24 @@ async fn dispatch(command: Command) -> Result<()> {
                 seed,
             };
             config.validate()?;
-            let spec = ModelSpec::preset(&model)?;
+            let spec = ModelSpec {
+                classes,
+                ..ModelSpec::preset(&model)?
+            };
+            spec.validate()?;
+            let options = TrainOptions {
+                schedule: schedule.0,
+                augment: if no_augment {
+                    AugmentConfig::NONE
+                } else {
+                    AugmentConfig::default()
+                },
+                ..TrainOptions::central()
+            };
             let dataset = SliceDataset::open(&data)?;
             let validation = validate.as_deref().map(SliceDataset::open).transpose()?;
-            let (device, description) = device.resolve()?;
+            let resolved = device.resolve()?;
+            let (device, description) = (resolved.device.clone(), resolved.to_string());
             println!(
                 "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {description}",
                 spec.image_size,
@@ -359,19 +421,14 @@ async fn dispatch(command: Command) -> Result<()> {
             let initial = alveolus_models::train::initial_weights(&spec, seed)?;
             let slices = dataset.at_size(spec.image_size);
             let outcome = tokio::task::spawn_blocking(move || {
-                let mut last = std::time::Instant::now();
+                let mut progress = TrainingProgress::new(epochs);
                 let outcome = alveolus_models::train::train(
                     &initial,
                     &slices,
                     &config,
+                    &options,
                     &device,
-                    |epoch, loss| {
-                        println!(
-                            "epoch {epoch:>3}  loss {loss:.4}  {:.1} s",
-                            last.elapsed().as_secs_f64()
-                        );
-                        last = std::time::Instant::now();
-                    },
+                    |p| progress.update(p),
                 )?;
                 let report = validation
                     .map(|v| evaluate(&outcome.weights, &v, &device))
@@ -387,14 +444,7 @@ async fn dispatch(command: Command) -> Result<()> {
                 outcome.dice
             );
             if let Some(report) = report {
-                for (name, dice) in &report.per_class {
-                    println!("validation {name:<14} dice {}", fmt_opt(*dice));
-                }
-                println!(
-                    "validation {:<14} dice {}",
-                    "infection",
-                    fmt_opt(report.infection)
-                );
+                print_report("validation ", &report);
             }
             println!("model written to {}", out.display());
             Ok(())
@@ -407,31 +457,83 @@ async fn dispatch(command: Command) -> Result<()> {
         } => {
             let weights = read_model(&model)?;
             let dataset = SliceDataset::open(&data)?;
-            let (device, description) = device.resolve()?;
+            let resolved = device.resolve()?;
+            let (device, description) = (resolved.device.clone(), resolved.to_string());
             eprintln!("evaluating {} slices on {description}", dataset.len());
             let report = tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &device))
                 .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                for (name, dice) in &report.per_class {
-                    println!("{name:<14} dice {}", fmt_opt(*dice));
-                }
-                println!(
-                    "{:<14} dice {}  iou {}",
-                    "infection",
-                    fmt_opt(report.infection),
-                    fmt_opt(report.infection_iou)
-                );
+                print_report("", &report);
             }
             Ok(())
         }
         Command::Demo { out, rounds, data } => demo::run(&out, rounds, data).await,
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    model,
+                    batch_size,
+                    threads,
+                    warmup,
+                    steps,
+                    device,
+                    without_pytorch,
+                },
+        } => {
+            tokio::task::spawn_blocking(move || {
+                bench::run(bench::BenchOptions {
+                    model,
+                    batch_size,
+                    threads,
+                    warmup,
+                    steps,
+                    devices: device,
+                    without_pytorch,
+                })
+            })
+            .await?
+        }
     }
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a (class absent)".to_string(), |v| format!("{v:.4}"))
+}
+
+fn print_report(prefix: &str, report: &DiceReport) {
+    for class in &report.per_class {
+        println!(
+            "{prefix}{:<14} dice {}  iou {}",
+            class.class,
+            fmt_opt(class.dice),
+            fmt_opt(class.iou)
+        );
+    }
+    println!(
+        "{prefix}{:<14} dice {}  iou {}",
+        "infection",
+        fmt_opt(report.infection),
+        fmt_opt(report.infection_iou)
+    );
+}
+
+/// `--schedule` values.
+#[derive(Debug, Clone, Copy)]
+struct ScheduleChoice(Schedule);
+
+impl std::str::FromStr for ScheduleChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cosine" => Ok(Self(Schedule::COSINE)),
+            "constant" => Ok(Self(Schedule::Constant)),
+            other => Err(format!(
+                "`{other}` is not a schedule: use cosine or constant"
+            )),
+        }
+    }
 }
 
 pub fn read_model(path: &Path) -> Result<Weights> {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use alveolus_models::train::{TrainError, train};
-use alveolus_models::{DeviceChoice, ModelSpec, Weights};
+use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions, Weights};
 use alveolus_proto::domain::{Metrics, ModelHeader, Task, TrainTask, UpdateHeader};
 use alveolus_proto::kit::{ClientKit, KitError};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
@@ -80,7 +80,8 @@ pub async fn run_agent(
     options: AgentOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let (device, description) = options.device.resolve()?;
+    let resolved = options.device.resolve()?;
+    let (device, description) = (resolved.device.clone(), resolved.to_string());
     tracing::info!(site = %kit.identity.name, slices = data.len(), "training on {description}");
     let mut agent = Agent {
         kit,
@@ -193,14 +194,17 @@ impl Agent {
                 &start_for_training,
                 &slices,
                 &training,
+                &TrainOptions::federated(),
                 &device,
-                |epoch, loss| {
-                    tracing::info!(
-                        round,
-                        epoch,
-                        loss = format!("{loss:.4}"),
-                        "local epoch done"
-                    );
+                |progress| {
+                    if let Progress::Epoch { epoch, loss } = progress {
+                        tracing::info!(
+                            round,
+                            epoch,
+                            loss = format!("{loss:.4}"),
+                            "local epoch done"
+                        );
+                    }
                 },
             )
         })

@@ -2,7 +2,7 @@
 
 use alveolus_models::metrics::{DiceReport, SegmentationCounts};
 use alveolus_models::train::{TrainError, load_model, predict};
-use alveolus_models::{CLASS_NAMES, Device, Weights};
+use alveolus_models::{Device, Weights};
 
 use crate::slices::{SliceDataset, resize_nearest};
 
@@ -26,7 +26,8 @@ pub fn evaluate(
             slice.width,
             slice.height,
         );
-        counts.add(&full, &slice.mask);
+        let truth: Vec<u8> = slice.mask.iter().map(|&l| spec.class_of_label(l)).collect();
+        counts.add(&full, &truth);
     }
-    Ok(counts.report(&CLASS_NAMES))
+    Ok(counts.report(spec.class_names()))
 }

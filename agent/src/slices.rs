@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use alveolus_models::LabelledSlice;
+use alveolus_models::spec::DATASET_LABELS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SliceError {
@@ -25,7 +26,9 @@ pub enum SliceError {
         mask_size: (usize, usize),
         image_size: (usize, usize),
     },
-    #[error("{path}: label value {value} is not 0 (background), 1 (GGO) or 2 (consolidation)")]
+    #[error(
+        "{path}: label value {value} is not 0 (background), 1 (GGO), 2 (consolidation) or 3 (lung)"
+    )]
     UnknownLabel { path: PathBuf, value: u8 },
 }
 
@@ -111,7 +114,7 @@ impl SliceDataset {
                     image_size: (width, height),
                 });
             }
-            if let Some(&value) = mask.iter().find(|&&v| v > 2) {
+            if let Some(&value) = mask.iter().find(|&&v| v as usize >= DATASET_LABELS.len()) {
                 return Err(SliceError::UnknownLabel {
                     path: mask_path,
                     value,

@@ -4,9 +4,13 @@
 //! built as a burn module, trained by [`train`], and exchanged as [`Weights`]: named f32 tensors
 //! that the coordinator can aggregate without knowing anything about burn.
 
+pub mod augment;
+pub mod bench;
 pub mod device;
+pub mod hausdorff;
 pub mod loss;
 pub mod metrics;
+pub mod pytorch;
 pub mod spec;
 pub mod train;
 pub mod unet;
@@ -15,11 +19,8 @@ pub mod weights;
 pub use alveolus_proto::weights::{Tensor as NamedTensor, Weights};
 /// The burn device type, re-exported so that users of this crate need not depend on burn.
 pub use burn::tensor::Device;
-pub use device::{DeviceChoice, DeviceError};
+pub use device::{DeviceChoice, DeviceError, ResolvedDevice};
 pub use metrics::SegmentationCounts;
 pub use spec::{ModelSpec, SpecError};
-pub use train::{LabelledSlice, TrainOutcome};
+pub use train::{LabelledSlice, Progress, Schedule, TrainOptions, TrainOutcome};
 pub use unet::UNet2d;
-
-/// Classes every model predicts, in output-channel order.
-pub const CLASS_NAMES: [&str; 3] = ["background", "ggo", "consolidation"];

@@ -13,15 +13,23 @@ pub struct SegmentationCounts {
     intersection: Vec<u64>,
     predicted: Vec<u64>,
     labelled: Vec<u64>,
-    /// The same three counts for "infection": any class but background.
+    /// The same three counts for "infection": the lesion classes (1 and 2) merged.
     infection: [u64; 3],
+}
+
+/// Overlap of one class, `None` where neither prediction nor label has it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassScore {
+    pub class: String,
+    pub dice: Option<f64>,
+    pub iou: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DiceReport {
-    /// Dice per class name, `None` where neither prediction nor label has the class.
-    pub per_class: Vec<(String, Option<f64>)>,
-    /// Dice of all lesion classes merged (GGO or consolidation against background).
+    /// Every class but background.
+    pub per_class: Vec<ClassScore>,
+    /// Dice of all lesion classes merged (GGO or consolidation against everything else).
     pub infection: Option<f64>,
     /// Intersection over union of the same merged infection mask.
     pub infection_iou: Option<f64>,
@@ -29,6 +37,15 @@ pub struct DiceReport {
 
 fn dice(intersection: u64, a: u64, b: u64) -> Option<f64> {
     (a + b > 0).then(|| 2.0 * intersection as f64 / (a + b) as f64)
+}
+
+fn iou(intersection: u64, a: u64, b: u64) -> Option<f64> {
+    (a + b > 0).then(|| intersection as f64 / (a + b - intersection) as f64)
+}
+
+/// Ground-glass opacity and consolidation: the classes that make up "infection".
+fn is_lesion(class: usize) -> bool {
+    class == 1 || class == 2
 }
 
 impl SegmentationCounts {
@@ -61,7 +78,7 @@ impl SegmentationCounts {
             if p == l && p < self.classes {
                 self.intersection[p] += 1;
             }
-            let (pi, li) = (p != 0, l != 0);
+            let (pi, li) = (is_lesion(p), is_lesion(l));
             self.infection[0] += (pi && li) as u64;
             self.infection[1] += pi as u64;
             self.infection[2] += li as u64;
@@ -92,19 +109,28 @@ impl SegmentationCounts {
         dice(i, p, l)
     }
 
+    pub fn class_iou(&self, class: usize) -> Option<f64> {
+        iou(
+            self.intersection[class],
+            self.predicted[class],
+            self.labelled[class],
+        )
+    }
+
     pub fn infection_iou(&self) -> Option<f64> {
         let [i, p, l] = self.infection;
-        (p + l - i > 0).then(|| i as f64 / (p + l - i) as f64)
+        iou(i, p, l)
     }
 
     pub fn report(&self, class_names: &[&str]) -> DiceReport {
         DiceReport {
             per_class: (1..self.classes)
-                .map(|c| {
-                    let name = class_names
+                .map(|c| ClassScore {
+                    class: class_names
                         .get(c)
-                        .map_or_else(|| format!("class{c}"), |n| n.to_string());
-                    (name, self.class_dice(c))
+                        .map_or_else(|| format!("class{c}"), |n| n.to_string()),
+                    dice: self.class_dice(c),
+                    iou: self.class_iou(c),
                 })
                 .collect(),
             infection: self.infection_dice(),
@@ -128,6 +154,19 @@ mod tests {
         // Infection: pred {0,1,2,3}, truth {0,1,2} -> 2*3/(4+3).
         assert!((c.infection_dice().unwrap() - 6.0 / 7.0).abs() < 1e-12);
         assert!((c.infection_iou().unwrap() - 0.75).abs() < 1e-12);
+        assert!((c.class_iou(2).unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        let report = c.report(&["background", "ggo", "consolidation"]);
+        assert_eq!(report.per_class[1].class, "consolidation");
+        assert_eq!(report.per_class[0].dice, c.class_dice(1));
+    }
+
+    #[test]
+    fn lung_is_not_infection() {
+        let mut c = SegmentationCounts::new(4);
+        // truth: lung lung ggo ; pred: lung ggo ggo
+        c.add(&[3, 1, 1], &[3, 3, 1]);
+        assert_eq!(c.class_dice(3), Some(2.0 / 3.0));
+        assert_eq!(c.infection_dice(), Some(2.0 / 3.0));
     }
 
     #[test]

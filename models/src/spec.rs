@@ -7,6 +7,10 @@ use crate::Weights;
 
 pub const METADATA_KEY: &str = "alveolus.model";
 
+/// What the label values in a dataset's masks mean. Models with fewer classes merge them (see
+/// [`ModelSpec::class_of_label`]).
+pub const DATASET_LABELS: [&str; 4] = ["background", "ggo", "consolidation", "lung"];
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -14,7 +18,8 @@ pub struct ModelSpec {
     pub kind: String,
     /// Input channels (1: one windowed CT slice).
     pub in_channels: usize,
-    /// Output classes: background, GGO, consolidation.
+    /// Output classes: 2 (background, infection), 3 (background, GGO, consolidation) or
+    /// 4 (those and lung parenchyma without lesion).
     pub classes: usize,
     /// Channels of the first level; each deeper level doubles them.
     pub base_channels: usize,
@@ -88,8 +93,14 @@ impl ModelSpec {
                 self.kind
             ));
         }
-        if self.in_channels == 0 || self.classes < 2 || self.base_channels == 0 {
-            return bad("channels and classes must be positive (at least 2 classes)".into());
+        if self.in_channels == 0 || self.base_channels == 0 {
+            return bad("channels must be positive".into());
+        }
+        if !(2..=4).contains(&self.classes) {
+            return bad(format!(
+                "{} classes: use 2 (infection), 3 (GGO, consolidation) or 4 (and lung)",
+                self.classes
+            ));
         }
         if self.depth == 0 || self.depth > 6 {
             return bad(format!("depth {} is not between 1 and 6", self.depth));
@@ -105,6 +116,26 @@ impl ModelSpec {
             ));
         }
         Ok(())
+    }
+
+    /// Names of the output classes, in channel order.
+    pub fn class_names(&self) -> &'static [&'static str] {
+        match self.classes {
+            2 => &["background", "infection"],
+            3 => &DATASET_LABELS[..3],
+            _ => &DATASET_LABELS,
+        }
+    }
+
+    /// The class this model predicts for a dataset label (see [`DATASET_LABELS`]): a binary
+    /// model merges GGO and consolidation into infection, a model without a lung class counts
+    /// lung as background.
+    pub fn class_of_label(&self, label: u8) -> u8 {
+        match (self.classes, label) {
+            (2, 1 | 2) => 1,
+            (2, _) | (3, 3) => 0,
+            (_, label) => label,
+        }
     }
 
     pub fn from_weights(weights: &Weights) -> Result<Self, SpecError> {

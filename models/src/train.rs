@@ -2,17 +2,17 @@
 
 use alveolus_proto::domain::TrainingConfig;
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
-use rand::Rng;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::Weights;
+use crate::augment::AugmentConfig;
 use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
-use crate::spec::{ModelSpec, SpecError};
+use crate::spec::{DATASET_LABELS, ModelSpec, SpecError};
 use crate::unet::UNet2d;
 use crate::weights::{LoadError, load_weights, to_weights};
 
@@ -40,12 +40,10 @@ pub enum TrainError {
         expected: usize,
         size: usize,
     },
-    #[error("slice {index} has label {label}; the model knows classes 0..{classes}")]
-    Label {
-        index: usize,
-        label: u8,
-        classes: usize,
-    },
+    #[error(
+        "slice {index} has label {label}; labels are 0 background, 1 GGO, 2 consolidation, 3 lung"
+    )]
+    Label { index: usize, label: u8 },
     #[error("training diverged: the loss became {0}")]
     Diverged(f64),
 }
@@ -59,6 +57,85 @@ pub struct TrainOutcome {
     /// Infection Dice of the last epoch's predictions on the training slices.
     pub dice: f64,
     pub samples: usize,
+}
+
+/// How the learning rate moves over one call of [`train`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// The configured rate throughout: what FedAvg assumes within a round, where the rounds
+    /// themselves are the long schedule.
+    Constant,
+    /// Linear warm-up over the first `warmup` fraction of steps, then a cosine decay to
+    /// `floor` times the configured rate: for long central training.
+    WarmupCosine { warmup: f64, floor: f64 },
+}
+
+impl Schedule {
+    /// The usual central-training schedule: 5% warm-up, decay to 1%.
+    pub const COSINE: Self = Self::WarmupCosine {
+        warmup: 0.05,
+        floor: 0.01,
+    };
+
+    /// The rate for step `step` (from 0) of `total`.
+    pub fn rate(&self, base: f64, step: usize, total: usize) -> f64 {
+        match *self {
+            Self::Constant => base,
+            Self::WarmupCosine { warmup, floor } => {
+                let warmup_steps = (warmup * total as f64).ceil().max(1.0);
+                let step = step as f64;
+                if step < warmup_steps {
+                    return base * (step + 1.0) / warmup_steps;
+                }
+                let span = (total as f64 - warmup_steps).max(1.0);
+                let progress = ((step - warmup_steps) / span).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                base * (floor + (1.0 - floor) * cosine)
+            }
+        }
+    }
+}
+
+/// How to train, beyond the run's [`TrainingConfig`] (which travels with the task).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainOptions {
+    pub schedule: Schedule,
+    pub augment: AugmentConfig,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl TrainOptions {
+    /// Local training in a federated round: constant rate, full augmentation.
+    pub fn federated() -> Self {
+        Self {
+            schedule: Schedule::Constant,
+            augment: AugmentConfig::default(),
+            weight_decay: 1e-4,
+        }
+    }
+
+    /// A long central run: warm-up and cosine decay, full augmentation.
+    pub fn central() -> Self {
+        Self {
+            schedule: Schedule::COSINE,
+            ..Self::federated()
+        }
+    }
+}
+
+/// Where training is, reported to the caller's progress function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress {
+    /// After each optimiser step; `step` counts from 1 within the epoch.
+    Step {
+        epoch: u32,
+        step: usize,
+        steps: usize,
+        loss: f64,
+    },
+    /// After each epoch, with its mean loss.
+    Epoch { epoch: u32, loss: f64 },
 }
 
 /// Fresh weights for `spec`, reproducible from `seed`, with the spec in their metadata.
@@ -92,21 +169,44 @@ fn check_slices(spec: &ModelSpec, slices: &[LabelledSlice]) -> Result<(), TrainE
                 });
             }
         }
-        if let Some(&label) = s.mask.iter().find(|&&l| l as usize >= spec.classes) {
-            return Err(TrainError::Label {
-                index,
-                label,
-                classes: spec.classes,
-            });
+        if let Some(&label) = s.mask.iter().find(|&&l| l as usize >= DATASET_LABELS.len()) {
+            return Err(TrainError::Label { index, label });
         }
     }
     Ok(())
 }
 
-/// Builds an input batch and its one-hot target, flipping slices left-right at random.
+/// The optimiser every training run uses: AdamW with decoupled weight decay.
+pub fn optimizer(weight_decay: f32) -> ModuleOptimizer {
+    AdamWConfig::new().with_weight_decay(weight_decay).init()
+}
+
+/// One optimiser step on a batch: forward, loss, backward, update. Returns the updated model,
+/// the loss and the predicted class per pixel (still on the device: reading it is the caller's
+/// choice).
+pub fn step(
+    model: UNet2d,
+    optimizer: &mut ModuleOptimizer,
+    x: Tensor<4>,
+    one_hot: Tensor<4>,
+    rate: f64,
+) -> Result<(UNet2d, f64, Tensor<4, Int>), TrainError> {
+    let logits = model.forward(x);
+    let predicted = logits.clone().detach().argmax(1);
+    let loss = segmentation_loss(logits, one_hot);
+    let value = loss.clone().into_scalar::<f32>() as f64;
+    if !value.is_finite() {
+        return Err(TrainError::Diverged(value));
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    Ok((optimizer.step(rate, model, grads), value, predicted))
+}
+
+/// Builds an input batch and its one-hot target, each slice changed by `augment`.
 fn batch(
     spec: &ModelSpec,
     slices: &[&LabelledSlice],
+    augment: &AugmentConfig,
     rng: &mut StdRng,
     device: &Device,
 ) -> (Tensor<4>, Tensor<4>, Vec<u8>) {
@@ -114,17 +214,9 @@ fn batch(
     let mut images = Vec::with_capacity(slices.len() * n * n);
     let mut masks = Vec::with_capacity(slices.len() * n * n);
     for s in slices {
-        let flip = rng.random_bool(0.5);
-        for row in 0..n {
-            let line = row * n..(row + 1) * n;
-            if flip {
-                images.extend(s.image[line.clone()].iter().rev());
-                masks.extend(s.mask[line].iter().rev());
-            } else {
-                images.extend_from_slice(&s.image[line.clone()]);
-                masks.extend_from_slice(&s.mask[line]);
-            }
-        }
+        let (image, mask) = augment.apply(&s.image, &s.mask, n, rng);
+        images.extend(image);
+        masks.extend(mask.into_iter().map(|l| spec.class_of_label(l)));
     }
     let b = slices.len();
     let mut one_hot = vec![0f32; b * spec.classes * n * n];
@@ -139,22 +231,23 @@ fn batch(
 
 /// Class per pixel from logits `[batch, classes, H, W]`.
 fn argmax_labels(logits: Tensor<4>) -> Vec<u8> {
-    logits
-        .argmax(1)
-        .into_data()
-        .iter::<i64>()
-        .map(|c| c as u8)
-        .collect()
+    labels(logits.argmax(1))
 }
 
-/// Trains from `start` on `slices` for `config.local_epochs` epochs with Adam.
-/// `progress(epoch, mean_loss)` is called after each epoch.
+/// Class indices on the device to host labels.
+fn labels(classes: Tensor<4, Int>) -> Vec<u8> {
+    classes.into_data().iter::<i64>().map(|c| c as u8).collect()
+}
+
+/// Trains from `start` on `slices` for `config.local_epochs` epochs with AdamW.
+/// `progress` hears of every step and every epoch.
 pub fn train(
     start: &Weights,
     slices: &[LabelledSlice],
     config: &TrainingConfig,
+    options: &TrainOptions,
     device: &Device,
-    mut progress: impl FnMut(u32, f64),
+    mut progress: impl FnMut(Progress),
 ) -> Result<TrainOutcome, TrainError> {
     if slices.is_empty() {
         return Err(TrainError::NoData);
@@ -162,31 +255,42 @@ pub fn train(
     let autodiff = device.clone().autodiff();
     let (spec, mut model) = load_model(start, &autodiff)?;
     check_slices(&spec, slices)?;
-    let mut optimizer = AdamConfig::new().init();
+    let mut optimizer = optimizer(options.weight_decay);
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = (0..slices.len()).collect();
+    let batch_size = config.batch_size as usize;
+    let steps_per_epoch = slices.len().div_ceil(batch_size);
+    let total_steps = steps_per_epoch * config.local_epochs as usize;
+    let mut step_index = 0;
     let (mut loss_mean, mut counts) = (0.0, SegmentationCounts::new(spec.classes));
     for epoch in 1..=config.local_epochs {
         order.shuffle(&mut rng);
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         counts = SegmentationCounts::new(spec.classes);
-        for chunk in order.chunks(config.batch_size as usize) {
+        for (step, chunk) in order.chunks(batch_size).enumerate() {
             let items: Vec<&LabelledSlice> = chunk.iter().map(|&i| &slices[i]).collect();
-            let (x, y, masks) = batch(&spec, &items, &mut rng, &autodiff);
-            let logits = model.forward(x);
-            counts.add(&argmax_labels(logits.clone().detach()), &masks);
-            let loss = segmentation_loss(logits, y);
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            if !value.is_finite() {
-                return Err(TrainError::Diverged(value));
-            }
+            let (x, y, masks) = batch(&spec, &items, &options.augment, &mut rng, &autodiff);
+            let rate = options
+                .schedule
+                .rate(config.learning_rate, step_index, total_steps);
+            let (updated, value, predicted) = self::step(model, &mut optimizer, x, y, rate)?;
+            model = updated;
+            counts.add(&labels(predicted), &masks);
             loss_sum += value * items.len() as f64;
             seen += items.len();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(config.learning_rate, model, grads);
+            step_index += 1;
+            progress(Progress::Step {
+                epoch,
+                step: step + 1,
+                steps: steps_per_epoch,
+                loss: value,
+            });
         }
         loss_mean = loss_sum / seen as f64;
-        progress(epoch, loss_mean);
+        progress(Progress::Epoch {
+            epoch,
+            loss: loss_mean,
+        });
     }
     let mut weights = to_weights(&model.valid());
     weights.metadata = start.metadata.clone();
@@ -266,6 +370,18 @@ mod tests {
         assert_eq!(back, weights);
         assert!(weights.tensors.contains_key("encoders.0.conv1.weight"));
         assert!(weights.tensors.contains_key("decoders.1.norm2.running_var"));
+        assert!(weights.tensors.contains_key("decoders.1.norm2.weight"));
+        assert!(weights.tensors.contains_key("encoders.0.norm1.bias"));
+        assert_eq!(
+            weights.tensors["bottleneck.norm2.num_batches_tracked"].shape,
+            Vec::<usize>::new()
+        );
+        assert!(
+            !weights
+                .tensors
+                .keys()
+                .any(|n| n.contains("gamma") || n.contains("beta"))
+        );
         assert!(weights.tensors.contains_key("head.bias"));
     }
 
@@ -316,8 +432,14 @@ mod tests {
             seed: 1,
         };
         let mut losses = Vec::new();
-        let outcome = train(&start, &data, &config, &Device::flex(), |_, loss| {
-            losses.push(loss)
+        let options = TrainOptions {
+            augment: AugmentConfig::NONE,
+            ..TrainOptions::federated()
+        };
+        let outcome = train(&start, &data, &config, &options, &Device::flex(), |p| {
+            if let Progress::Epoch { loss, .. } = p {
+                losses.push(loss)
+            }
         })
         .unwrap();
         assert_eq!(losses.len(), 25);
@@ -334,13 +456,13 @@ mod tests {
         let mut bad = data.clone();
         bad[2].mask[0] = 9;
         assert!(matches!(
-            train(&start, &bad, &config, &Device::flex(), |_, _| {}),
+            train(&start, &bad, &config, &options, &Device::flex(), |_| {}),
             Err(TrainError::Label { index: 2, .. })
         ));
         let mut bad = data;
         bad[1].image.pop();
         assert!(matches!(
-            train(&start, &bad, &config, &Device::flex(), |_, _| {}),
+            train(&start, &bad, &config, &options, &Device::flex(), |_| {}),
             Err(TrainError::SliceSize { index: 1, .. })
         ));
     }

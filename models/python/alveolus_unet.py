@@ -1,0 +1,83 @@
+"""The Alveolus U-Net in PyTorch: the same network, tensor for tensor, as models/src/unet.rs.
+
+Load an Alveolus model file (a checkpoint, `alveolus model pull`, `alveolus train --out`):
+
+    from alveolus_unet import load
+    model, spec = load("model.safetensors")      # strict: every tensor name and shape must match
+    logits = model(x)                            # x: [batch, 1, H, W], intensities in [0, 1]
+
+Needs torch and safetensors (pip). The architecture is read from the file's metadata
+(`alveolus.model`), so the same code loads every preset.
+"""
+
+import json
+
+import torch
+from torch import nn
+
+METADATA_KEY = "alveolus.model"
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions without bias, each followed by batch norm and ReLU."""
+
+    def __init__(self, channels_in, channels_out, dims=2):
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        self.conv1 = conv(channels_in, channels_out, 3, padding=1, bias=False)
+        self.norm1 = norm(channels_out, eps=1e-5, momentum=0.1)
+        self.conv2 = conv(channels_out, channels_out, 3, padding=1, bias=False)
+        self.norm2 = norm(channels_out, eps=1e-5, momentum=0.1)
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(x)))
+
+
+class UNet(nn.Module):
+    """U-Net of `depth` down-sampling steps; level l has `base_channels * 2**l` channels."""
+
+    def __init__(self, spec):
+        super().__init__()
+        dims = 3 if spec["kind"] == "unet3d" else 2
+        width = lambda level: spec["base_channels"] << level
+        depth = spec["depth"]
+        self.encoders = nn.ModuleList(
+            ConvBlock(spec["in_channels"] if l == 0 else width(l - 1), width(l), dims)
+            for l in range(depth)
+        )
+        self.bottleneck = ConvBlock(width(depth - 1), width(depth), dims)
+        up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        levels = list(reversed(range(depth)))
+        self.upsamplers = nn.ModuleList(up(width(l + 1), width(l), 2, stride=2) for l in levels)
+        self.decoders = nn.ModuleList(ConvBlock(2 * width(l), width(l), dims) for l in levels)
+        head = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.head = head(width(0), spec["classes"], 1)
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+
+    def forward(self, x):
+        skips = []
+        for encoder in self.encoders:
+            features = encoder(x)
+            skips.append(features)
+            x = self.pool(features)
+        x = self.bottleneck(x)
+        for up, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def load(path, device="cpu"):
+    """The model in `path`, loaded strictly and put in eval mode, and its spec (a dict)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} has no `{METADATA_KEY}` metadata: not an Alveolus model")
+    spec = json.loads(metadata[METADATA_KEY])
+    model = UNet(spec)
+    model.load_state_dict(load_file(path), strict=True)
+    return model.to(device).eval(), spec

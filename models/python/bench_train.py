@@ -1,0 +1,62 @@
+"""Times training steps of the Alveolus U-Net in PyTorch, the peer `alveolus bench train` compares
+against. Same network (alveolus_unet.py), same loss (cross-entropy + soft Dice over the lesion
+classes), same optimiser (AdamW), same batch (read from the file the benchmark wrote).
+
+    python bench_train.py MODEL BATCH DEVICE THREADS STEPS WARMUP
+
+Prints one JSON line: {"torch": version, "device": ..., "step_ms": [...]}.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from alveolus_unet import load
+
+
+def segmentation_loss(logits, one_hot):
+    batch, classes, *_ = logits.shape
+    pixels = logits[:, 0].numel()
+    cross_entropy = -(torch.log_softmax(logits, 1) * one_hot).sum() / pixels
+    probs = torch.softmax(logits, 1).transpose(0, 1).reshape(classes, -1)[1:]
+    truth = one_hot.transpose(0, 1).reshape(classes, -1)[1:]
+    dice = (2 * (probs * truth).sum(1) + 1) / (probs.sum(1) + truth.sum(1) + 1)
+    return cross_entropy + (1 - dice.mean())
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(model_path, batch_path, device, threads, steps, warmup):
+    torch.set_num_threads(int(threads))
+    model, _ = load(model_path, device)
+    model.train()
+    batch = load_file(batch_path)
+    x, y = batch["x"].to(device), batch["y"].to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5, weight_decay=1e-4)
+    times = []
+    for step in range(int(warmup) + int(steps)):
+        sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = segmentation_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        sync(device)
+        if step >= int(warmup):
+            times.append((time.perf_counter() - start) * 1000)
+    print(json.dumps({"torch": torch.__version__, "device": device,
+                      "median_ms": statistics.median(times), "step_ms": times}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 7:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

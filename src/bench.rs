@@ -1,0 +1,166 @@
+//! `alveolus bench train`: a training step of one network on every backend this build has, and
+//! the same step in PyTorch on the same batch with the same thread count.
+
+use std::path::Path;
+use std::process::Command;
+
+use alveolus_models::bench::{median, synthetic_batch, time_training_steps};
+use alveolus_models::{DeviceChoice, ModelSpec, pytorch};
+use anyhow::{Context, Result, bail};
+
+pub struct BenchOptions {
+    pub model: String,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    /// Devices to time; every available one when empty.
+    pub devices: Vec<DeviceChoice>,
+    /// Skip the PyTorch peer (it needs Python with torch and safetensors).
+    pub without_pytorch: bool,
+}
+
+struct Row {
+    backend: String,
+    device: String,
+    median_ms: f64,
+    /// The PyTorch median on the same device, when measured.
+    pytorch_ms: Option<f64>,
+}
+
+pub fn run(options: BenchOptions) -> Result<()> {
+    if options.steps == 0 || options.batch_size == 0 || options.threads == 0 {
+        bail!("--steps, --batch-size and --threads must be at least 1");
+    }
+    // burn-flex runs on rayon's global pool, which must be sized before any tensor work.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads)
+        .build_global()
+        .context("cannot size the CPU thread pool")?;
+    alveolus_models::device::set_cpu_threads(options.threads);
+
+    let spec = ModelSpec::preset(&options.model)?;
+    let weights = alveolus_models::train::initial_weights(&spec, 0)?;
+    let batch = synthetic_batch(options.batch_size, spec.image_size, spec.classes, 1);
+    let parameters: usize = weights
+        .tensors
+        .iter()
+        .filter(|(name, _)| !name.contains("running_") && !name.ends_with("num_batches_tracked"))
+        .map(|(_, t)| t.values.len())
+        .sum();
+    println!(
+        "training step of the {} U-Net ({parameters} parameters), batch {}x1x{}x{}, {} CPU threads, median of {} steps after {} warm-up",
+        options.model,
+        options.batch_size,
+        spec.image_size,
+        spec.image_size,
+        options.threads,
+        options.steps,
+        options.warmup
+    );
+
+    let scratch = tempfile::tempdir()?;
+    let model_path = scratch.path().join("model.safetensors");
+    let batch_path = scratch.path().join("batch.safetensors");
+    std::fs::write(&model_path, weights.encode())?;
+    std::fs::write(&batch_path, batch.encode())?;
+    pytorch::write_scripts(scratch.path())?;
+    let python = pytorch::python(Path::new("."));
+
+    let devices = if options.devices.is_empty() {
+        DeviceChoice::available()
+    } else {
+        options.devices.clone()
+    };
+    let mut rows = Vec::new();
+    let mut pytorch_cpu = None;
+    for choice in devices {
+        let device = choice.resolve()?;
+        let times = time_training_steps(&weights, &batch, &device, options.warmup, options.steps)?;
+        let peer_device = device.name.clone();
+        let pytorch_ms = if options.without_pytorch {
+            None
+        } else if peer_device == "cpu" && pytorch_cpu.is_some() {
+            pytorch_cpu
+        } else {
+            let ms = pytorch_step(
+                &python,
+                scratch.path(),
+                &model_path,
+                &batch_path,
+                &peer_device,
+                &options,
+            )?;
+            if peer_device == "cpu" {
+                pytorch_cpu = Some(ms);
+            }
+            Some(ms)
+        };
+        rows.push(Row {
+            backend: device.backend.clone(),
+            device: device.name.clone(),
+            median_ms: median(&times),
+            pytorch_ms,
+        });
+    }
+
+    println!(
+        "{:<24} {:<8} {:>12} {:>14} {:>10}",
+        "backend", "device", "median ms", "PyTorch ms", "ratio"
+    );
+    for row in &rows {
+        let (peer, ratio) = match row.pytorch_ms {
+            Some(p) => (format!("{p:.1}"), format!("{:.2}x", row.median_ms / p)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<24} {:<8} {:>12.1} {:>14} {:>10}",
+            row.backend, row.device, row.median_ms, peer, ratio
+        );
+    }
+    println!(
+        "ratio = our median / PyTorch's median on the same device (below 1: faster than PyTorch)"
+    );
+    Ok(())
+}
+
+/// Median milliseconds of PyTorch's step, from `bench_train.py`.
+fn pytorch_step(
+    python: &Path,
+    scripts: &Path,
+    model: &Path,
+    batch: &Path,
+    device: &str,
+    options: &BenchOptions,
+) -> Result<f64> {
+    let output = Command::new(python)
+        .arg(scripts.join("bench_train.py"))
+        .arg(model)
+        .arg(batch)
+        .args([
+            device.to_string(),
+            options.threads.to_string(),
+            options.steps.to_string(),
+            options.warmup.to_string(),
+        ])
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} for the PyTorch peer (--without-pytorch skips it)",
+                python.display()
+            )
+        })?;
+    if !output.status.success() {
+        bail!(
+            "the PyTorch peer failed ({}; set ALVEOLUS_PYTHON to a Python with torch and safetensors, or pass --without-pytorch):\n{}",
+            python.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("unexpected PyTorch peer output: {line}"))?;
+    report["median_ms"]
+        .as_f64()
+        .context("the PyTorch peer reported no median")
+}

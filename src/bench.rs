@@ -16,7 +16,7 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Devices to time; every available one when empty.
     pub devices: Vec<DeviceChoice>,
-    /// Skip the PyTorch peer (it needs Python with torch and safetensors).
+    /// Skip the PyTorch peer (it needs Python with torch).
     pub without_pytorch: bool,
 }
 
@@ -152,7 +152,7 @@ fn pytorch_step(
         })?;
     if !output.status.success() {
         bail!(
-            "the PyTorch peer failed ({}; set ALVEOLUS_PYTHON to a Python with torch and safetensors, or pass --without-pytorch):\n{}",
+            "the PyTorch peer failed ({}; set ALVEOLUS_PYTHON to a Python with torch, or pass --without-pytorch):\n{}",
             python.display(),
             String::from_utf8_lossy(&output.stderr)
         );

@@ -191,7 +191,7 @@ enum BenchCommand {
         /// Devices to time (flex, cpu, cuda[:N]; repeatable); all this build has by default.
         #[arg(long)]
         device: Vec<DeviceChoice>,
-        /// Time only our backends (PyTorch needs Python with torch and safetensors).
+        /// Time only our backends (PyTorch needs Python with torch).
         #[arg(long)]
         without_pytorch: bool,
     },

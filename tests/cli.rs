@@ -4,6 +4,7 @@ mod common;
 
 use std::process::Command;
 
+use alveolus_models::Weights;
 use common::*;
 
 fn alveolus(args: &[&str]) -> (bool, String) {
@@ -141,7 +142,9 @@ fn evaluate_reports_dice_and_refuses_broken_inputs() {
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let dice = report["infection"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&dice));
-    assert_eq!(report["per_class"][0][0], "ggo");
+    assert_eq!(report["per_class"][0]["class"], "ggo");
+    assert_eq!(report["per_class"][1]["class"], "consolidation");
+    assert!(report["infection_iou"].as_f64().unwrap() <= dice);
 
     // A truncated model file.
     let bytes = std::fs::read(&model_path).unwrap();
@@ -183,4 +186,76 @@ fn evaluate_reports_dice_and_refuses_broken_inputs() {
         !ok && (text.contains("label value 7") || text.contains("mask is")),
         "{text}"
     );
+}
+
+#[test]
+fn training_flags_are_checked_before_training() {
+    let project = project(&["alpha"]);
+    let data = site_data(&project, "alpha", 0, 2);
+    let out = project.path("m.safetensors");
+    let base = [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        "tiny",
+    ];
+    let with = |extra: &[&str]| alveolus(&[&base[..], extra].concat());
+    let (ok, text) = with(&["--classes", "5"]);
+    assert!(!ok && text.contains("5 classes"), "{text}");
+    let (ok, text) = with(&["--schedule", "sawtooth"]);
+    assert!(!ok && text.contains("not a schedule"), "{text}");
+    let (ok, text) = with(&["--device", "gpu"]);
+    assert!(!ok && text.contains("not a device"), "{text}");
+    if !cfg!(feature = "tch") {
+        let (ok, text) = with(&["--device", "cuda:1"]);
+        assert!(!ok && text.contains("`tch` feature"), "{text}");
+    }
+    assert!(!out.exists(), "nothing is written when the flags are wrong");
+
+    // A binary (infection) model trains and reports the merged class.
+    let (ok, text) = with(&[
+        "--classes",
+        "2",
+        "--epochs",
+        "1",
+        "--validate",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("validation infection"), "{text}");
+    assert!(!text.contains("validation ggo"), "{text}");
+    let model = Weights::decode(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(model.tensors["head.bias"].shape, vec![2]);
+}
+
+#[test]
+fn bench_prints_medians_and_the_pytorch_ratio() {
+    let slow = std::env::var("ALVEOLUS_SLOW_TESTS").is_ok_and(|v| v == "1");
+    let mut args = vec![
+        "bench", "train", "--model", "tiny", "--steps", "3", "--warmup", "1", "--device", "flex",
+    ];
+    if !slow {
+        args.push("--without-pytorch");
+    }
+    let (ok, stdout, stderr) = alveolus_split(&args);
+    assert!(ok, "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("burn-flex"))
+        .unwrap_or_else(|| panic!("no burn-flex row in:\n{stdout}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    let median: f64 = columns[columns.len() - 3].parse().unwrap();
+    assert!(median > 0.0, "{row}");
+    if slow {
+        let ratio = columns.last().unwrap().trim_end_matches('x');
+        let ratio: f64 = ratio
+            .parse()
+            .unwrap_or_else(|_| panic!("no ratio in {row}"));
+        assert!(ratio > 0.0, "{row}");
+    }
+    let (ok, text) = alveolus(&["bench", "train", "--steps", "0"]);
+    assert!(!ok && text.contains("at least 1"), "{text}");
 }

@@ -6,11 +6,14 @@ Load an Alveolus model file (a checkpoint, `alveolus model pull`, `alveolus trai
     model, spec = load("model.safetensors")      # strict: every tensor name and shape must match
     logits = model(x)                            # x: [batch, 1, H, W], intensities in [0, 1]
 
-Needs torch and safetensors (pip). The architecture is read from the file's metadata
+Needs only torch: the safetensors files (f32 tensors, as Alveolus writes them) are read and
+written by the two small functions below. The architecture is read from the file's metadata
 (`alveolus.model`), so the same code loads every preset.
 """
 
+import ctypes
 import json
+import struct
 
 import torch
 from torch import nn
@@ -68,16 +71,46 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def read_safetensors(path):
+    """The f32 tensors of a safetensors file, by name, and its metadata."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    metadata = header.pop("__metadata__", {})
+    body = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] != "F32":
+            raise ValueError(f"{path}: tensor {name} is {info['dtype']}, not F32")
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(data[body + start : body + end]), dtype=torch.float32)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, metadata
+
+
+def write_safetensors(path, tensors):
+    """Writes f32 tensors, by name, as a safetensors file."""
+    header, blobs, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        flat = tensor.detach().to("cpu", torch.float32).contiguous()
+        blob = ctypes.string_at(flat.data_ptr(), flat.numel() * 4)
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
 def load(path, device="cpu"):
     """The model in `path`, loaded strictly and put in eval mode, and its spec (a dict)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no `{METADATA_KEY}` metadata: not an Alveolus model")
     spec = json.loads(metadata[METADATA_KEY])
     model = UNet(spec)
-    model.load_state_dict(load_file(path), strict=True)
+    model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), spec

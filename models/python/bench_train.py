@@ -13,9 +13,7 @@ import sys
 import time
 
 import torch
-from safetensors.torch import load_file
-
-from alveolus_unet import load
+from alveolus_unet import load, read_safetensors
 
 
 def segmentation_loss(logits, one_hot):
@@ -37,7 +35,7 @@ def main(model_path, batch_path, device, threads, steps, warmup):
     torch.set_num_threads(int(threads))
     model, _ = load(model_path, device)
     model.train()
-    batch = load_file(batch_path)
+    batch, _ = read_safetensors(batch_path)
     x, y = batch["x"].to(device), batch["y"].to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5, weight_decay=1e-4)
     times = []

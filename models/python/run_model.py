@@ -10,18 +10,16 @@ fails here.
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from alveolus_unet import load
+from alveolus_unet import load, read_safetensors, write_safetensors
 
 
 def main(model_path, input_path, output_path):
     torch.set_num_threads(1)
     model, _ = load(model_path)
-    x = load_file(input_path)["x"]
+    x = read_safetensors(input_path)[0]["x"]
     with torch.no_grad():
         logits = model(x)
-    save_file({"logits": logits.contiguous()}, output_path)
+    write_safetensors(output_path, {"logits": logits})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+//! Every backend of this build computes the same network: LibTorch (the `tch` feature) against
+//! burn-flex on the same weights and input, and LibTorch's training steps lower the loss.
+#![cfg(feature = "tch")]
+
+use alveolus_models::bench::synthetic_batch;
+use alveolus_models::train::{initial_weights, load_model, optimizer, step};
+use alveolus_models::{DeviceChoice, ModelSpec, NamedTensor};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+
+fn tensor(t: &NamedTensor, device: &Device) -> Tensor<4> {
+    let shape: [usize; 4] = t.shape.clone().try_into().unwrap();
+    Tensor::from_data(TensorData::new(t.values.clone(), shape), device)
+}
+
+fn logits_on(choice: DeviceChoice) -> Vec<f32> {
+    let spec = ModelSpec::small();
+    let weights = initial_weights(&spec, 4).unwrap();
+    let batch = synthetic_batch(2, spec.image_size, spec.classes, 3);
+    let device = choice.resolve().unwrap().device;
+    let (_, model) = load_model(&weights, &device).unwrap();
+    model
+        .valid()
+        .forward(tensor(&batch.tensors["x"], &device))
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn libtorch_computes_what_burn_flex_computes() {
+    let flex = logits_on(DeviceChoice::Flex);
+    let libtorch = logits_on(DeviceChoice::Cpu);
+    assert_eq!(flex.len(), libtorch.len());
+    let worst = flex
+        .iter()
+        .zip(&libtorch)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "largest difference: {worst}");
+}
+
+#[test]
+fn libtorch_training_steps_lower_the_loss() {
+    let spec = ModelSpec::tiny();
+    let weights = initial_weights(&spec, 4).unwrap();
+    let batch = synthetic_batch(4, spec.image_size, spec.classes, 3);
+    let resolved = DeviceChoice::Cpu.resolve().unwrap();
+    assert!(resolved.backend.contains("LibTorch"), "{resolved}");
+    let device = resolved.device.autodiff();
+    let (_, mut model) = load_model(&weights, &device).unwrap();
+    let mut optimizer = optimizer(1e-4);
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        let x = tensor(&batch.tensors["x"], &device);
+        let y = tensor(&batch.tensors["y"], &device);
+        let (updated, loss, _) = step(model, &mut optimizer, x, y, 1e-2).unwrap();
+        model = updated;
+        losses.push(loss);
+    }
+    assert!(
+        losses[29] < losses[0] * 0.7,
+        "loss {:.3} -> {:.3}",
+        losses[0],
+        losses[29]
+    );
+}

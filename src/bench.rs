@@ -41,7 +41,8 @@ pub fn run(options: BenchOptions) -> Result<()> {
 
     let spec = ModelSpec::preset(&options.model)?;
     let weights = alveolus_models::train::initial_weights(&spec, 0)?;
-    let batch = synthetic_batch(options.batch_size, spec.image_size, spec.classes, 1);
+    let dims = spec.spatial_dims();
+    let batch = synthetic_batch(options.batch_size, spec.image_size, dims, spec.classes, 1);
     let parameters: usize = weights
         .tensors
         .iter()
@@ -49,11 +50,10 @@ pub fn run(options: BenchOptions) -> Result<()> {
         .map(|(_, t)| t.values.len())
         .sum();
     println!(
-        "training step of the {} U-Net ({parameters} parameters), batch {}x1x{}x{}, {} CPU threads, median of {} steps after {} warm-up",
+        "training step of the {} U-Net ({parameters} parameters), batch {}x1{}, {} CPU threads, median of {} steps after {} warm-up",
         options.model,
         options.batch_size,
-        spec.image_size,
-        spec.image_size,
+        format!("x{}", spec.image_size).repeat(dims),
         options.threads,
         options.steps,
         options.warmup

@@ -398,6 +398,7 @@ async fn dispatch(command: Command) -> Result<()> {
                 ..ModelSpec::preset(&model)?
             };
             spec.validate()?;
+            slices_only(&spec)?;
             let options = TrainOptions {
                 schedule: schedule.0,
                 augment: if no_augment {
@@ -502,6 +503,17 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a (class absent)".to_string(), |v| format!("{v:.4}"))
 }
 
+/// Agents and `train` learn from slice folders, which only a 2D network can use.
+fn slices_only(spec: &ModelSpec) -> Result<()> {
+    if spec.spatial_dims() != 2 {
+        bail!(
+            "the {} network learns from volume patches; training on slice folders needs a 2D model (tiny, small or default)",
+            spec.kind
+        );
+    }
+    Ok(())
+}
+
 fn print_report(prefix: &str, report: &DiceReport) {
     for class in &report.per_class {
         println!(
@@ -603,6 +615,7 @@ async fn run_command(command: RunCommand) -> Result<()> {
                 None => alveolus_models::train::initial_weights(&ModelSpec::preset(&model)?, seed)?,
             };
             let spec = ModelSpec::from_weights(&weights)?;
+            slices_only(&spec)?;
             let info = admin::start_run(&kit, config, &weights).await?;
             println!("started {}", info.run_id);
             println!(

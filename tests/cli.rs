@@ -199,14 +199,14 @@ fn training_flags_are_checked_before_training() {
         data.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--model",
-        "tiny",
     ];
     let with = |extra: &[&str]| alveolus(&[&base[..], extra].concat());
     let (ok, text) = with(&["--classes", "5"]);
     assert!(!ok && text.contains("5 classes"), "{text}");
     let (ok, text) = with(&["--schedule", "sawtooth"]);
     assert!(!ok && text.contains("not a schedule"), "{text}");
+    let (ok, text) = with(&["--model", "3d"]);
+    assert!(!ok && text.contains("volume patches"), "{text}");
     let (ok, text) = with(&["--device", "gpu"]);
     assert!(!ok && text.contains("not a device"), "{text}");
     if !cfg!(feature = "tch") {
@@ -217,6 +217,8 @@ fn training_flags_are_checked_before_training() {
 
     // A binary (infection) model trains and reports the merged class.
     let (ok, text) = with(&[
+        "--model",
+        "tiny",
         "--classes",
         "2",
         "--epochs",

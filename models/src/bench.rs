@@ -3,63 +3,76 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::train::{TrainError, load_model, optimizer, step};
-use crate::{NamedTensor, ResolvedDevice, Weights};
+use crate::train::{TrainError, load_model, load_model_3d, optimizer, step};
+use crate::unet::Segmenter;
+use crate::{ModelSpec, NamedTensor, ResolvedDevice, Weights};
 
 /// A reproducible batch: smooth random intensities and labels drawn from them, so every class
-/// is present. Stored as the tensors `x` (`[batch, 1, n, n]`) and `y` (one-hot) for PyTorch.
-pub fn synthetic_batch(batch: usize, side: usize, classes: usize, seed: u64) -> Weights {
+/// is present. Stored as the tensors `x` (`[batch, 1, side..]`, `dims` spatial dimensions) and
+/// `y` (one-hot) for PyTorch.
+pub fn synthetic_batch(
+    batch: usize,
+    side: usize,
+    dims: usize,
+    classes: usize,
+    seed: u64,
+) -> Weights {
     let mut rng = StdRng::seed_from_u64(seed);
-    let pixels = side * side;
-    let mut x = Vec::with_capacity(batch * pixels);
+    let voxels = side.pow(dims as u32);
+    let mut x = Vec::with_capacity(batch * voxels);
     for _ in 0..batch {
-        let (fx, fy, phase) = (
-            rng.random_range(1.0..4.0f32),
-            rng.random_range(1.0..4.0f32),
-            rng.random_range(0.0..6.3f32),
-        );
-        for row in 0..side {
-            for col in 0..side {
-                let (u, v) = (col as f32 / side as f32, row as f32 / side as f32);
-                let wave = (fx * 6.3 * u + phase).sin() * (fy * 6.3 * v).cos();
-                x.push(0.5 + 0.4 * wave + rng.random_range(-0.05..0.05));
+        let f: [f32; 3] = std::array::from_fn(|_| rng.random_range(1.0..4.0f32));
+        let phase = rng.random_range(0.0..6.3f32);
+        for i in 0..voxels {
+            // Fractional coordinates, fastest axis first.
+            let at = |axis: u32| ((i / side.pow(axis)) % side) as f32 / side as f32;
+            let mut wave = (f[0] * 6.3 * at(0) + phase).sin() * (f[1] * 6.3 * at(1)).cos();
+            if dims == 3 {
+                wave *= (f[2] * 6.3 * at(2)).cos();
             }
+            x.push(0.5 + 0.4 * wave + rng.random_range(-0.05..0.05));
         }
     }
-    let mut y = vec![0f32; batch * classes * pixels];
+    let mut y = vec![0f32; batch * classes * voxels];
     for (i, &value) in x.iter().enumerate() {
         let class = ((value.clamp(0.0, 0.999) * classes as f32) as usize).min(classes - 1);
-        let (sample, pixel) = (i / pixels, i % pixels);
-        y[(sample * classes + class) * pixels + pixel] = 1.0;
+        let (sample, voxel) = (i / voxels, i % voxels);
+        y[(sample * classes + class) * voxels + voxel] = 1.0;
     }
+    let shape = |channels| [vec![batch, channels], vec![side; dims]].concat();
     let mut out = Weights::default();
     out.tensors.insert(
         "x".into(),
         NamedTensor {
-            shape: vec![batch, 1, side, side],
+            shape: shape(1),
             values: x,
         },
     );
     out.tensors.insert(
         "y".into(),
         NamedTensor {
-            shape: vec![batch, classes, side, side],
+            shape: shape(classes),
             values: y,
         },
     );
     out
 }
 
-fn tensor(t: &NamedTensor, device: &burn::tensor::Device) -> Tensor<4> {
-    let shape: [usize; 4] = t.shape.clone().try_into().expect("a 4-d batch tensor");
+/// A stored tensor of rank `D` on `device`.
+pub fn tensor<const D: usize>(t: &NamedTensor, device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = t
+        .shape
+        .clone()
+        .try_into()
+        .expect("tensor of the expected rank");
     Tensor::from_data(TensorData::new(t.values.clone(), shape), device)
 }
 
-/// Milliseconds of each of `steps` training steps of `model` on `batch` (from
+/// Milliseconds of each of `steps` training steps of `model` (2D or 3D) on `batch` (from
 /// [`synthetic_batch`]), after `warmup` untimed ones. Each step ends by reading the loss,
 /// which waits for the device.
 pub fn time_training_steps(
@@ -70,13 +83,28 @@ pub fn time_training_steps(
     steps: usize,
 ) -> Result<Vec<f64>, TrainError> {
     let autodiff = device.device.clone().autodiff();
-    let (_, mut network) = load_model(model, &autodiff)?;
+    if ModelSpec::from_weights(model)?.spatial_dims() == 3 {
+        let (_, network) = load_model_3d(model, &autodiff)?;
+        time_steps::<5, _>(network, batch, &autodiff, warmup, steps)
+    } else {
+        let (_, network) = load_model(model, &autodiff)?;
+        time_steps::<4, _>(network, batch, &autodiff, warmup, steps)
+    }
+}
+
+fn time_steps<const D: usize, N: Segmenter<D>>(
+    mut network: N,
+    batch: &Weights,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>, TrainError> {
     let mut optimizer = optimizer(1e-4);
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let started = Instant::now();
-        let x = tensor(&batch.tensors["x"], &autodiff);
-        let y = tensor(&batch.tensors["y"], &autodiff);
+        let x = tensor::<D>(&batch.tensors["x"], device);
+        let y = tensor::<D>(&batch.tensors["y"], device);
         let (updated, _, _) = step(network, &mut optimizer, x, y, 1e-3)?;
         network = updated;
         if i >= warmup {

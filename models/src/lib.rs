@@ -23,4 +23,4 @@ pub use device::{DeviceChoice, DeviceError, ResolvedDevice};
 pub use metrics::SegmentationCounts;
 pub use spec::{ModelSpec, SpecError};
 pub use train::{LabelledSlice, Progress, Schedule, TrainOptions, TrainOutcome};
-pub use unet::UNet2d;
+pub use unet::{Segmenter, UNet2d, UNet3d};

@@ -5,10 +5,11 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_softmax, softmax};
 
-/// `logits` and `one_hot` are `[batch, classes, H, W]`. Returns a scalar tensor.
-pub fn segmentation_loss(logits: Tensor<4>, one_hot: Tensor<4>) -> Tensor<1> {
-    let [batch, classes, height, width] = logits.dims();
-    let pixels = (batch * height * width) as f32;
+/// `logits` and `one_hot` are `[batch, classes, spatial..]`. Returns a scalar tensor.
+pub fn segmentation_loss<const D: usize>(logits: Tensor<D>, one_hot: Tensor<D>) -> Tensor<1> {
+    let dims = logits.dims();
+    let classes = dims[1];
+    let pixels = (dims.iter().product::<usize>() / classes) as f32;
     let cross_entropy = (log_softmax(logits.clone(), 1) * one_hot.clone())
         .sum()
         .mul_scalar(-1.0 / pixels);

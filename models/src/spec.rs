@@ -14,7 +14,7 @@ pub const DATASET_LABELS: [&str; 4] = ["background", "ggo", "consolidation", "lu
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Network family; only `unet2d` so far.
+    /// Network family: `unet2d` (slices) or `unet3d` (cubic patches of a volume).
     pub kind: String,
     /// Input channels (1: one windowed CT slice).
     pub in_channels: usize,
@@ -25,13 +25,13 @@ pub struct ModelSpec {
     pub base_channels: usize,
     /// Number of down-sampling steps.
     pub depth: usize,
-    /// Side of the square slices the network sees; slices are resized to it.
+    /// Side of the square slices (2D) or cubic patches (3D) the network sees.
     pub image_size: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("unknown model preset `{0}` (known: tiny, small, default)")]
+    #[error("unknown model preset `{0}` (known: tiny, small, default, 3d, tiny3d)")]
     UnknownPreset(String),
     #[error("invalid model spec: {0}")]
     Invalid(String),
@@ -76,21 +76,58 @@ impl ModelSpec {
         }
     }
 
+    /// The 3D network for 64-voxel cubic patches.
+    pub fn patch_3d() -> Self {
+        Self {
+            kind: "unet3d".into(),
+            in_channels: 1,
+            classes: 3,
+            base_channels: 8,
+            depth: 3,
+            image_size: 64,
+        }
+    }
+
+    /// A very small 3D network for tests: 16-voxel patches.
+    pub fn tiny_3d() -> Self {
+        Self {
+            kind: "unet3d".into(),
+            in_channels: 1,
+            classes: 3,
+            base_channels: 4,
+            depth: 2,
+            image_size: 16,
+        }
+    }
+
+    /// Spatial dimensions of the input: 2 for slices, 3 for patches.
+    pub fn spatial_dims(&self) -> usize {
+        if self.kind == "unet3d" { 3 } else { 2 }
+    }
+
     pub fn preset(name: &str) -> Result<Self, SpecError> {
         match name {
             "tiny" => Ok(Self::tiny()),
             "small" => Ok(Self::small()),
             "default" => Ok(Self::default_2d()),
+            "3d" => Ok(Self::patch_3d()),
+            "tiny3d" => Ok(Self::tiny_3d()),
             other => Err(SpecError::UnknownPreset(other.to_string())),
         }
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |m: String| Err(SpecError::Invalid(m));
-        if self.kind != "unet2d" {
+        if self.kind != "unet2d" && self.kind != "unet3d" {
             return bad(format!(
-                "kind `{}` is not supported (only unet2d)",
+                "kind `{}` is not supported (unet2d or unet3d)",
                 self.kind
+            ));
+        }
+        if self.kind == "unet3d" && self.image_size > 256 {
+            return bad(format!(
+                "3D patches of {} voxels a side are too large (at most 256)",
+                self.image_size
             ));
         }
         if self.in_channels == 0 || self.base_channels == 0 {

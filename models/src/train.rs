@@ -13,7 +13,7 @@ use crate::augment::AugmentConfig;
 use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
 use crate::spec::{DATASET_LABELS, ModelSpec, SpecError};
-use crate::unet::UNet2d;
+use crate::unet::{Segmenter, UNet2d, UNet3d};
 use crate::weights::{LoadError, load_weights, to_weights};
 
 /// One slice at the model's resolution: intensities in [0, 1] and a label per pixel.
@@ -44,6 +44,8 @@ pub enum TrainError {
         "slice {index} has label {label}; labels are 0 background, 1 GGO, 2 consolidation, 3 lung"
     )]
     Label { index: usize, label: u8 },
+    #[error("the model is a {found} network; this needs a {needed} network")]
+    Kind { found: String, needed: &'static str },
     #[error("training diverged: the loss became {0}")]
     Diverged(f64),
 }
@@ -143,7 +145,11 @@ pub fn initial_weights(spec: &ModelSpec, seed: u64) -> Result<Weights, SpecError
     spec.validate()?;
     let device = Device::flex();
     device.seed(seed);
-    let mut weights = to_weights(&UNet2d::new(spec, &device));
+    let mut weights = if spec.spatial_dims() == 3 {
+        to_weights(&UNet3d::new(spec, &device))
+    } else {
+        to_weights(&UNet2d::new(spec, &device))
+    };
     let (key, value) = spec.to_metadata();
     weights.metadata.insert(key, value);
     Ok(weights)
@@ -151,8 +157,31 @@ pub fn initial_weights(spec: &ModelSpec, seed: u64) -> Result<Weights, SpecError
 
 /// The network described by `weights`' metadata, loaded with them.
 pub fn load_model(weights: &Weights, device: &Device) -> Result<(ModelSpec, UNet2d), TrainError> {
+    load_kind(weights, device, "unet2d", UNet2d::new)
+}
+
+/// The 3D network described by `weights`' metadata, loaded with them.
+pub fn load_model_3d(
+    weights: &Weights,
+    device: &Device,
+) -> Result<(ModelSpec, UNet3d), TrainError> {
+    load_kind(weights, device, "unet3d", UNet3d::new)
+}
+
+fn load_kind<N: Module>(
+    weights: &Weights,
+    device: &Device,
+    kind: &'static str,
+    build: impl Fn(&ModelSpec, &Device) -> N,
+) -> Result<(ModelSpec, N), TrainError> {
     let spec = ModelSpec::from_weights(weights)?;
-    let model = load_weights(UNet2d::new(&spec, device), weights)?;
+    if spec.kind != kind {
+        return Err(TrainError::Kind {
+            found: spec.kind,
+            needed: kind,
+        });
+    }
+    let model = load_weights(build(&spec, device), weights)?;
     Ok((spec, model))
 }
 
@@ -184,13 +213,13 @@ pub fn optimizer(weight_decay: f32) -> ModuleOptimizer {
 /// One optimiser step on a batch: forward, loss, backward, update. Returns the updated model,
 /// the loss and the predicted class per pixel (still on the device: reading it is the caller's
 /// choice).
-pub fn step(
-    model: UNet2d,
+pub fn step<const D: usize, N: Segmenter<D>>(
+    model: N,
     optimizer: &mut ModuleOptimizer,
-    x: Tensor<4>,
-    one_hot: Tensor<4>,
+    x: Tensor<D>,
+    one_hot: Tensor<D>,
     rate: f64,
-) -> Result<(UNet2d, f64, Tensor<4, Int>), TrainError> {
+) -> Result<(N, f64, Tensor<D, Int>), TrainError> {
     let logits = model.forward(x);
     let predicted = logits.clone().detach().argmax(1);
     let loss = segmentation_loss(logits, one_hot);
@@ -383,6 +412,52 @@ mod tests {
                 .any(|n| n.contains("gamma") || n.contains("beta"))
         );
         assert!(weights.tensors.contains_key("head.bias"));
+    }
+
+    #[test]
+    fn the_3d_network_round_trips_learns_and_is_not_taken_for_a_slice_network() {
+        let spec = ModelSpec::tiny_3d();
+        let weights = initial_weights(&spec, 2).unwrap();
+        assert_eq!(
+            weights.tensors["encoders.0.conv1.weight"].shape,
+            vec![4, 1, 3, 3, 3]
+        );
+        assert_eq!(
+            weights.tensors["upsamplers.0.weight"].shape,
+            vec![16, 8, 2, 2, 2]
+        );
+        let device = Device::flex();
+        let (_, model) = load_model_3d(&weights, &device).unwrap();
+        let mut back = to_weights(&model);
+        back.metadata = weights.metadata.clone();
+        assert_eq!(back, weights);
+        assert!(matches!(
+            load_model(&weights, &device),
+            Err(TrainError::Kind {
+                needed: "unet2d",
+                ..
+            })
+        ));
+
+        let batch = crate::bench::synthetic_batch(2, spec.image_size, 3, spec.classes, 5);
+        let autodiff = device.autodiff();
+        let (_, mut model) = load_model_3d(&weights, &autodiff).unwrap();
+        let mut optimizer = optimizer(1e-4);
+        let mut losses = Vec::new();
+        for _ in 0..15 {
+            let x = crate::bench::tensor::<5>(&batch.tensors["x"], &autodiff);
+            let y = crate::bench::tensor::<5>(&batch.tensors["y"], &autodiff);
+            let (updated, loss, predicted) = step(model, &mut optimizer, x, y, 1e-2).unwrap();
+            assert_eq!(predicted.dims(), [2, 1, 16, 16, 16]);
+            model = updated;
+            losses.push(loss);
+        }
+        assert!(
+            losses[14] < losses[0] * 0.8,
+            "loss {:.3} -> {:.3}",
+            losses[0],
+            losses[14]
+        );
     }
 
     #[test]

@@ -2,26 +2,21 @@
 //! burn-flex on the same weights and input, and LibTorch's training steps lower the loss.
 #![cfg(feature = "tch")]
 
-use alveolus_models::bench::synthetic_batch;
+use alveolus_models::Segmenter;
+use alveolus_models::bench::{synthetic_batch, tensor};
 use alveolus_models::train::{initial_weights, load_model, optimizer, step};
-use alveolus_models::{DeviceChoice, ModelSpec, NamedTensor};
+use alveolus_models::{DeviceChoice, ModelSpec};
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
-
-fn tensor(t: &NamedTensor, device: &Device) -> Tensor<4> {
-    let shape: [usize; 4] = t.shape.clone().try_into().unwrap();
-    Tensor::from_data(TensorData::new(t.values.clone(), shape), device)
-}
 
 fn logits_on(choice: DeviceChoice) -> Vec<f32> {
     let spec = ModelSpec::small();
     let weights = initial_weights(&spec, 4).unwrap();
-    let batch = synthetic_batch(2, spec.image_size, spec.classes, 3);
+    let batch = synthetic_batch(2, spec.image_size, 2, spec.classes, 3);
     let device = choice.resolve().unwrap().device;
     let (_, model) = load_model(&weights, &device).unwrap();
     model
         .valid()
-        .forward(tensor(&batch.tensors["x"], &device))
+        .forward(tensor::<4>(&batch.tensors["x"], &device))
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -45,7 +40,7 @@ fn libtorch_computes_what_burn_flex_computes() {
 fn libtorch_training_steps_lower_the_loss() {
     let spec = ModelSpec::tiny();
     let weights = initial_weights(&spec, 4).unwrap();
-    let batch = synthetic_batch(4, spec.image_size, spec.classes, 3);
+    let batch = synthetic_batch(4, spec.image_size, 2, spec.classes, 3);
     let resolved = DeviceChoice::Cpu.resolve().unwrap();
     assert!(resolved.backend.contains("LibTorch"), "{resolved}");
     let device = resolved.device.autodiff();
@@ -53,8 +48,8 @@ fn libtorch_training_steps_lower_the_loss() {
     let mut optimizer = optimizer(1e-4);
     let mut losses = Vec::new();
     for _ in 0..30 {
-        let x = tensor(&batch.tensors["x"], &device);
-        let y = tensor(&batch.tensors["y"], &device);
+        let x = tensor::<4>(&batch.tensors["x"], &device);
+        let y = tensor::<4>(&batch.tensors["y"], &device);
         let (updated, loss, _) = step(model, &mut optimizer, x, y, 1e-2).unwrap();
         model = updated;
         losses.push(loss);

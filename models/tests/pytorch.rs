@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use alveolus_models::train::{initial_weights, load_model};
-use alveolus_models::{Device, ModelSpec, NamedTensor, Weights, pytorch};
+use alveolus_models::bench::tensor;
+use alveolus_models::train::{initial_weights, load_model, load_model_3d};
+use alveolus_models::{Device, ModelSpec, NamedTensor, Segmenter, Weights, pytorch};
 use burn::module::Module;
-use burn::tensor::{Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -66,39 +66,54 @@ fn pytorch_loads_our_file_strictly_and_computes_our_output() {
         return;
     }
 
-    let spec = ModelSpec::small();
-    let weights = model_with_nontrivial_statistics(&spec);
+    // A slice network and a patch network: both must load strictly and agree.
+    for spec in [ModelSpec::small(), ModelSpec::tiny_3d()] {
+        compare_with_pytorch(&python, &spec);
+    }
+}
+
+fn ours(weights: &Weights, spec: &ModelSpec, input: &NamedTensor) -> Vec<f32> {
     let device = Device::flex();
-    let (_, model) = load_model(&weights, &device).unwrap();
+    let logits = if spec.spatial_dims() == 3 {
+        let (_, model) = load_model_3d(weights, &device).unwrap();
+        model
+            .valid()
+            .forward(tensor::<5>(input, &device))
+            .into_data()
+    } else {
+        let (_, model) = load_model(weights, &device).unwrap();
+        model
+            .valid()
+            .forward(tensor::<4>(input, &device))
+            .into_data()
+    };
+    logits.convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn compare_with_pytorch(python: &Path, spec: &ModelSpec) {
+    let weights = model_with_nontrivial_statistics(spec);
     let n = spec.image_size;
+    let shape = [vec![2, 1], vec![n; spec.spatial_dims()]].concat();
     let mut rng = StdRng::seed_from_u64(2);
-    let input: Vec<f32> = (0..2 * n * n).map(|_| rng.random_range(0.0..1.0)).collect();
-    let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [2, 1, n, n]), &device);
-    let ours = model
-        .valid()
-        .forward(x)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap();
+    let input = NamedTensor {
+        values: (0..shape.iter().product())
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect(),
+        shape: shape.clone(),
+    };
+    let ours = ours(&weights, spec, &input);
 
     let dir = tempfile::tempdir().unwrap();
     pytorch::write_scripts(dir.path()).unwrap();
     let model_path = dir.path().join("model.safetensors");
     std::fs::write(&model_path, weights.encode()).unwrap();
     let mut batch = Weights::default();
-    batch.tensors.insert(
-        "x".into(),
-        NamedTensor {
-            shape: vec![2, 1, n, n],
-            values: input,
-        },
-    );
+    batch.tensors.insert("x".into(), input);
     let input_path = dir.path().join("input.safetensors");
     std::fs::write(&input_path, batch.encode()).unwrap();
     let output_path = dir.path().join("output.safetensors");
 
-    let run = Command::new(&python)
+    let run = Command::new(python)
         .arg(dir.path().join("run_model.py"))
         .args([&model_path, &input_path, &output_path])
         .output()
@@ -111,11 +126,17 @@ fn pytorch_loads_our_file_strictly_and_computes_our_output() {
 
     let theirs = Weights::decode(&std::fs::read(&output_path).unwrap()).unwrap();
     let logits = &theirs.tensors["logits"];
-    assert_eq!(logits.shape, vec![2, spec.classes, n, n]);
+    let mut expected = shape;
+    expected[1] = spec.classes;
+    assert_eq!(logits.shape, expected, "{}", spec.kind);
     let worst = ours
         .iter()
         .zip(&logits.values)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(worst < 1e-4, "largest difference from PyTorch: {worst}");
+    assert!(
+        worst < 1e-4,
+        "{}: largest difference from PyTorch: {worst}",
+        spec.kind
+    );
 }

@@ -14,6 +14,7 @@ use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
 use alveolus_models::augment::AugmentConfig;
 use alveolus_models::metrics::DiceReport;
+use alveolus_models::spec::Norm;
 use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions, Weights};
 use alveolus_proto::domain::{RunConfig, TrainingConfig};
 use alveolus_proto::identity::Role;
@@ -123,6 +124,9 @@ enum Command {
         /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
         #[arg(long, default_value_t = 3)]
         classes: usize,
+        /// Normalisation: batch or instance.
+        #[arg(long, default_value = "batch")]
+        norm: Norm,
         #[arg(long, default_value_t = 10)]
         epochs: u32,
         /// Learning-rate schedule: cosine (5% warm-up, then cosine decay) or constant.
@@ -221,6 +225,12 @@ enum RunCommand {
         /// Network preset: small (128 px) or default (256 px).
         #[arg(long, default_value = "small")]
         model: String,
+        /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
+        #[arg(long, default_value_t = 3)]
+        classes: usize,
+        /// Normalisation: batch or instance (no running statistics shared between sites).
+        #[arg(long, default_value = "batch")]
+        norm: Norm,
         /// Start from this model file instead of a fresh network.
         #[arg(long)]
         init: Option<PathBuf>,
@@ -377,6 +387,7 @@ async fn dispatch(command: Command) -> Result<()> {
             out,
             model,
             classes,
+            norm,
             epochs,
             schedule,
             no_augment,
@@ -393,12 +404,7 @@ async fn dispatch(command: Command) -> Result<()> {
                 seed,
             };
             config.validate()?;
-            let spec = ModelSpec {
-                classes,
-                ..ModelSpec::preset(&model)?
-            };
-            spec.validate()?;
-            slices_only(&spec)?;
+            let spec = slice_model(&model, classes, norm)?;
             let options = TrainOptions {
                 schedule: schedule.0,
                 augment: if no_augment {
@@ -503,6 +509,18 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a (class absent)".to_string(), |v| format!("{v:.4}"))
 }
 
+/// A preset with the chosen classes and normalisation, checked for slice training.
+fn slice_model(preset: &str, classes: usize, norm: Norm) -> Result<ModelSpec> {
+    let spec = ModelSpec {
+        classes,
+        norm,
+        ..ModelSpec::preset(preset)?
+    };
+    spec.validate()?;
+    slices_only(&spec)?;
+    Ok(spec)
+}
+
 /// Agents and `train` learn from slice folders, which only a 2D network can use.
 fn slices_only(spec: &ModelSpec) -> Result<()> {
     if spec.spatial_dims() != 2 {
@@ -596,6 +614,8 @@ async fn run_command(command: RunCommand) -> Result<()> {
             deadline,
             seed,
             model,
+            classes,
+            norm,
             init,
         } => {
             let config = RunConfig {
@@ -612,7 +632,10 @@ async fn run_command(command: RunCommand) -> Result<()> {
             config.validate()?;
             let weights = match init {
                 Some(path) => read_model(&path)?,
-                None => alveolus_models::train::initial_weights(&ModelSpec::preset(&model)?, seed)?,
+                None => alveolus_models::train::initial_weights(
+                    &slice_model(&model, classes, norm)?,
+                    seed,
+                )?,
             };
             let spec = ModelSpec::from_weights(&weights)?;
             slices_only(&spec)?;

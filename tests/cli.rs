@@ -205,6 +205,8 @@ fn training_flags_are_checked_before_training() {
     assert!(!ok && text.contains("5 classes"), "{text}");
     let (ok, text) = with(&["--schedule", "sawtooth"]);
     assert!(!ok && text.contains("not a schedule"), "{text}");
+    let (ok, text) = with(&["--norm", "layer"]);
+    assert!(!ok && text.contains("not batch or instance"), "{text}");
     let (ok, text) = with(&["--model", "3d"]);
     assert!(!ok && text.contains("volume patches"), "{text}");
     let (ok, text) = with(&["--device", "gpu"]);
@@ -221,6 +223,8 @@ fn training_flags_are_checked_before_training() {
         "tiny",
         "--classes",
         "2",
+        "--norm",
+        "instance",
         "--epochs",
         "1",
         "--validate",
@@ -231,6 +235,8 @@ fn training_flags_are_checked_before_training() {
     assert!(!text.contains("validation ggo"), "{text}");
     let model = Weights::decode(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(model.tensors["head.bias"].shape, vec![2]);
+    assert!(model.tensors.contains_key("encoders.0.norm1.weight"));
+    assert!(!model.tensors.keys().any(|n| n.contains("running_mean")));
 }
 
 #[test]

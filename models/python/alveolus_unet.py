@@ -21,17 +21,25 @@ from torch import nn
 METADATA_KEY = "alveolus.model"
 
 
-class ConvBlock(nn.Module):
-    """Two 3x3 convolutions without bias, each followed by batch norm and ReLU."""
+def normalisation(kind, dims, channels):
+    """`batch`: BatchNorm (running statistics); `instance`: affine InstanceNorm (none)."""
+    if kind == "instance":
+        layer = nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d
+        return layer(channels, eps=1e-5, affine=True)
+    layer = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+    return layer(channels, eps=1e-5, momentum=0.1)
 
-    def __init__(self, channels_in, channels_out, dims=2):
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions without bias, each followed by normalisation and ReLU."""
+
+    def __init__(self, channels_in, channels_out, dims=2, norm="batch"):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
         self.conv1 = conv(channels_in, channels_out, 3, padding=1, bias=False)
-        self.norm1 = norm(channels_out, eps=1e-5, momentum=0.1)
+        self.norm1 = normalisation(norm, dims, channels_out)
         self.conv2 = conv(channels_out, channels_out, 3, padding=1, bias=False)
-        self.norm2 = norm(channels_out, eps=1e-5, momentum=0.1)
+        self.norm2 = normalisation(norm, dims, channels_out)
 
     def forward(self, x):
         x = torch.relu(self.norm1(self.conv1(x)))
@@ -46,15 +54,16 @@ class UNet(nn.Module):
         dims = 3 if spec["kind"] == "unet3d" else 2
         width = lambda level: spec["base_channels"] << level
         depth = spec["depth"]
+        norm = spec.get("norm", "batch")
         self.encoders = nn.ModuleList(
-            ConvBlock(spec["in_channels"] if l == 0 else width(l - 1), width(l), dims)
+            ConvBlock(spec["in_channels"] if l == 0 else width(l - 1), width(l), dims, norm)
             for l in range(depth)
         )
-        self.bottleneck = ConvBlock(width(depth - 1), width(depth), dims)
+        self.bottleneck = ConvBlock(width(depth - 1), width(depth), dims, norm)
         up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
         levels = list(reversed(range(depth)))
         self.upsamplers = nn.ModuleList(up(width(l + 1), width(l), 2, stride=2) for l in levels)
-        self.decoders = nn.ModuleList(ConvBlock(2 * width(l), width(l), dims) for l in levels)
+        self.decoders = nn.ModuleList(ConvBlock(2 * width(l), width(l), dims, norm) for l in levels)
         head = nn.Conv2d if dims == 2 else nn.Conv3d
         self.head = head(width(0), spec["classes"], 1)
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)

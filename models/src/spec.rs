@@ -27,6 +27,33 @@ pub struct ModelSpec {
     pub depth: usize,
     /// Side of the square slices (2D) or cubic patches (3D) the network sees.
     pub image_size: usize,
+    /// Normalisation after each convolution.
+    #[serde(default)]
+    pub norm: Norm,
+}
+
+/// Normalisation layers. Batch norm is the classic U-Net's; instance norm keeps no running
+/// statistics, so nothing site-specific is averaged across hospitals (the nnU-Net choice, and
+/// the safer one for sites whose scanners differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    #[default]
+    Batch,
+    Instance,
+}
+
+impl std::str::FromStr for Norm {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "batch" => Ok(Self::Batch),
+            "instance" => Ok(Self::Instance),
+            other => Err(SpecError::Invalid(format!(
+                "normalisation `{other}` is not batch or instance"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,6 +76,7 @@ impl ModelSpec {
             base_channels: 8,
             depth: 3,
             image_size: 128,
+            norm: Norm::Batch,
         }
     }
 
@@ -61,6 +89,7 @@ impl ModelSpec {
             base_channels: 4,
             depth: 2,
             image_size: 32,
+            norm: Norm::Batch,
         }
     }
 
@@ -73,6 +102,7 @@ impl ModelSpec {
             base_channels: 16,
             depth: 4,
             image_size: 256,
+            norm: Norm::Batch,
         }
     }
 
@@ -85,6 +115,7 @@ impl ModelSpec {
             base_channels: 8,
             depth: 3,
             image_size: 64,
+            norm: Norm::Batch,
         }
     }
 
@@ -97,6 +128,7 @@ impl ModelSpec {
             base_channels: 4,
             depth: 2,
             image_size: 16,
+            norm: Norm::Batch,
         }
     }
 

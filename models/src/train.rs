@@ -461,6 +461,31 @@ mod tests {
     }
 
     #[test]
+    fn instance_norm_models_carry_no_running_statistics() {
+        let spec = ModelSpec {
+            norm: crate::spec::Norm::Instance,
+            ..ModelSpec::tiny()
+        };
+        let weights = initial_weights(&spec, 3).unwrap();
+        assert!(weights.tensors.contains_key("encoders.0.norm1.weight"));
+        assert!(weights.tensors.contains_key("decoders.1.norm2.bias"));
+        assert!(
+            !weights
+                .tensors
+                .keys()
+                .any(|n| n.contains("running_") || n.contains("num_batches")),
+            "{:?}",
+            weights.tensors.keys().collect::<Vec<_>>()
+        );
+        let (loaded, _) = load_model(&weights, &Device::flex()).unwrap();
+        assert_eq!(loaded, spec);
+        // A batch-norm file is not an instance-norm network.
+        let mut batch = initial_weights(&ModelSpec::tiny(), 3).unwrap();
+        batch.metadata = weights.metadata.clone();
+        assert!(load_model(&batch, &Device::flex()).is_err());
+    }
+
+    #[test]
     fn loading_refuses_missing_reshaped_and_foreign_tensors() {
         let spec = ModelSpec::tiny();
         let device = Device::flex();

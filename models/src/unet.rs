@@ -7,16 +7,25 @@ use burn::nn::conv::{
     Conv2d, Conv2dConfig, Conv3d, Conv3dConfig, ConvTranspose2d, ConvTranspose2dConfig,
     ConvTranspose3d, ConvTranspose3dConfig,
 };
+use burn::nn::norm::{Normalization, NormalizationConfig};
 use burn::nn::pool::MaxPool2dConfig;
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d, PaddingConfig3d};
+use burn::nn::{BatchNormConfig, InstanceNormConfig, PaddingConfig2d, PaddingConfig3d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use crate::spec::ModelSpec;
+use crate::spec::{ModelSpec, Norm};
 
 /// A network that maps `[batch, in_channels, spatial..]` to class logits of the same extent.
 pub trait Segmenter<const D: usize>: Module {
     fn forward(&self, x: Tensor<D>) -> Tensor<D>;
+}
+
+fn norm(kind: Norm, channels: usize, device: &Device) -> Normalization {
+    let config: NormalizationConfig = match kind {
+        Norm::Batch => BatchNormConfig::new(channels).into(),
+        Norm::Instance => InstanceNormConfig::new(channels).into(),
+    };
+    config.init(device)
 }
 
 /// 2x2 max pooling with stride 2.
@@ -42,29 +51,29 @@ macro_rules! unet {
         $conv:ident($conv_config:ident), $up:ident($up_config:ident),
         padding $padding:expr, three $three:expr, two $two:expr, one $one:expr, pool $pool:ident
     ) => {
-        /// Two 3-wide convolutions, each followed by batch norm and ReLU.
+        /// Two 3-wide convolutions, each followed by normalisation and ReLU.
         #[derive(Module, Debug)]
         pub struct $block {
             conv1: $conv,
-            norm1: BatchNorm,
+            norm1: Normalization,
             conv2: $conv,
-            norm2: BatchNorm,
+            norm2: Normalization,
         }
 
         impl $block {
-            fn new(channels_in: usize, channels_out: usize, device: &Device) -> Self {
+            fn new(channels_in: usize, channels_out: usize, kind: Norm, device: &Device) -> Self {
                 let conv = |cin| {
                     $conv_config::new([cin, channels_out], $three)
                         .with_padding($padding)
-                        // The following batch norm makes a bias redundant.
+                        // The following normalisation makes a bias redundant.
                         .with_bias(false)
                         .init(device)
                 };
                 Self {
                     conv1: conv(channels_in),
-                    norm1: BatchNormConfig::new(channels_out).init(device),
+                    norm1: norm(kind, channels_out, device),
                     conv2: conv(channels_out),
-                    norm2: BatchNormConfig::new(channels_out).init(device),
+                    norm2: norm(kind, channels_out, device),
                 }
             }
 
@@ -95,10 +104,11 @@ macro_rules! unet {
                 let encoders = (0..spec.depth)
                     .map(|l| {
                         let cin = if l == 0 { spec.in_channels } else { width(l - 1) };
-                        $block::new(cin, width(l), device)
+                        $block::new(cin, width(l), spec.norm, device)
                     })
                     .collect();
-                let bottleneck = $block::new(width(spec.depth - 1), width(spec.depth), device);
+                let bottleneck =
+                    $block::new(width(spec.depth - 1), width(spec.depth), spec.norm, device);
                 let levels: Vec<usize> = (0..spec.depth).rev().collect();
                 let upsamplers = levels
                     .iter()
@@ -110,7 +120,7 @@ macro_rules! unet {
                     .collect();
                 let decoders = levels
                     .iter()
-                    .map(|&l| $block::new(2 * width(l), width(l), device))
+                    .map(|&l| $block::new(2 * width(l), width(l), spec.norm, device))
                     .collect();
                 let head = $conv_config::new([width(0), spec.classes], $one).init(device);
                 Self {

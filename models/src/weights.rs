@@ -20,6 +20,8 @@ use crate::{NamedTensor, Weights};
 pub const BATCHES_TRACKED: &str = "num_batches_tracked";
 
 const BATCH_NORM: &str = "Struct:BatchNorm";
+/// Layers whose scale and shift burn calls `gamma` and `beta`, and PyTorch `weight` and `bias`.
+const AFFINE_NORMS: [&str; 3] = [BATCH_NORM, "Struct:InstanceNorm", "Struct:GroupNorm"];
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LoadError {
@@ -35,51 +37,72 @@ pub enum LoadError {
     Unexpected(String),
 }
 
+/// One step down the module tree.
+struct Entry {
+    /// The field (or `Vec` index, or enum variant) name.
+    name: String,
+    /// The type burn says holds this field: `Struct:ConvBlock2d`, `Vec`, `Enum:Normalization`.
+    container: String,
+    /// Whether this module turned out to be a batch norm (one of its fields said so).
+    batch_norm: bool,
+}
+
+impl Entry {
+    /// Enum variants (`Batch` in `Normalization::Batch`) are not attributes in PyTorch.
+    fn named(&self) -> bool {
+        !self.container.starts_with("Enum:")
+    }
+}
+
 /// Where a visitor is in the module tree, and the PyTorch names that position gives.
 ///
 /// burn announces each field with the type of the struct that holds it, so a parameter is a
-/// batch norm's when its own entry names `BatchNorm`, and a module is a batch norm when one of
-/// its fields did.
+/// normalisation layer's when its own entry names that layer, and a module is a batch norm when
+/// one of its fields did.
 #[derive(Default)]
 struct Path {
-    /// Field names from the root down, each with whether it turned out to be a batch norm.
-    stack: Vec<(String, bool)>,
-    /// Whether the innermost field was announced as a batch norm's.
-    in_batch_norm: Vec<bool>,
+    stack: Vec<Entry>,
 }
 
 impl Path {
     fn enter(&mut self, name: &str, container_type: &str) {
-        let of_batch_norm = container_type == BATCH_NORM;
-        if of_batch_norm && let Some(parent) = self.stack.last_mut() {
-            parent.1 = true;
+        if container_type == BATCH_NORM
+            && let Some(parent) = self.stack.last_mut()
+        {
+            parent.batch_norm = true;
         }
-        self.stack.push((name.to_string(), false));
-        self.in_batch_norm.push(of_batch_norm);
+        self.stack.push(Entry {
+            name: name.to_string(),
+            container: container_type.to_string(),
+            batch_norm: false,
+        });
     }
 
     fn exit(&mut self) {
         self.stack.pop();
-        self.in_batch_norm.pop();
     }
 
-    fn joined(&self, fields: &[(String, bool)]) -> String {
-        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+    fn joined(entries: &[Entry]) -> String {
+        let names: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.named())
+            .map(|e| e.name.as_str())
+            .collect();
         names.join(".")
     }
 
     /// The PyTorch name of the parameter at the current position.
     fn tensor_name(&self) -> String {
-        let Some((field, _)) = self.stack.last() else {
+        let Some((last, parents)) = self.stack.split_last() else {
             return String::new();
         };
-        let in_batch_norm = self.in_batch_norm.last() == Some(&true);
-        let field = match field.as_str() {
-            "gamma" if in_batch_norm => "weight",
-            "beta" if in_batch_norm => "bias",
+        let in_norm = AFFINE_NORMS.contains(&last.container.as_str());
+        let field = match last.name.as_str() {
+            "gamma" if in_norm => "weight",
+            "beta" if in_norm => "bias",
             other => other,
         };
-        let parent = self.joined(&self.stack[..self.stack.len() - 1]);
+        let parent = Self::joined(parents);
         if parent.is_empty() {
             field.to_string()
         } else {
@@ -89,8 +112,9 @@ impl Path {
 
     /// `Some(name of its batch counter)` when the module being left is a batch norm.
     fn leaving_batch_norm(&self) -> Option<String> {
-        let (_, is_batch_norm) = self.stack.last()?;
-        is_batch_norm.then(|| format!("{}.{BATCHES_TRACKED}", self.joined(&self.stack)))
+        let last = self.stack.last()?;
+        last.batch_norm
+            .then(|| format!("{}.{BATCHES_TRACKED}", Self::joined(&self.stack)))
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use alveolus_models::bench::tensor;
+use alveolus_models::spec::Norm;
 use alveolus_models::train::{initial_weights, load_model, load_model_3d};
 use alveolus_models::{Device, ModelSpec, NamedTensor, Segmenter, Weights, pytorch};
 use burn::module::Module;
@@ -66,8 +67,12 @@ fn pytorch_loads_our_file_strictly_and_computes_our_output() {
         return;
     }
 
-    // A slice network and a patch network: both must load strictly and agree.
-    for spec in [ModelSpec::small(), ModelSpec::tiny_3d()] {
+    // Slice and patch networks, with batch and instance norm: all must load strictly and agree.
+    let instance = ModelSpec {
+        norm: Norm::Instance,
+        ..ModelSpec::small()
+    };
+    for spec in [ModelSpec::small(), ModelSpec::tiny_3d(), instance] {
         compare_with_pytorch(&python, &spec);
     }
 }

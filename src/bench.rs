@@ -46,7 +46,7 @@ pub fn run(options: BenchOptions) -> Result<()> {
     let parameters: usize = weights
         .tensors
         .iter()
-        .filter(|(name, _)| !name.contains("running_") && !name.ends_with("num_batches_tracked"))
+        .filter(|(name, _)| !alveolus_models::weights::is_buffer(name))
         .map(|(_, t)| t.values.len())
         .sum();
     println!(
@@ -77,10 +77,9 @@ pub fn run(options: BenchOptions) -> Result<()> {
     for choice in devices {
         let device = choice.resolve()?;
         let times = time_training_steps(&weights, &batch, &device, options.warmup, options.steps)?;
-        let peer_device = device.name.clone();
         let pytorch_ms = if options.without_pytorch {
             None
-        } else if peer_device == "cpu" && pytorch_cpu.is_some() {
+        } else if device.name == "cpu" && pytorch_cpu.is_some() {
             pytorch_cpu
         } else {
             let ms = pytorch_step(
@@ -88,10 +87,10 @@ pub fn run(options: BenchOptions) -> Result<()> {
                 scratch.path(),
                 &model_path,
                 &batch_path,
-                &peer_device,
+                &device.name,
                 &options,
             )?;
-            if peer_device == "cpu" {
+            if device.name == "cpu" {
                 pytorch_cpu = Some(ms);
             }
             Some(ms)

@@ -417,9 +417,8 @@ async fn dispatch(command: Command) -> Result<()> {
             let dataset = SliceDataset::open(&data)?;
             let validation = validate.as_deref().map(SliceDataset::open).transpose()?;
             let resolved = device.resolve()?;
-            let (device, description) = (resolved.device.clone(), resolved.to_string());
             println!(
-                "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {description}",
+                "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}",
                 spec.image_size,
                 spec.base_channels,
                 spec.depth,
@@ -434,11 +433,11 @@ async fn dispatch(command: Command) -> Result<()> {
                     &slices,
                     &config,
                     &options,
-                    &device,
+                    &resolved.device,
                     |p| progress.update(p),
                 )?;
                 let report = validation
-                    .map(|v| evaluate(&outcome.weights, &v, &device))
+                    .map(|v| evaluate(&outcome.weights, &v, &resolved.device))
                     .transpose()?;
                 anyhow::Ok((outcome, report))
             })
@@ -465,10 +464,10 @@ async fn dispatch(command: Command) -> Result<()> {
             let weights = read_model(&model)?;
             let dataset = SliceDataset::open(&data)?;
             let resolved = device.resolve()?;
-            let (device, description) = (resolved.device.clone(), resolved.to_string());
-            eprintln!("evaluating {} slices on {description}", dataset.len());
-            let report = tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &device))
-                .await??;
+            eprintln!("evaluating {} slices on {resolved}", dataset.len());
+            let report =
+                tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &resolved.device))
+                    .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

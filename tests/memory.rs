@@ -8,8 +8,7 @@ mod common;
 use std::time::Duration;
 
 use alveolus_models::{ModelSpec, Weights};
-use alveolus_proto::PROTOCOL_VERSION;
-use alveolus_proto::domain::{RunState, Task};
+use alveolus_proto::domain::RunState;
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use alveolus_proto::transfer::framed;
 use common::*;
@@ -31,21 +30,7 @@ fn rss(pid: u32) -> (u64, u64) {
 
 async fn push_constant_update(project: &Project, site: &str, model: &Weights) {
     let mut client = FederationClient::new(connect(&project.site_kit(site)).await);
-    client
-        .join(pb::JoinRequest {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "memory-test".into(),
-        })
-        .await
-        .unwrap();
-    let task = client
-        .next_task(pb::NextTaskRequest { wait_seconds: 10 })
-        .await
-        .unwrap()
-        .into_inner();
-    let Task::Train(task) = Task::try_from(task).unwrap() else {
-        panic!("{site} got no task");
-    };
+    let task = join_and_take_task(&mut client, "memory-test", 10).await;
     let update = constant_update(model, 0.001).encode();
     let header = pb::UpdateHeader {
         run_id: task.run_id,

@@ -5,13 +5,21 @@ mod common;
 
 use std::time::Duration;
 
-use alveolus_proto::PROTOCOL_VERSION;
-use alveolus_proto::domain::{RunState, Task};
+use alveolus_proto::domain::RunState;
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use alveolus_proto::transfer::{chunks, digest};
 use common::*;
 use tonic::Code;
 use tonic::transport::Channel;
+
+/// Pushes `bytes` with their true digest, expecting a refusal.
+async fn refused(
+    client: &mut FederationClient<Channel>,
+    p: &Push<'_>,
+    bytes: &[u8],
+) -> tonic::Status {
+    push(client, p, bytes, digest(bytes)).await.unwrap_err()
+}
 
 struct Push<'a> {
     run_id: &'a str,
@@ -56,24 +64,11 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
     let project = project(&["alpha"]);
     let _coordinator = start_coordinator(&project).await;
     let mut site = FederationClient::new(connect(&project.site_kit("alpha")).await);
-    site.join(pb::JoinRequest {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "test".into(),
-    })
-    .await
-    .unwrap();
     let mut admin = admin(&project).await;
     let model = tiny_model(5);
     let run = start_run(&mut admin, run_config(1, 1, 600), &model).await;
 
-    let task = site
-        .next_task(pb::NextTaskRequest { wait_seconds: 5 })
-        .await
-        .unwrap()
-        .into_inner();
-    let Task::Train(task) = Task::try_from(task).unwrap() else {
-        panic!("expected a training task")
-    };
+    let task = join_and_take_task(&mut site, "test", 5).await;
     assert_eq!(task.round, 1);
     let good = Push {
         run_id: &run.run_id,
@@ -94,49 +89,41 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
 
     // An update for another round.
     let stale = Push { round: 2, ..good };
-    let status = push(&mut site, &stale, &bytes, digest(&bytes))
-        .await
-        .unwrap_err();
+    let status = refused(&mut site, &stale, &bytes).await;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("round 2"), "{}", status.message());
 
     // An update for another run.
-    let status = push(
+    let status = refused(
         &mut site,
         &Push {
             run_id: "run-0",
             ..good
         },
         &bytes,
-        digest(&bytes),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("run-0"), "{}", status.message());
 
     // An update computed from another model version.
     let other = "ab".repeat(32);
-    let status = push(
+    let status = refused(
         &mut site,
         &Push {
             base: &other,
             ..good
         },
         &bytes,
-        digest(&bytes),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     // A NaN in one tensor.
     let mut nan = constant_update(&model, 100.0);
     nan.tensors.values_mut().next().unwrap().values[0] = f32::NAN;
     let nan = nan.encode();
-    let status = push(&mut site, &good, &nan, digest(&nan))
-        .await
-        .unwrap_err();
+    let status = refused(&mut site, &good, &nan).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().contains("non-finite"),
@@ -149,17 +136,13 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
     let first = reshaped.tensors.values_mut().next().unwrap();
     first.shape = vec![first.values.len()];
     let reshaped = reshaped.encode();
-    let status = push(&mut site, &good, &reshaped, digest(&reshaped))
-        .await
-        .unwrap_err();
+    let status = refused(&mut site, &good, &reshaped).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let mut renamed = constant_update(&model, 100.0);
     let (name, tensor) = renamed.tensors.pop_first().unwrap();
     renamed.tensors.insert(format!("{name}.evil"), tensor);
     let renamed = renamed.encode();
-    let status = push(&mut site, &good, &renamed, digest(&renamed))
-        .await
-        .unwrap_err();
+    let status = refused(&mut site, &good, &renamed).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // An update announcing far more bytes than the model has, before sending any.
@@ -216,9 +199,7 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
     }
 
     // The site cannot report twice.
-    let status = push(&mut site, &good, &update, digest(&update))
-        .await
-        .unwrap_err();
+    let status = refused(&mut site, &good, &update).await;
     assert!(
         matches!(
             status.code(),

@@ -81,13 +81,12 @@ pub async fn run_agent(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let resolved = options.device.resolve()?;
-    let (device, description) = (resolved.device.clone(), resolved.to_string());
-    tracing::info!(site = %kit.identity.name, slices = data.len(), "training on {description}");
+    tracing::info!(site = %kit.identity.name, slices = data.len(), "training on {resolved}");
     let mut agent = Agent {
         kit,
         data,
         options,
-        device,
+        device: resolved.device,
         prepared: None,
     };
     tokio::select! {

@@ -155,6 +155,8 @@ fn distance_transform(features: &[bool], dims: [usize; 3], spacing: [f64; 3]) ->
 struct Envelope {
     vertices: Vec<usize>,
     boundaries: Vec<f64>,
+    /// `f` at each vertex, kept because `f` is overwritten in place.
+    values: Vec<f64>,
 }
 
 impl Envelope {
@@ -188,14 +190,15 @@ impl Envelope {
         if self.vertices.is_empty() {
             return;
         }
-        let values: Vec<f64> = self.vertices.iter().map(|&v| f[v]).collect();
+        self.values.clear();
+        self.values.extend(self.vertices.iter().map(|&v| f[v]));
         let mut k = 0;
         for (q, out) in f.iter_mut().enumerate() {
             while k + 1 < self.vertices.len() && self.boundaries[k + 1] < pos(q) {
                 k += 1;
             }
             let v = self.vertices[k];
-            *out = (pos(q) - pos(v)).powi(2) + values[k];
+            *out = (pos(q) - pos(v)).powi(2) + self.values[k];
         }
     }
 }

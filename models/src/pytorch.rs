@@ -10,7 +10,7 @@ pub const RUN_MODEL: &str = include_str!("../python/run_model.py");
 /// `bench_train.py`: times PyTorch training steps of the same network.
 pub const BENCH_TRAIN: &str = include_str!("../python/bench_train.py");
 
-/// Writes the scripts into `dir` (which must exist) and returns where `name` went.
+/// Writes the three scripts into `dir`, which must exist.
 pub fn write_scripts(dir: &Path) -> std::io::Result<()> {
     for (name, text) in [
         ("alveolus_unet.py", MODULE),

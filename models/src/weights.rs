@@ -9,7 +9,7 @@
 //! burn and PyTorch both store convolutions as `[out, in, k..]` and transposed convolutions as
 //! `[in, out, k..]`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
@@ -18,6 +18,14 @@ use crate::{NamedTensor, Weights};
 
 /// The name of PyTorch's batch-counting buffer in every batch-norm layer.
 pub const BATCHES_TRACKED: &str = "num_batches_tracked";
+
+/// Whether `name` is a buffer (batch-norm statistics or counter) rather than a learned
+/// parameter.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with(BATCHES_TRACKED)
+}
 
 const BATCH_NORM: &str = "Struct:BatchNorm";
 /// Layers whose scale and shift burn calls `gamma` and `beta`, and PyTorch `weight` and `bias`.
@@ -170,13 +178,21 @@ pub fn to_weights<M: Module>(module: &M) -> Weights {
 struct Loader<'a> {
     path: Path,
     weights: &'a Weights,
-    used: usize,
+    /// Names the module took, to find what the weights carry beyond them.
+    used: BTreeSet<&'a str>,
     error: Option<LoadError>,
 }
 
-impl Loader<'_> {
+impl<'a> Loader<'a> {
     fn fail(&mut self, error: LoadError) {
         self.error.get_or_insert(error);
+    }
+
+    /// The stored tensor named `name`, marked as taken.
+    fn take(&mut self, name: &str) -> Option<&'a NamedTensor> {
+        let (stored, tensor) = self.weights.tensors.get_key_value(name)?;
+        self.used.insert(stored);
+        Some(tensor)
     }
 }
 
@@ -187,14 +203,14 @@ impl ModuleMapper for Loader<'_> {
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         if let Some(counter) = self.path.leaving_batch_norm() {
-            match self.weights.tensors.get(&counter) {
+            match self.take(&counter) {
                 None => self.fail(LoadError::Missing(counter)),
                 Some(t) if !t.shape.is_empty() => self.fail(LoadError::Shape {
                     name: counter,
                     expected: vec![],
                     found: t.shape.clone(),
                 }),
-                Some(_) => self.used += 1,
+                Some(_) => {}
             }
         }
         self.path.exit();
@@ -205,7 +221,7 @@ impl ModuleMapper for Loader<'_> {
             return param;
         }
         let name = self.path.tensor_name();
-        let Some(source) = self.weights.tensors.get(&name) else {
+        let Some(source) = self.take(&name) else {
             self.fail(LoadError::Missing(name));
             return param;
         };
@@ -218,7 +234,6 @@ impl ModuleMapper for Loader<'_> {
             });
             return param;
         }
-        self.used += 1;
         let device = param.lazy_device();
         let data = TensorData::new(source.values.clone(), source.shape.clone());
         let id = param.id;
@@ -232,22 +247,19 @@ pub fn load_weights<M: Module>(module: M, weights: &Weights) -> Result<M, LoadEr
     let mut loader = Loader {
         path: Path::default(),
         weights,
-        used: 0,
+        used: BTreeSet::new(),
         error: None,
     };
     let module = module.map(&mut loader);
     if let Some(error) = loader.error {
         return Err(error);
     }
-    if loader.used != weights.tensors.len() {
-        let known = to_weights(&module);
-        let extra = weights
-            .tensors
-            .keys()
-            .find(|n| !known.tensors.contains_key(*n))
-            .cloned()
-            .unwrap_or_default();
-        return Err(LoadError::Unexpected(extra));
+    match weights
+        .tensors
+        .keys()
+        .find(|n| !loader.used.contains(n.as_str()))
+    {
+        Some(extra) => Err(LoadError::Unexpected(extra.clone())),
+        None => Ok(module),
     }
-    Ok(module)
 }

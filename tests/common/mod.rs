@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::{ModelSpec, Weights};
-use alveolus_proto::domain::{RunConfig, RunInfo, TrainingConfig};
+use alveolus_proto::PROTOCOL_VERSION;
+use alveolus_proto::domain::{RunConfig, RunInfo, Task, TrainTask, TrainingConfig};
 use alveolus_proto::kit::ClientKit;
-use alveolus_proto::pb::{self, admin_client::AdminClient};
+use alveolus_proto::pb::{self, admin_client::AdminClient, federation_client::FederationClient};
 use alveolus_proto::transfer::framed;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -308,4 +309,29 @@ pub fn constant_update(model: &Weights, value: f32) -> Weights {
             .collect(),
         metadata: Default::default(),
     }
+}
+
+/// Joins as the site named by `client`'s certificate and waits up to `wait_seconds` for a
+/// training task, as an agent would.
+pub async fn join_and_take_task(
+    client: &mut FederationClient<Channel>,
+    agent_version: &str,
+    wait_seconds: u32,
+) -> TrainTask {
+    client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: agent_version.into(),
+        })
+        .await
+        .unwrap();
+    let task = client
+        .next_task(pb::NextTaskRequest { wait_seconds })
+        .await
+        .unwrap()
+        .into_inner();
+    let Task::Train(task) = Task::try_from(task).unwrap() else {
+        panic!("expected a training task")
+    };
+    task
 }

@@ -4,6 +4,7 @@
 //! The agent only ever dials out. It never depends on the coordinator crate.
 
 pub mod client;
+pub mod data;
 pub mod evaluate;
 pub mod slices;
 

@@ -1,0 +1,285 @@
+//! A CT volume (or a label volume) on a grid placed in patient space, and the one canonical
+//! orientation every reader brings its volumes to.
+//!
+//! Patient space is DICOM's LPS: +x towards the patient's left, +y posterior, +z superior, in
+//! millimetres. A canonical volume's first voxel axis points along +x (columns run right to
+//! left of the patient, as an axial DICOM image is displayed), its second along +y (rows run
+//! anterior to posterior) and its third along +z (slices run feet to head). Readers only permute
+//! and flip axes to get there, never resample, so voxel values are exactly those of the file;
+//! an oblique acquisition keeps its small residual rotation in `direction`.
+
+/// Where a voxel grid lies in patient space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Geometry {
+    /// Voxels along the first (fastest), second and third axis.
+    pub size: [usize; 3],
+    /// Millimetres between neighbouring voxel centres along each axis.
+    pub spacing: [f64; 3],
+    /// LPS position of the centre of voxel (0, 0, 0), in mm.
+    pub origin: [f64; 3],
+    /// `direction[a]` is the LPS unit vector along voxel axis `a`.
+    pub direction: [[f64; 3]; 3],
+}
+
+/// Voxels on a grid: `voxels[x + size[0] * (y + size[1] * z)]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume<T> {
+    pub geometry: Geometry,
+    pub voxels: Vec<T>,
+}
+
+/// How far two grids may disagree and still be "the same grid": positions in mm, directions as
+/// cosines. Scanners write positions with a few decimals; converters round them again.
+pub const POSITION_TOLERANCE_MM: f64 = 1e-3;
+pub const DIRECTION_TOLERANCE: f64 = 1e-4;
+
+impl Geometry {
+    pub fn voxel_count(&self) -> usize {
+        self.size.iter().product()
+    }
+
+    /// A grid from a 4x4 (top three rows) voxel-to-LPS affine: each column's length is the
+    /// spacing along that axis, its direction the axis.
+    pub fn from_lps_affine(size: [usize; 3], affine: [[f64; 4]; 3]) -> Result<Self, String> {
+        let mut spacing = [0.0; 3];
+        let mut direction = [[0.0; 3]; 3];
+        for axis in 0..3 {
+            let column = [affine[0][axis], affine[1][axis], affine[2][axis]];
+            let length = norm(column);
+            if !length.is_finite() || length <= 0.0 {
+                return Err(format!("axis {axis} of the affine has no length"));
+            }
+            spacing[axis] = length;
+            direction[axis] = column.map(|c| c / length);
+        }
+        let geometry = Self {
+            size,
+            spacing,
+            origin: [affine[0][3], affine[1][3], affine[2][3]],
+            direction,
+        };
+        if determinant(direction).abs() < 1e-3 {
+            return Err("the affine's axes are parallel (singular affine)".into());
+        }
+        Ok(geometry)
+    }
+
+    /// LPS position of the centre of voxel `index` (fractional indices allowed).
+    pub fn position(&self, index: [f64; 3]) -> [f64; 3] {
+        let mut p = self.origin;
+        for axis in 0..3 {
+            for (c, d) in p.iter_mut().zip(self.direction[axis]) {
+                *c += index[axis] * self.spacing[axis] * d;
+            }
+        }
+        p
+    }
+
+    /// Whether `other` puts the same voxels at the same places (within the tolerances).
+    pub fn same_grid(&self, other: &Geometry) -> bool {
+        self.size == other.size
+            && (0..3).all(|a| {
+                (self.spacing[a] - other.spacing[a]).abs() <= POSITION_TOLERANCE_MM
+                    && (self.origin[a] - other.origin[a]).abs() <= POSITION_TOLERANCE_MM
+                    && (0..3).all(|c| {
+                        (self.direction[a][c] - other.direction[a][c]).abs() <= DIRECTION_TOLERANCE
+                    })
+            })
+    }
+
+    /// Which file axis becomes each canonical axis, and whether it is reversed on the way.
+    fn canonical_plan(&self) -> ([usize; 3], [bool; 3]) {
+        // Give each patient axis the voxel axis most aligned with it, strongest pairs first, so
+        // an oblique grid still maps to a permutation.
+        let mut taken_voxel = [false; 3];
+        let mut taken_patient = [false; 3];
+        let mut source = [0; 3];
+        let mut flip = [false; 3];
+        for _ in 0..3 {
+            let (mut best, mut best_value) = ((0, 0), -1.0);
+            for v in (0..3).filter(|&v| !taken_voxel[v]) {
+                for p in (0..3).filter(|&p| !taken_patient[p]) {
+                    let value = self.direction[v][p].abs();
+                    if value > best_value {
+                        best = (v, p);
+                        best_value = value;
+                    }
+                }
+            }
+            let (v, p) = best;
+            taken_voxel[v] = true;
+            taken_patient[p] = true;
+            source[p] = v;
+            flip[p] = self.direction[v][p] < 0.0;
+        }
+        (source, flip)
+    }
+
+    pub fn is_canonical(&self) -> bool {
+        self.canonical_plan() == ([0, 1, 2], [false; 3])
+    }
+}
+
+impl<T: Copy> Volume<T> {
+    pub fn new(geometry: Geometry, voxels: Vec<T>) -> Result<Self, String> {
+        if voxels.len() != geometry.voxel_count() {
+            return Err(format!(
+                "{} voxels for a {:?} grid",
+                voxels.len(),
+                geometry.size
+            ));
+        }
+        Ok(Self { geometry, voxels })
+    }
+
+    pub fn size(&self) -> [usize; 3] {
+        self.geometry.size
+    }
+
+    /// The plane `z` of a canonical volume: an axial slice, rows of `size[0]` voxels.
+    pub fn plane(&self, z: usize) -> &[T] {
+        let n = self.geometry.size[0] * self.geometry.size[1];
+        &self.voxels[z * n..(z + 1) * n]
+    }
+
+    /// The same voxels with axes permuted and reversed so that the grid is canonical.
+    pub fn into_canonical(self) -> Self {
+        let (source, flip) = self.geometry.canonical_plan();
+        if source == [0, 1, 2] && flip == [false; 3] {
+            return self;
+        }
+        let old = &self.geometry;
+        let size = source.map(|s| old.size[s]);
+        let spacing = source.map(|s| old.spacing[s]);
+        let mut direction = [[0.0; 3]; 3];
+        // The new first voxel is the old voxel at the far end of every reversed axis.
+        let mut first = [0.0; 3];
+        for k in 0..3 {
+            let d = old.direction[source[k]];
+            direction[k] = if flip[k] { d.map(|c| -c) } else { d };
+            if flip[k] {
+                first[source[k]] = (old.size[source[k]] - 1) as f64;
+            }
+        }
+        let origin = old.position(first);
+        let stride = [1, old.size[0], old.size[0] * old.size[1]];
+        let mut voxels = Vec::with_capacity(self.voxels.len());
+        for z in 0..size[2] {
+            for y in 0..size[1] {
+                for x in 0..size[0] {
+                    let new_index = [x, y, z];
+                    let mut offset = 0;
+                    for k in 0..3 {
+                        let i = if flip[k] {
+                            size[k] - 1 - new_index[k]
+                        } else {
+                            new_index[k]
+                        };
+                        offset += i * stride[source[k]];
+                    }
+                    voxels.push(self.voxels[offset]);
+                }
+            }
+        }
+        Self {
+            geometry: Geometry {
+                size,
+                spacing,
+                origin,
+                direction,
+            },
+            voxels,
+        }
+    }
+}
+
+fn norm(v: [f64; 3]) -> f64 {
+    v.iter().map(|c| c * c).sum::<f64>().sqrt()
+}
+
+fn determinant(m: [[f64; 3]; 3]) -> f64 {
+    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+}
+
+pub fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+
+pub fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid(size: [usize; 3], direction: [[f64; 3]; 3]) -> Geometry {
+        Geometry {
+            size,
+            spacing: [0.5, 0.7, 2.0],
+            origin: [10.0, -20.0, 30.0],
+            direction,
+        }
+    }
+
+    #[test]
+    fn canonical_volume_is_left_as_it_is() {
+        let g = grid([2, 3, 4], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+        let v = Volume::new(g.clone(), (0..24).collect::<Vec<u16>>()).unwrap();
+        assert!(g.is_canonical());
+        assert_eq!(v.clone().into_canonical(), v);
+    }
+
+    /// Every voxel keeps its value and its patient position whatever the file's axis order.
+    #[test]
+    fn reorientation_keeps_each_voxel_at_its_position() {
+        // RAS-stored axes (x towards the right, y anterior), z first: a NIfTI-like layout.
+        let g = grid(
+            [4, 3, 2],
+            [[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]],
+        );
+        let values: Vec<u32> = (0..24).collect();
+        let v = Volume::new(g.clone(), values.clone()).unwrap();
+        let c = v.clone().into_canonical();
+        assert!(c.geometry.is_canonical());
+        assert_eq!(c.geometry.size, [3, 2, 4]);
+        let [sx, sy, _] = g.size;
+        let [cx, cy, _] = c.geometry.size;
+        for (i, value) in values.iter().enumerate() {
+            let old = [i % sx, (i / sx) % sy, i / (sx * sy)].map(|n| n as f64);
+            let p = g.position(old);
+            // Find the canonical voxel at that position.
+            let found = (0..c.voxels.len())
+                .find(|&j| {
+                    let q = c
+                        .geometry
+                        .position([j % cx, (j / cx) % cy, j / (cx * cy)].map(|n| n as f64));
+                    (0..3).all(|a| (p[a] - q[a]).abs() < 1e-9)
+                })
+                .expect("every position exists in the canonical grid");
+            assert_eq!(c.voxels[found], *value);
+        }
+    }
+
+    #[test]
+    fn affine_gives_spacing_and_direction() {
+        let g = Geometry::from_lps_affine(
+            [2, 2, 2],
+            [[-0.8, 0.0, 0.0, 5.0], [0.0, -0.8, 0.0, 6.0], [0.0, 0.0, 2.5, 7.0]],
+        )
+        .unwrap();
+        assert_eq!(g.spacing, [0.8, 0.8, 2.5]);
+        assert_eq!(g.direction[0], [-1.0, 0.0, 0.0]);
+        assert_eq!(g.origin, [5.0, 6.0, 7.0]);
+        let singular = Geometry::from_lps_affine(
+            [2, 2, 2],
+            [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
+        );
+        assert!(singular.is_err());
+    }
+}

@@ -138,7 +138,12 @@ pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
         println!("{site}: {} training slices (MedSeg block {b})", train.len());
     }
     copy_slices(&data, &held_out, &out.join("data").join("validation"))?;
-    let validation = SliceDataset::open(&out.join("data").join("validation"))?;
+    let validation = SliceDataset::load(
+        &out.join("data").join("validation"),
+        alveolus_agent::data::dataset::Purpose::Evaluation,
+        false,
+    )?
+    .slices;
     println!(
         "validation: {} held-out slices no site trains on",
         validation.len()

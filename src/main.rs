@@ -9,6 +9,8 @@ mod progress;
 use std::path::{Path, PathBuf};
 
 use alveolus_agent::evaluate::evaluate;
+use alveolus_agent::data::dataset::Purpose;
+use alveolus_agent::data::validate::validate;
 use alveolus_agent::{AgentOptions, SliceDataset};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
@@ -84,9 +86,13 @@ enum Command {
     Agent {
         #[arg(long)]
         kit: PathBuf,
-        /// Labelled slice folder (images/, masks/).
+        /// The site's data: a dataset.toml (or a folder holding one) or a PNG slice folder
+        /// (images/, masks/). `alveolus data validate` checks it first.
         #[arg(long)]
         data: PathBuf,
+        /// Train without the cases that have errors (they are listed) instead of refusing.
+        #[arg(long)]
+        skip_bad_cases: bool,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
@@ -112,9 +118,12 @@ enum Command {
     /// Train on one folder of labelled slices, without federation: the central or
     /// single-site baseline a federated run has to beat.
     Train {
-        /// Labelled slice folder (images/, masks/).
+        /// Training data: a dataset.toml (its `train` cases) or a PNG slice folder.
         #[arg(long)]
         data: PathBuf,
+        /// Train without the cases that have errors (they are listed) instead of refusing.
+        #[arg(long)]
+        skip_bad_cases: bool,
         /// Where to write the trained model (safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -143,11 +152,11 @@ enum Command {
         seed: u64,
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
-        /// A labelled folder to report Dice on after training.
+        /// Labelled data (every case, whatever its split) to report Dice on after training.
         #[arg(long)]
         validate: Option<PathBuf>,
     },
-    /// Dice of a model on a labelled slice folder.
+    /// Dice of a model on labelled data (a dataset.toml or a PNG slice folder).
     Evaluate {
         #[arg(long)]
         model: PathBuf,
@@ -157,6 +166,11 @@ enum Command {
         json: bool,
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
+    },
+    /// Check and describe a site's data, or write a synthetic chest-CT dataset.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
     },
     /// Measure training speed against PyTorch.
     Bench {
@@ -172,6 +186,20 @@ enum Command {
         /// MedSeg slice folder; defaults to the copy shipped with the project.
         #[arg(long)]
         data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Read every case and report each problem with its file, then a summary. Exits non-zero
+    /// when nothing usable remains.
+    Validate {
+        /// A dataset.toml, a folder holding one, a PNG slice folder, a DICOM series folder or
+        /// a single NIfTI or DICOM file.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -355,6 +383,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Agent {
             kit,
             data,
+            skip_bad_cases,
             device,
             audit_dir,
         } => {
@@ -366,7 +395,7 @@ async fn dispatch(command: Command) -> Result<()> {
                     kit.identity.role
                 );
             }
-            let data = SliceDataset::open(&data)?;
+            let data = load_data(&data, Purpose::Training, skip_bad_cases)?;
             let options = AgentOptions {
                 device,
                 audit_dir,
@@ -384,6 +413,7 @@ async fn dispatch(command: Command) -> Result<()> {
         } => admin::pull_model_to_file(&kit, &version, &out).await,
         Command::Train {
             data,
+            skip_bad_cases,
             out,
             model,
             classes,
@@ -414,8 +444,11 @@ async fn dispatch(command: Command) -> Result<()> {
                 },
                 ..TrainOptions::central()
             };
-            let dataset = SliceDataset::open(&data)?;
-            let validation = validate.as_deref().map(SliceDataset::open).transpose()?;
+            let dataset = load_data(&data, Purpose::Training, skip_bad_cases)?;
+            let validation = validate
+                .as_deref()
+                .map(|v| load_data(v, Purpose::Evaluation, false))
+                .transpose()?;
             let resolved = device.resolve()?;
             println!(
                 "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}",
@@ -462,7 +495,7 @@ async fn dispatch(command: Command) -> Result<()> {
             device,
         } => {
             let weights = read_model(&model)?;
-            let dataset = SliceDataset::open(&data)?;
+            let dataset = load_data(&data, Purpose::Evaluation, false)?;
             let resolved = device.resolve()?;
             eprintln!("evaluating {} slices on {resolved}", dataset.len());
             let report =
@@ -476,6 +509,20 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo { out, rounds, data } => demo::run(&out, rounds, data).await,
+        Command::Data {
+            command: DataCommand::Validate { data, json },
+        } => {
+            let report = tokio::task::spawn_blocking(move || validate(&data)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.any_usable() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Train {
@@ -518,6 +565,24 @@ fn slice_model(preset: &str, classes: usize, norm: Norm) -> Result<ModelSpec> {
     spec.validate()?;
     slices_only(&spec)?;
     Ok(spec)
+}
+
+/// A dataset's usable slices; what was skipped or looks odd is printed here, on the site's
+/// own terminal.
+fn load_data(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> anyhow::Result<SliceDataset> {
+    let loaded = SliceDataset::load(path, purpose, skip_bad_cases)?;
+    for case in &loaded.skipped {
+        eprintln!("skipped case {} (errors):", case.id);
+        for problem in &case.problems {
+            eprintln!("  {}", problem.message);
+        }
+    }
+    for case in &loaded.warned {
+        for problem in &case.problems {
+            eprintln!("warning: case {}: {}", case.id, problem.message);
+        }
+    }
+    Ok(loaded.slices)
 }
 
 /// Agents and `train` learn from slice folders, which only a 2D network can use.

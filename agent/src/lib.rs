@@ -9,4 +9,4 @@ pub mod evaluate;
 pub mod slices;
 
 pub use client::{AgentError, AgentOptions, run_agent};
-pub use slices::{SliceDataset, SliceError};
+pub use slices::SliceDataset;

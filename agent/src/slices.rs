@@ -1,36 +1,15 @@
-//! Labelled PNG slice datasets: `images/NAME.png` (8-bit, already windowed) with
-//! `masks/NAME.png` (0 background, 1 ground-glass opacity, 2 consolidation), as in the MedSeg
-//! and Zenodo slice sets. An optional `manifest.csv` is not needed: images are paired with masks
-//! by file name.
-//!
-//! Errors name the local file; they are shown to the site only, never sent anywhere.
+//! Labelled 2D slices, the form a 2D model trains on: 8-bit windowed intensities and dataset
+//! labels (0 background, 1 ground-glass opacity, 2 consolidation, 3 lung) at each slice's own
+//! size, from any dataset format (`crate::data`), and their resizing to the model's input.
+//! PNG slice sets (`images/NAME.png` with `masks/NAME.png`, as in the MedSeg and Zenodo sets)
+//! are read here too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use alveolus_models::LabelledSlice;
-use alveolus_models::spec::DATASET_LABELS;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SliceError {
-    #[error("{path}: {message}")]
-    Io { path: PathBuf, message: String },
-    #[error("{path}: not a readable PNG: {message}")]
-    Png { path: PathBuf, message: String },
-    #[error("{0}: no images/ folder with PNG slices (expected images/*.png and masks/*.png)")]
-    NoImages(PathBuf),
-    #[error("{image}: no mask at {mask}")]
-    MissingMask { image: PathBuf, mask: PathBuf },
-    #[error("{mask}: mask is {mask_size:?} but its image is {image_size:?}")]
-    SizeMismatch {
-        mask: PathBuf,
-        mask_size: (usize, usize),
-        image_size: (usize, usize),
-    },
-    #[error(
-        "{path}: label value {value} is not 0 (background), 1 (GGO), 2 (consolidation) or 3 (lung)"
-    )]
-    UnknownLabel { path: PathBuf, value: u8 },
-}
+use crate::data::ReadError;
+use crate::data::dataset::{DatasetError, Loaded, Purpose, load};
 
 /// One grey image and its labels at their original size.
 #[derive(Debug, Clone)]
@@ -50,15 +29,9 @@ pub struct SliceDataset {
 }
 
 /// Reads a PNG as 8-bit grey (the first channel of colour images).
-pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), SliceError> {
-    let png_err = |message: String| SliceError::Png {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| SliceError::Io {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), ReadError> {
+    let png_err = |message: String| ReadError::new(path, format!("not a readable PNG: {message}"));
+    let file = std::fs::File::open(path).map_err(|e| ReadError::new(path, e.to_string()))?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(|e| png_err(e.to_string()))?;
@@ -79,59 +52,11 @@ pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), SliceError>
 }
 
 impl SliceDataset {
-    pub fn open(dir: &Path) -> Result<Self, SliceError> {
-        let images_dir = dir.join("images");
-        let entries =
-            std::fs::read_dir(&images_dir).map_err(|_| SliceError::NoImages(dir.to_path_buf()))?;
-        let mut images: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
-            .collect();
-        images.sort();
-        if images.is_empty() {
-            return Err(SliceError::NoImages(dir.to_path_buf()));
-        }
-        let mut slices = Vec::with_capacity(images.len());
-        for image_path in images {
-            let file_name = image_path
-                .file_name()
-                .expect("listed files have names")
-                .to_owned();
-            let mask_path = dir.join("masks").join(&file_name);
-            if !mask_path.is_file() {
-                return Err(SliceError::MissingMask {
-                    image: image_path,
-                    mask: mask_path,
-                });
-            }
-            let (width, height, image) = read_gray_png(&image_path)?;
-            let (mw, mh, mask) = read_gray_png(&mask_path)?;
-            if (mw, mh) != (width, height) {
-                return Err(SliceError::SizeMismatch {
-                    mask: mask_path,
-                    mask_size: (mw, mh),
-                    image_size: (width, height),
-                });
-            }
-            if let Some(&value) = mask.iter().find(|&&v| v as usize >= DATASET_LABELS.len()) {
-                return Err(SliceError::UnknownLabel {
-                    path: mask_path,
-                    value,
-                });
-            }
-            slices.push(Slice {
-                name: file_name
-                    .to_string_lossy()
-                    .trim_end_matches(".png")
-                    .to_string(),
-                width,
-                height,
-                image,
-                mask,
-            });
-        }
-        Ok(Self { slices })
+    /// Reads a dataset (see [`DatasetSpec::open`] for what `path` may be) for `purpose`.
+    /// Cases with errors make it fail, naming each, unless `skip_bad_cases`; then they are
+    /// left out and listed in what is returned. Never skips silently.
+    pub fn load(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<Loaded, DatasetError> {
+        load(path, purpose, skip_bad_cases)
     }
 
     pub fn len(&self) -> usize {

@@ -183,7 +183,7 @@ fn evaluate_reports_dice_and_refuses_broken_inputs() {
         data.to_str().unwrap(),
     ]);
     assert!(
-        !ok && (text.contains("label value 7") || text.contains("mask is")),
+        !ok && text.contains("labels are on another grid") && text.contains("cases have errors"),
         "{text}"
     );
 }

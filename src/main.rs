@@ -8,9 +8,10 @@ mod progress;
 
 use std::path::{Path, PathBuf};
 
-use alveolus_agent::evaluate::evaluate;
 use alveolus_agent::data::dataset::Purpose;
+use alveolus_agent::data::synth::{SynthDataset, write_dataset};
 use alveolus_agent::data::validate::validate;
+use alveolus_agent::evaluate::evaluate;
 use alveolus_agent::{AgentOptions, SliceDataset};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
@@ -200,6 +201,22 @@ enum DataCommand {
         data: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Write synthetic chest CTs with exact lesion and lung masks, as DICOM series and NIfTI,
+    /// with a dataset.toml for each form: a dataset for trying things where no real one may go.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        cases: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Pixels a side of each axial slice (the field of view stays 350 mm).
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Axial slices per case (8 mm apart).
+        #[arg(long, default_value_t = 32)]
+        slices: usize,
     },
 }
 
@@ -513,14 +530,43 @@ async fn dispatch(command: Command) -> Result<()> {
             command: DataCommand::Validate { data, json },
         } => {
             let report = tokio::task::spawn_blocking(move || validate(&data)).await??;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+            let text = if json {
+                serde_json::to_string_pretty(&report)? + "\n"
             } else {
-                print!("{}", report.render());
-            }
+                report.render()
+            };
+            write_stdout(&text)?;
             if !report.any_usable() {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Data {
+            command:
+                DataCommand::Synth {
+                    out,
+                    cases,
+                    seed,
+                    size,
+                    slices,
+                },
+        } => {
+            let dataset = SynthDataset {
+                cases,
+                seed,
+                size: [size, size, slices],
+                spacing: [350.0 / size as f64, 350.0 / size as f64, 8.0],
+            };
+            let target = out.clone();
+            tokio::task::spawn_blocking(move || write_dataset(&target, &dataset))
+                .await?
+                .with_context(|| {
+                    format!("cannot write the synthetic dataset to {}", out.display())
+                })?;
+            println!(
+                "{cases} synthetic cases written to {}: dataset.toml (DICOM series) and dataset-nifti.toml (NIfTI)",
+                out.display()
+            );
             Ok(())
         }
         Command::Bench {
@@ -565,6 +611,16 @@ fn slice_model(preset: &str, classes: usize, norm: Norm) -> Result<ModelSpec> {
     spec.validate()?;
     slices_only(&spec)?;
     Ok(spec)
+}
+
+/// Writes a (possibly long) report to stdout; a reader that stops early (`| head`) is not an
+/// error.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// A dataset's usable slices; what was skipped or looks odd is printed here, on the site's

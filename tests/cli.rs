@@ -267,3 +267,89 @@ fn bench_prints_medians_and_the_pytorch_ratio() {
     let (ok, text) = alveolus(&["bench", "train", "--steps", "0"]);
     assert!(!ok && text.contains("at least 1"), "{text}");
 }
+
+/// The site's view of its data: a synthetic dataset validates and trains; a broken case is
+/// named, refused, and left out only when asked, and then listed.
+#[test]
+fn data_synth_validate_and_bad_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synth");
+    let data_arg = data.to_str().unwrap();
+    let (ok, text) = alveolus(&[
+        "data", "synth", "--out", data_arg, "--cases", "2", "--size", "32", "--slices", "6",
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = alveolus(&["data", "validate", "--data", data_arg]);
+    assert!(
+        ok && text.contains("2 cases, 2 usable, 0 with errors"),
+        "{text}"
+    );
+    let (ok, text) = alveolus(&["data", "validate", "--data", data_arg, "--json"]);
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["summary"]["labelled_slices"], 12);
+    // Writing over a dataset is refused.
+    let (ok, text) = alveolus(&["data", "synth", "--out", data_arg]);
+    assert!(!ok && text.contains("exists"), "{text}");
+
+    // Case 1's labels swapped for a grid of another size.
+    let bad = dir.path().join("bad");
+    let (ok, text) = alveolus(&[
+        "data",
+        "synth",
+        "--out",
+        bad.to_str().unwrap(),
+        "--cases",
+        "1",
+        "--size",
+        "16",
+        "--slices",
+        "6",
+    ]);
+    assert!(ok, "{text}");
+    let description = data.join("dataset.toml");
+    let text = std::fs::read_to_string(&description)
+        .unwrap()
+        .replace("case-001/labels.nii.gz", "../bad/case-000/labels.nii.gz")
+        .replace("\"validation\"", "\"train\"");
+    std::fs::write(&description, text).unwrap();
+    let (ok, text) = alveolus(&["data", "validate", "--data", data_arg]);
+    assert!(ok && text.contains("1 usable, 1 with errors"), "{text}");
+    assert!(
+        text.contains("case-001") && text.contains("labels are on another grid"),
+        "{text}"
+    );
+    let out = dir.path().join("m.safetensors");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--data",
+            data_arg,
+            "--model",
+            "tiny",
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        alveolus(&args)
+    };
+    let (ok, text) = train(&[]);
+    assert!(
+        !ok && text.contains("1 of 2 cases have errors") && text.contains("case-001"),
+        "{text}"
+    );
+    assert!(!out.exists());
+    let (ok, text) = train(&["--skip-bad-cases"]);
+    assert!(ok && text.contains("skipped case case-001"), "{text}");
+    assert!(text.contains("on 6 slices"), "{text}");
+
+    // Nothing usable: validate fails.
+    std::fs::write(&description, "[[case]]\nid = \"x\"\nimage = \"missing\"\n").unwrap();
+    let (ok, text) = alveolus(&["data", "validate", "--data", data_arg]);
+    assert!(
+        !ok && text.contains("nothing usable remains") && text.contains("no such file"),
+        "{text}"
+    );
+}

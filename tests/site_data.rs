@@ -19,7 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn readers(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/readers").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/readers")
+        .join(path)
 }
 
 /// Identifiers that must never leave the site, as they are written in the files.
@@ -40,7 +42,13 @@ fn identifiable_site(dir: &Path) -> (PathBuf, SeriesTags) {
     tags.institution_name = INSTITUTION.into();
     tags.referring_physician_name = "DR^KOWALSKI".into();
     let root = dir.join(format!("scans-{NAMES}"));
-    write_series(&root.join("ct"), &case.image, &tags, &format!("{NAMES}-slice")).unwrap();
+    write_series(
+        &root.join("ct"),
+        &case.image,
+        &tags,
+        &format!("{NAMES}-slice"),
+    )
+    .unwrap();
     nifti::write(&root.join(format!("{NAMES}-labels.nii.gz")), &case.labels).unwrap();
     std::fs::write(
         root.join("dataset.toml"),
@@ -80,7 +88,7 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
         &data,
         "nifti.toml",
         format!(
-            "[labels]\nlung = [13, 14, 15, 16, 17]\nunlisted = \"background\"\n\n[[case]]\nid = \"ts\"\nimage = {:?}\nlabels = {:?}\n",
+            "[labels]\nlung = [10, 11, 12, 13, 14]\nunlisted = \"background\"\n\n[[case]]\nid = \"ts\"\nimage = {:?}\nlabels = {:?}\n",
             readers("nifti/totalseg_example_ct_sm.nii.gz"),
             readers("nifti/totalseg_example_seg.nii.gz")
         ),
@@ -96,7 +104,9 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
     std::fs::write(&kit_file, kit).unwrap();
     let recorded = Arc::new(Mutex::new(Vec::new()));
     let proxy = tokio::spawn(recording_proxy(
-        tokio::net::TcpListener::bind(("127.0.0.1", proxy_port)).await.unwrap(),
+        tokio::net::TcpListener::bind(("127.0.0.1", proxy_port))
+            .await
+            .unwrap(),
         SocketAddr::from(([127, 0, 0, 1], coordinator_port)),
         project.coordinator_kit(),
         project.site_kit("dicom"),
@@ -149,7 +159,10 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
     // Plaintext indeed: the update's tensor names are readable in the recording.
     let model = tiny_model(3);
     let tensor = model.tensors.keys().next().unwrap().to_ascii_lowercase();
-    assert!(contains(&sent, tensor.as_bytes()), "no {tensor} in the recording");
+    assert!(
+        contains(&sent, tensor.as_bytes()),
+        "no {tensor} in the recording"
+    );
     let mut identifiers = vec![
         PATIENT_NAME.to_string(),
         PATIENT_ID.into(),
@@ -165,10 +178,7 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
     let coordinator_files = files_under(&project.state());
     for identifier in &identifiers {
         let needle = identifier.to_ascii_lowercase().into_bytes();
-        assert!(
-            !contains(&sent, &needle),
-            "{identifier} crossed the wire"
-        );
+        assert!(!contains(&sent, &needle), "{identifier} crossed the wire");
         for (path, bytes) in &coordinator_files {
             assert!(
                 !contains(&bytes.to_ascii_lowercase(), &needle),
@@ -237,7 +247,8 @@ async fn recording_proxy(
         let Ok((incoming, _)) = listener.accept().await else {
             return;
         };
-        let (acceptor, connector, recorded) = (acceptor.clone(), connector.clone(), recorded.clone());
+        let (acceptor, connector, recorded) =
+            (acceptor.clone(), connector.clone(), recorded.clone());
         tokio::spawn(async move {
             let Ok(agent) = acceptor.accept(incoming).await else {
                 return;

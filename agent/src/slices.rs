@@ -55,7 +55,11 @@ impl SliceDataset {
     /// Reads a dataset (see [`DatasetSpec::open`] for what `path` may be) for `purpose`.
     /// Cases with errors make it fail, naming each, unless `skip_bad_cases`; then they are
     /// left out and listed in what is returned. Never skips silently.
-    pub fn load(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<Loaded, DatasetError> {
+    pub fn load(
+        path: &Path,
+        purpose: Purpose,
+        skip_bad_cases: bool,
+    ) -> Result<Loaded, DatasetError> {
         load(path, purpose, skip_bad_cases)
     }
 

@@ -8,13 +8,17 @@ use alveolus_agent::data::dicom::read_series;
 use alveolus_agent::data::{nifti, seg};
 
 fn data(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/readers").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/readers")
+        .join(path)
 }
 
 fn range(values: &[f32]) -> (f32, f32) {
     values
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
 }
 
 #[test]
@@ -30,7 +34,13 @@ fn ct_small_is_rescaled_to_hounsfield_units() {
 fn wg04_padding_is_known_and_left_out_of_the_range() {
     let ct = read_series(&data("dicom/nema_wg04_CT1_UNC.dcm")).unwrap();
     assert_eq!(ct.padding_hu, Some(-3024.0));
-    let tissue: Vec<f32> = ct.volume.voxels.iter().copied().filter(|&v| v != -3024.0).collect();
+    let tissue: Vec<f32> = ct
+        .volume
+        .voxels
+        .iter()
+        .copied()
+        .filter(|&v| v != -3024.0)
+        .collect();
     let (lo, hi) = range(&tissue);
     assert_eq!(hi, 2278.0 - 1024.0);
     assert!(lo >= -1024.0, "{lo}");
@@ -47,7 +57,11 @@ fn three_slice_series_matches_its_nifti_conversion() {
     assert!((g.spacing[0] - 0.810547).abs() < 1e-6 && (g.spacing[1] - 0.810547).abs() < 1e-6);
     assert!((g.spacing[2] - 1.0).abs() < 1e-6, "{:?}", g.spacing);
     let reference = nifti::read_image(&data("derived/ct3slice_hu.nii.gz")).unwrap();
-    assert!(g.same_grid(&reference.geometry), "{g:?}\n{:?}", reference.geometry);
+    assert!(
+        g.same_grid(&reference.geometry),
+        "{g:?}\n{:?}",
+        reference.geometry
+    );
     assert_eq!(ct.volume.voxels, reference.voxels);
     assert_eq!(range(&ct.volume.voxels), (-3024.0, 1381.0));
 }
@@ -57,7 +71,11 @@ fn slices_are_ordered_by_position_not_by_file_name() {
     let dir = tempfile::tempdir().unwrap();
     // Names that sort the other way round.
     for (from, to) in [("01", "c"), ("02", "b"), ("03", "a")] {
-        std::fs::copy(data(&format!("dicom/ct3slice_liverseg/{from}.dcm")), dir.path().join(to)).unwrap();
+        std::fs::copy(
+            data(&format!("dicom/ct3slice_liverseg/{from}.dcm")),
+            dir.path().join(to),
+        )
+        .unwrap();
     }
     let shuffled = read_series(dir.path()).unwrap();
     let original = read_series(&data("dicom/ct3slice_liverseg")).unwrap();
@@ -67,7 +85,12 @@ fn slices_are_ordered_by_position_not_by_file_name() {
 #[test]
 fn liver_seg_lands_on_its_series_grid() {
     let ct = read_series(&data("dicom/ct3slice_liverseg")).unwrap();
-    let mask = seg::read_seg(&data("dicom/ct3slice_liverseg/liver_seg.dcm"), &ct.volume.geometry, &ct.series_uid).unwrap();
+    let mask = seg::read_seg(
+        &data("dicom/ct3slice_liverseg/liver_seg.dcm"),
+        &ct.volume.geometry,
+        &ct.series_uid,
+    )
+    .unwrap();
     let reference = nifti::read_labels(&data("derived/ct3slice_liver_mask.nii.gz")).unwrap();
     assert!(mask.geometry.same_grid(&reference.geometry));
     assert_eq!(mask.voxels, reference.voxels);
@@ -77,7 +100,12 @@ fn liver_seg_lands_on_its_series_grid() {
         assert!((0.10..0.17).contains(&fraction), "slice {z}: {fraction}");
     }
     // Drawn on this series: another series UID is refused.
-    let err = seg::read_seg(&data("dicom/ct3slice_liverseg/liver_seg.dcm"), &ct.volume.geometry, "1.2.3").unwrap_err();
+    let err = seg::read_seg(
+        &data("dicom/ct3slice_liverseg/liver_seg.dcm"),
+        &ct.volume.geometry,
+        "1.2.3",
+    )
+    .unwrap_err();
     assert!(err.message.contains("another series"), "{err}");
 }
 
@@ -93,7 +121,12 @@ fn minimal_lidc_slices_load_without_modality() {
     let spec = DatasetSpec::open(&data("dicom/lidc_2slice_minimal")).unwrap();
     let (report, _) = check_case(&spec, &spec.cases[0], false);
     assert!(report.usable());
-    assert!(report.problems.iter().any(|p| p.severity == Severity::Warning && p.message.contains("Modality")));
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.severity == Severity::Warning && p.message.contains("Modality"))
+    );
 }
 
 #[test]
@@ -103,7 +136,7 @@ fn totalsegmentator_pair_shares_a_grid_and_maps_lobes_to_lung() {
     std::fs::write(
         &description,
         format!(
-            "[labels]\nlung = [13, 14, 15, 16, 17]\nunlisted = \"background\"\n\n[[case]]\nid = \"ts\"\nimage = {:?}\nlabels = {:?}\n",
+            "[labels]\nlung = [10, 11, 12, 13, 14]\nunlisted = \"background\"\n\n[[case]]\nid = \"ts\"\nimage = {:?}\nlabels = {:?}\n",
             data("nifti/totalseg_example_ct_sm.nii.gz"),
             data("nifti/totalseg_example_seg.nii.gz")
         ),
@@ -119,7 +152,11 @@ fn totalsegmentator_pair_shares_a_grid_and_maps_lobes_to_lung() {
     assert!(lung > 0.005, "{lung}");
     let slices = slices.unwrap();
     assert_eq!(slices.len(), summary.labelled_slices);
-    assert!(slices.iter().all(|s| s.mask.iter().all(|&l| l == 0 || l == 3)));
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.mask.iter().all(|&l| l == 0 || l == 3))
+    );
     // Without the map, TotalSegmentator's organ values are unknown labels: an error naming them.
     std::fs::write(
         &description,
@@ -133,7 +170,11 @@ fn totalsegmentator_pair_shares_a_grid_and_maps_lobes_to_lung() {
     let spec = DatasetSpec::open(&description).unwrap();
     let (report, _) = check_case(&spec, &spec.cases[0], true);
     assert!(!report.usable());
-    assert!(report.problems[0].message.contains("label values the [labels] map does not name"));
+    assert!(
+        report.problems[0]
+            .message
+            .contains("label values the [labels] map does not name")
+    );
 }
 
 fn case(image: PathBuf, labels: Option<PathBuf>) -> (DatasetSpec, CaseSpec) {
@@ -151,7 +192,13 @@ fn first_error(image: PathBuf, labels: Option<PathBuf>) -> String {
     let (spec, case) = case(image, labels);
     let (report, _) = check_case(&spec, &case, true);
     assert!(!report.usable(), "{report:?}");
-    report.problems.iter().find(|p| p.severity == Severity::Error).unwrap().message.clone()
+    report
+        .problems
+        .iter()
+        .find(|p| p.severity == Severity::Error)
+        .unwrap()
+        .message
+        .clone()
 }
 
 #[test]
@@ -167,14 +214,22 @@ fn broken_inputs_are_named_errors() {
     let garbage = dir.path().join("garbage.dcm");
     std::fs::write(&garbage, vec![7u8; 4000]).unwrap();
     let message = first_error(garbage, None);
-    assert!(message.contains("garbage.dcm") && message.contains("DICOM"), "{message}");
+    assert!(
+        message.contains("garbage.dcm") && message.contains("DICOM"),
+        "{message}"
+    );
     // A mask of another grid: the liver mask of the 3-slice series against CT_small.
-    let message = first_error(data("dicom/pydicom_CT_small.dcm"), Some(data("derived/ct3slice_liver_mask.nii.gz")));
+    let message = first_error(
+        data("dicom/pydicom_CT_small.dcm"),
+        Some(data("derived/ct3slice_liver_mask.nii.gz")),
+    );
     assert!(message.contains("another grid"), "{message}");
     // A NIfTI with a wrong magic.
     let mut nii = Vec::new();
     std::io::Read::read_to_end(
-        &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(data("derived/ct3slice_liver_mask.nii.gz")).unwrap()),
+        &mut flate2::read::MultiGzDecoder::new(
+            std::fs::File::open(data("derived/ct3slice_liver_mask.nii.gz")).unwrap(),
+        ),
         &mut nii,
     )
     .unwrap();

@@ -7,7 +7,7 @@
 //! [labels]
 //! ggo = [1]
 //! consolidation = [2]
-//! lung = [13, 14, 15, 16, 17]
+//! lung = [10, 11, 12, 13, 14]
 //! background = [0]
 //! unlisted = "error"        # or "background": values listed nowhere count as background
 //!
@@ -67,7 +67,11 @@ fn bad_cases_message(cases: &[CaseReport], total: usize) -> String {
         cases.len()
     );
     for case in cases.iter().take(10) {
-        for problem in case.problems.iter().filter(|p| p.severity == Severity::Error) {
+        for problem in case
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+        {
             text.push_str(&format!("\n  {}: {}", case.id, problem.message));
         }
     }
@@ -148,6 +152,16 @@ pub enum Split {
     Test,
 }
 
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unlisted {
@@ -206,13 +220,13 @@ impl LabelMap {
             (3, &file.lung),
         ] {
             for &value in list {
-                if let Some(previous) = values.insert(value, label) {
-                    if previous != label {
-                        return Err(format!(
-                            "[labels]: value {value} is listed as both {} and {}",
-                            LABEL_NAMES[previous as usize], LABEL_NAMES[label as usize]
-                        ));
-                    }
+                if let Some(previous) = values.insert(value, label)
+                    && previous != label
+                {
+                    return Err(format!(
+                        "[labels]: value {value} is listed as both {} and {}",
+                        LABEL_NAMES[previous as usize], LABEL_NAMES[label as usize]
+                    ));
                 }
             }
         }
@@ -351,7 +365,10 @@ impl DatasetSpec {
         let cases = files
             .into_iter()
             .map(|image| {
-                let name = image.file_name().expect("listed files have names").to_owned();
+                let name = image
+                    .file_name()
+                    .expect("listed files have names")
+                    .to_owned();
                 CaseSpec {
                     id: image
                         .file_stem()
@@ -384,7 +401,9 @@ impl DatasetSpec {
             None => LabelMap::default(),
         };
         let window = match file.window {
-            Some(w) => Window::new(w.center, w.width).map_err(|e| error(format!("[window]: {e}")))?,
+            Some(w) => {
+                Window::new(w.center, w.width).map_err(|e| error(format!("[window]: {e}")))?
+            }
             None => Window::LUNG,
         };
         if file.cases.is_empty() {
@@ -527,10 +546,14 @@ pub fn read_case(case: &CaseSpec) -> Result<CaseData, ReadError> {
         None => None,
         Some(path) if is_nifti(path) => Some(nifti::read_labels(path)?),
         Some(path) if has_extension(path, "png") => {
-            let (width, height, values) = read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
+            let (width, height, values) =
+                read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
             Some(
-                Volume::new(plane_geometry(width, height), values.into_iter().map(u16::from).collect())
-                    .map_err(|e| ReadError::new(path, e))?,
+                Volume::new(
+                    plane_geometry(width, height),
+                    values.into_iter().map(u16::from).collect(),
+                )
+                .map_err(|e| ReadError::new(path, e))?,
             )
         }
         Some(path) if path.is_file() => Some(seg::read_seg(
@@ -563,9 +586,13 @@ fn read_image(path: &Path) -> Result<ImageParts, ReadError> {
         ));
     }
     if has_extension(path, "png") {
-        let (width, height, values) = read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
-        let volume = Volume::new(plane_geometry(width, height), values.into_iter().map(f32::from).collect())
-            .map_err(|e| ReadError::new(path, e))?;
+        let (width, height, values) =
+            read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
+        let volume = Volume::new(
+            plane_geometry(width, height),
+            values.into_iter().map(f32::from).collect(),
+        )
+        .map_err(|e| ReadError::new(path, e))?;
         return Ok((volume, Intensity::Windowed8Bit, None, None));
     }
     let CtImage {
@@ -576,7 +603,9 @@ fn read_image(path: &Path) -> Result<ImageParts, ReadError> {
     } = read_series(path)?;
     Ok((
         volume,
-        Intensity::Hounsfield { padding: padding_hu },
+        Intensity::Hounsfield {
+            padding: padding_hu,
+        },
         modality,
         Some(series_uid),
     ))
@@ -634,7 +663,9 @@ pub fn check_case(
         .voxels
         .iter()
         .filter(|&&v| Some(v) != padding)
-        .fold([f32::INFINITY, f32::NEG_INFINITY], |[lo, hi], &v| [lo.min(v), hi.max(v)]);
+        .fold([f32::INFINITY, f32::NEG_INFINITY], |[lo, hi], &v| {
+            [lo.min(v), hi.max(v)]
+        });
     if let Intensity::Hounsfield { .. } = data.intensity
         && (range[1] < 0.0 || range[0] > -500.0)
     {
@@ -658,7 +689,9 @@ pub fn check_case(
     let mapped = match &data.labels {
         None => {
             if case.labels.is_none() && keep_slices {
-                problems.push(Problem::error("no labels: a training case needs a label file"));
+                problems.push(Problem::error(
+                    "no labels: a training case needs a label file",
+                ));
             }
             None
         }
@@ -705,7 +738,11 @@ pub fn check_case(
     (report, slices)
 }
 
-fn map_labels(map: &LabelMap, labels: &Volume<u16>, problems: &mut Vec<Problem>) -> Option<Volume<u8>> {
+fn map_labels(
+    map: &LabelMap,
+    labels: &Volume<u16>,
+    problems: &mut Vec<Problem>,
+) -> Option<Volume<u8>> {
     let mut unknown = BTreeMap::<u16, usize>::new();
     let voxels: Vec<u8> = labels
         .voxels

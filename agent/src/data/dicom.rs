@@ -93,7 +93,12 @@ pub(crate) fn floats<const N: usize>(
     Ok(Some(array))
 }
 
-pub(crate) fn uint(obj: &InMemDicomObject, tag: dicom_core::Tag, path: &Path, name: &str) -> Result<Option<usize>, ReadError> {
+pub(crate) fn uint(
+    obj: &InMemDicomObject,
+    tag: dicom_core::Tag,
+    path: &Path,
+    name: &str,
+) -> Result<Option<usize>, ReadError> {
     match obj.get(tag) {
         None => Ok(None),
         Some(e) => e
@@ -103,7 +108,10 @@ pub(crate) fn uint(obj: &InMemDicomObject, tag: dicom_core::Tag, path: &Path, na
     }
 }
 
-pub(crate) fn read_slice_header(path: &Path, obj: &DefaultDicomObject) -> Result<SliceHeader, ReadError> {
+pub(crate) fn read_slice_header(
+    path: &Path,
+    obj: &DefaultDicomObject,
+) -> Result<SliceHeader, ReadError> {
     let required = |name: &str, value: Option<usize>| {
         value
             .filter(|&v| v > 0)
@@ -115,8 +123,18 @@ pub(crate) fn read_slice_header(path: &Path, obj: &DefaultDicomObject) -> Result
         modality: text(obj, tags::MODALITY),
         rows: required("Rows", uint(obj, tags::ROWS, path, "Rows")?)?,
         columns: required("Columns", uint(obj, tags::COLUMNS, path, "Columns")?)?,
-        orientation: floats(obj, tags::IMAGE_ORIENTATION_PATIENT, path, "Image Orientation (Patient)")?,
-        position: floats(obj, tags::IMAGE_POSITION_PATIENT, path, "Image Position (Patient)")?,
+        orientation: floats(
+            obj,
+            tags::IMAGE_ORIENTATION_PATIENT,
+            path,
+            "Image Orientation (Patient)",
+        )?,
+        position: floats(
+            obj,
+            tags::IMAGE_POSITION_PATIENT,
+            path,
+            "Image Position (Patient)",
+        )?,
         pixel_spacing: floats(obj, tags::PIXEL_SPACING, path, "Pixel Spacing")?,
         slice_thickness: obj
             .get(tags::SLICE_THICKNESS)
@@ -138,7 +156,10 @@ pub fn dicom_files(path: &Path) -> Result<Vec<PathBuf>, ReadError> {
         .map(|e| e.path())
         .filter(|p| p.is_file())
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
             !name.starts_with('.') && name != "DICOMDIR"
         })
         .collect();
@@ -165,7 +186,10 @@ pub fn read_series(path: &Path) -> Result<CtImage, ReadError> {
         headers.push(header);
     }
     let Some(first) = headers.first() else {
-        return Err(ReadError::new(path, "no image files (only segmentations or reports)"));
+        return Err(ReadError::new(
+            path,
+            "no image files (only segmentations or reports)",
+        ));
     };
     let series_uid = first.series_uid.clone();
     let mut series: Vec<&str> = headers.iter().map(|h| h.series_uid.as_str()).collect();
@@ -211,7 +235,10 @@ pub(crate) fn series_geometry(
         if h.frames != 1 {
             return Err(ReadError::new(
                 &h.path,
-                format!("multi-frame image ({} frames): only single-frame CT series are read", h.frames),
+                format!(
+                    "multi-frame image ({} frames): only single-frame CT series are read",
+                    h.frames
+                ),
             ));
         }
         if (h.rows, h.columns) != (first.rows, first.columns) {
@@ -231,15 +258,26 @@ pub(crate) fn series_geometry(
     let orientation = match first.orientation {
         Some(o) => o,
         None if headers.len() == 1 => [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-        None => return Err(ReadError::new(&first.path, "no Image Orientation (Patient): cannot order the slices")),
+        None => {
+            return Err(ReadError::new(
+                &first.path,
+                "no Image Orientation (Patient): cannot order the slices",
+            ));
+        }
     };
     let row = unit([orientation[0], orientation[1], orientation[2]]);
     let column = unit([orientation[3], orientation[4], orientation[5]]);
     let (Some(row), Some(column)) = (row, column) else {
-        return Err(ReadError::new(&first.path, "Image Orientation (Patient) has a zero vector"));
+        return Err(ReadError::new(
+            &first.path,
+            "Image Orientation (Patient) has a zero vector",
+        ));
     };
     if dot(row, column).abs() > 1e-3 {
-        return Err(ReadError::new(&first.path, "Image Orientation (Patient) vectors are not perpendicular"));
+        return Err(ReadError::new(
+            &first.path,
+            "Image Orientation (Patient) vectors are not perpendicular",
+        ));
     }
     let normal = cross(row, column);
     for h in headers {
@@ -261,7 +299,12 @@ pub(crate) fn series_geometry(
         match h.position {
             Some(p) => placed.push((dot(p, normal), i)),
             None if headers.len() == 1 => placed.push((0.0, i)),
-            None => return Err(ReadError::new(&h.path, "no Image Position (Patient): cannot place the slice")),
+            None => {
+                return Err(ReadError::new(
+                    &h.path,
+                    "no Image Position (Patient): cannot place the slice",
+                ));
+            }
         }
     }
     placed.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -322,7 +365,14 @@ fn unit(v: [f64; 3]) -> Option<[f64; 3]> {
 /// One slice's voxels in HU, and the HU value of its padding, if it declares one.
 fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), ReadError> {
     let obj = open_full_object(path)?;
-    let signed = uint(&obj, tags::PIXEL_REPRESENTATION, path, "Pixel Representation")?.unwrap_or(0) == 1;
+    let signed = uint(
+        &obj,
+        tags::PIXEL_REPRESENTATION,
+        path,
+        "Pixel Representation",
+    )?
+    .unwrap_or(0)
+        == 1;
     let stored = match obj.get(tags::PIXEL_DATA).map(|e| e.value()) {
         None => return Err(ReadError::new(path, "no Pixel Data")),
         // Native (uncompressed) pixels are read here: minimal headers (no High Bit, say) are
@@ -334,12 +384,22 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
                 .map_err(|e| ReadError::new(path, e))?
         }
         Some(_) => {
-            let syntax = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+            let syntax = obj
+                .meta()
+                .transfer_syntax()
+                .trim_end_matches('\0')
+                .to_string();
             let decoded = obj.decode_pixel_data().map_err(|e| {
-                ReadError::new(path, format!("cannot decode pixel data (transfer syntax {syntax}): {e}"))
+                ReadError::new(
+                    path,
+                    format!("cannot decode pixel data (transfer syntax {syntax}): {e}"),
+                )
             })?;
             if decoded.samples_per_pixel() != 1 {
-                return Err(ReadError::new(path, "colour image: a CT slice has one sample per pixel"));
+                return Err(ReadError::new(
+                    path,
+                    "colour image: a CT slice has one sample per pixel",
+                ));
             }
             let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
             decoded
@@ -350,7 +410,10 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
     if stored.len() != expected {
         return Err(ReadError::new(
             path,
-            format!("pixel data holds {} values, the header promises {expected}", stored.len()),
+            format!(
+                "pixel data holds {} values, the header promises {expected}",
+                stored.len()
+            ),
         ));
     }
     let number = |tag, default: f64| {
@@ -403,12 +466,20 @@ fn native_samples(
             expected * width
         ));
     }
-    let mask = if bits_stored == 32 { u32::MAX } else { (1u32 << bits_stored) - 1 };
+    let mask = if bits_stored == 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits_stored) - 1
+    };
     let sign_bit = 1u32 << (bits_stored - 1);
     Ok(bytes[..expected * width]
         .chunks_exact(width)
         .map(|b| {
-            let raw = b.iter().rev().fold(0u32, |acc, &byte| (acc << 8) | byte as u32) & mask;
+            let raw = b
+                .iter()
+                .rev()
+                .fold(0u32, |acc, &byte| (acc << 8) | byte as u32)
+                & mask;
             if signed && raw & sign_bit != 0 {
                 raw as f64 - (mask as f64 + 1.0)
             } else {

@@ -4,6 +4,14 @@
 //!
 //! Errors name local files and are shown to the site only; nothing here is sent anywhere.
 
+pub mod dataset;
+pub mod dicom;
+pub mod dicom_write;
+pub mod nifti;
+pub mod preprocess;
+pub mod seg;
+pub mod synth;
+pub mod validate;
 pub mod volume;
 
 use std::path::{Path, PathBuf};

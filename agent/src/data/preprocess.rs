@@ -264,26 +264,53 @@ mod tests {
     #[test]
     fn padding_becomes_air_and_png_values_pass_through() {
         let v = volume([3, 1, 1], [1.0; 3], vec![-3024.0, -1000.0, 40.0]);
-        let hu = windowed(&v, Intensity::Hounsfield { padding: Some(-3024.0) }, &Window::new(-1000.0, 2.0).unwrap());
+        let hu = windowed(
+            &v,
+            Intensity::Hounsfield {
+                padding: Some(-3024.0),
+            },
+            &Window::new(-1000.0, 2.0).unwrap(),
+        );
         // Padding reads as air, the window's centre.
         assert_eq!(hu[0], hu[1]);
-        let png = windowed(&volume([2, 1, 1], [1.0; 3], vec![0.0, 200.0]), Intensity::Windowed8Bit, &Window::LUNG);
+        let png = windowed(
+            &volume([2, 1, 1], [1.0; 3], vec![0.0, 200.0]),
+            Intensity::Windowed8Bit,
+            &Window::LUNG,
+        );
         assert_eq!(png, vec![0, 200]);
     }
 
     #[test]
     fn only_labelled_planes_become_slices() {
         let image = volume([2, 2, 3], [1.0; 3], vec![0.0; 12]);
-        let labels = volume([2, 2, 3], [1.0; 3], vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 3]);
-        let slices = training_slices("c", &image, Intensity::Hounsfield { padding: None }, &labels, &Window::LUNG);
-        assert_eq!(slices.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["c#1", "c#2"]);
+        let labels = volume(
+            [2, 2, 3],
+            [1.0; 3],
+            vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 3],
+        );
+        let slices = training_slices(
+            "c",
+            &image,
+            Intensity::Hounsfield { padding: None },
+            &labels,
+            &Window::LUNG,
+        );
+        assert_eq!(
+            slices.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["c#1", "c#2"]
+        );
         assert_eq!(slices[1].mask, vec![0, 0, 0, 3]);
     }
 
     #[test]
     fn resampling_keeps_extent_values_and_labels() {
         // 4 x 1 x 2 voxels of 1 x 1 x 3 mm onto 2 mm: 2 x 1 x 3.
-        let image = volume([4, 1, 2], [1.0, 1.0, 3.0], vec![0.0, 10.0, 20.0, 30.0, 0.0, 10.0, 20.0, 30.0]);
+        let image = volume(
+            [4, 1, 2],
+            [1.0, 1.0, 3.0],
+            vec![0.0, 10.0, 20.0, 30.0, 0.0, 10.0, 20.0, 30.0],
+        );
         let (size, out) = resample_linear(&image, [2.0; 3]);
         assert_eq!(size, [2, 1, 3]);
         assert_eq!(&out[..2], &[5.0, 25.0]);

@@ -41,14 +41,18 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
     let columns = uint(&obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0);
     let frames = uint(&obj, tags::NUMBER_OF_FRAMES, path, "Number of Frames")?.unwrap_or(1);
     if rows == 0 || columns == 0 || frames == 0 {
-        return Err(err("no frames (Rows, Columns or Number of Frames is 0)".into()));
+        return Err(err(
+            "no frames (Rows, Columns or Number of Frames is 0)".into()
+        ));
     }
     let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(0);
     let pixels = obj
         .get(tags::PIXEL_DATA)
         .ok_or_else(|| err("no Pixel Data".into()))?
         .to_bytes()
-        .map_err(|_| err("compressed (encapsulated) segmentation pixel data is not supported".into()))?;
+        .map_err(|_| {
+            err("compressed (encapsulated) segmentation pixel data is not supported".into())
+        })?;
     let frame_pixels = rows
         .checked_mul(columns)
         .ok_or_else(|| err("Rows x Columns overflows".into()))?;
@@ -75,9 +79,14 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
                     pixels.len()
                 )));
             }
-            let max = uint(&obj, tags::MAXIMUM_FRACTIONAL_VALUE, path, "Maximum Fractional Value")?
-                .unwrap_or(255)
-                .max(1) as f64;
+            let max = uint(
+                &obj,
+                tags::MAXIMUM_FRACTIONAL_VALUE,
+                path,
+                "Maximum Fractional Value",
+            )?
+            .unwrap_or(255)
+            .max(1) as f64;
             let pixels = pixels.clone();
             // A voxel belongs to the segment when at least half of it does.
             Box::new(move |i| pixels[i] as f64 >= max / 2.0)
@@ -109,14 +118,39 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
         };
         let frame_err = |what: &str| err(format!("frame {}: {what}", frame + 1));
         let segment = find(tags::SEGMENT_IDENTIFICATION_SEQUENCE)
-            .and_then(|item| uint(item, tags::REFERENCED_SEGMENT_NUMBER, path, "Referenced Segment Number").ok().flatten())
+            .and_then(|item| {
+                uint(
+                    item,
+                    tags::REFERENCED_SEGMENT_NUMBER,
+                    path,
+                    "Referenced Segment Number",
+                )
+                .ok()
+                .flatten()
+            })
             .filter(|&n| (1..=u16::MAX as usize).contains(&n))
             .ok_or_else(|| frame_err("no Referenced Segment Number"))? as u16;
         let position: [f64; 3] = find(tags::PLANE_POSITION_SEQUENCE)
-            .and_then(|item| floats(item, tags::IMAGE_POSITION_PATIENT, path, "Image Position (Patient)").transpose())
+            .and_then(|item| {
+                floats(
+                    item,
+                    tags::IMAGE_POSITION_PATIENT,
+                    path,
+                    "Image Position (Patient)",
+                )
+                .transpose()
+            })
             .ok_or_else(|| frame_err("no Image Position (Patient)"))??;
         let orientation: [f64; 6] = find(tags::PLANE_ORIENTATION_SEQUENCE)
-            .and_then(|item| floats(item, tags::IMAGE_ORIENTATION_PATIENT, path, "Image Orientation (Patient)").transpose())
+            .and_then(|item| {
+                floats(
+                    item,
+                    tags::IMAGE_ORIENTATION_PATIENT,
+                    path,
+                    "Image Orientation (Patient)",
+                )
+                .transpose()
+            })
             .ok_or_else(|| frame_err("no Image Orientation (Patient)"))??;
         let spacing: [f64; 2] = find(tags::PIXEL_MEASURES_SEQUENCE)
             .and_then(|item| floats(item, tags::PIXEL_SPACING, path, "Pixel Spacing").transpose())
@@ -124,23 +158,36 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
         // Where the frame's first pixel and its steps along a row and down a column land in
         // the series' voxel indices.
         let start = continuous_index(grid, position);
-        let row_step = index_step(grid, [orientation[0], orientation[1], orientation[2]], spacing[1]);
-        let column_step = index_step(grid, [orientation[3], orientation[4], orientation[5]], spacing[0]);
+        let row_step = index_step(
+            grid,
+            [orientation[0], orientation[1], orientation[2]],
+            spacing[1],
+        );
+        let column_step = index_step(
+            grid,
+            [orientation[3], orientation[4], orientation[5]],
+            spacing[0],
+        );
         let off_grid = || {
             frame_err(&format!(
                 "not on the series' grid (a {columns}x{rows} frame at {position:?}); resample it onto the CT first"
             ))
         };
         let start = integral(start).ok_or_else(off_grid)?;
-        let row_step = integral(row_step).filter(|s| is_unit(*s)).ok_or_else(off_grid)?;
-        let column_step = integral(column_step).filter(|s| is_unit(*s)).ok_or_else(off_grid)?;
+        let row_step = integral(row_step)
+            .filter(|s| is_unit(*s))
+            .ok_or_else(off_grid)?;
+        let column_step = integral(column_step)
+            .filter(|s| is_unit(*s))
+            .ok_or_else(off_grid)?;
         for r in 0..rows {
             for c in 0..columns {
                 if !present(frame * frame_pixels + r * columns + c) {
                     continue;
                 }
-                let index: [i64; 3] =
-                    std::array::from_fn(|a| start[a] + c as i64 * row_step[a] + r as i64 * column_step[a]);
+                let index: [i64; 3] = std::array::from_fn(|a| {
+                    start[a] + c as i64 * row_step[a] + r as i64 * column_step[a]
+                });
                 let inside = (0..3).all(|a| index[a] >= 0 && (index[a] as usize) < grid.size[a]);
                 if !inside {
                     return Err(frame_err("reaches outside the series' volume"));

@@ -35,7 +35,12 @@ impl ValidationReport {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "dataset {} ({} cases)", self.source.display(), self.cases.len());
+        let _ = writeln!(
+            out,
+            "dataset {} ({} cases)",
+            self.source.display(),
+            self.cases.len()
+        );
         for case in &self.cases {
             let status = if !case.usable() {
                 "ERROR"
@@ -44,15 +49,28 @@ impl ValidationReport {
             } else {
                 "warn"
             };
-            let _ = write!(out, "{status:<5} {} [{:?}]", case.id, case.split);
+            let _ = write!(out, "{status:<5} {} ({})", case.id, case.split);
             if let Some(s) = &case.summary {
                 let _ = write!(
                     out,
                     "  {}x{}x{} voxels, {:.3}x{:.3}x{:.3} mm, {} {:.0}..{:.0}",
-                    s.shape[0], s.shape[1], s.shape[2], s.spacing_mm[0], s.spacing_mm[1], s.spacing_mm[2], s.intensity, s.range[0], s.range[1]
+                    s.shape[0],
+                    s.shape[1],
+                    s.shape[2],
+                    s.spacing_mm[0],
+                    s.spacing_mm[1],
+                    s.spacing_mm[2],
+                    s.intensity,
+                    s.range[0],
+                    s.range[1]
                 );
                 if let Some(f) = s.label_fractions {
-                    let _ = write!(out, ", {} labelled slices, {}", s.labelled_slices, fractions(&f));
+                    let _ = write!(
+                        out,
+                        ", {} labelled slices, {}",
+                        s.labelled_slices,
+                        fractions(&f)
+                    );
                 }
             }
             out.push('\n');
@@ -73,7 +91,9 @@ impl ValidationReport {
             s.cases_with_errors,
             s.cases_with_warnings,
             s.labelled_slices,
-            s.label_fractions.map(|f| format!("; {}", fractions(&f))).unwrap_or_default()
+            s.label_fractions
+                .map(|f| format!("; {}", fractions(&f)))
+                .unwrap_or_default()
         );
         if !self.any_usable() {
             let _ = writeln!(out, "nothing usable remains");

@@ -67,9 +67,9 @@ impl Geometry {
     /// LPS position of the centre of voxel `index` (fractional indices allowed).
     pub fn position(&self, index: [f64; 3]) -> [f64; 3] {
         let mut p = self.origin;
-        for axis in 0..3 {
-            for (c, d) in p.iter_mut().zip(self.direction[axis]) {
-                *c += index[axis] * self.spacing[axis] * d;
+        for ((i, spacing), direction) in index.iter().zip(self.spacing).zip(self.direction) {
+            for (c, d) in p.iter_mut().zip(direction) {
+                *c += i * spacing * d;
             }
         }
         p
@@ -198,7 +198,8 @@ fn norm(v: [f64; 3]) -> f64 {
 }
 
 fn determinant(m: [[f64; 3]; 3]) -> f64 {
-    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }
 
@@ -229,7 +230,10 @@ mod tests {
 
     #[test]
     fn canonical_volume_is_left_as_it_is() {
-        let g = grid([2, 3, 4], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+        let g = grid(
+            [2, 3, 4],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        );
         let v = Volume::new(g.clone(), (0..24).collect::<Vec<u16>>()).unwrap();
         assert!(g.is_canonical());
         assert_eq!(v.clone().into_canonical(), v);
@@ -270,7 +274,11 @@ mod tests {
     fn affine_gives_spacing_and_direction() {
         let g = Geometry::from_lps_affine(
             [2, 2, 2],
-            [[-0.8, 0.0, 0.0, 5.0], [0.0, -0.8, 0.0, 6.0], [0.0, 0.0, 2.5, 7.0]],
+            [
+                [-0.8, 0.0, 0.0, 5.0],
+                [0.0, -0.8, 0.0, 6.0],
+                [0.0, 0.0, 2.5, 7.0],
+            ],
         )
         .unwrap();
         assert_eq!(g.spacing, [0.8, 0.8, 2.5]);
@@ -278,7 +286,11 @@ mod tests {
         assert_eq!(g.origin, [5.0, 6.0, 7.0]);
         let singular = Geometry::from_lps_affine(
             [2, 2, 2],
-            [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
+            [
+                [1.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0, 0.0],
+            ],
         );
         assert!(singular.is_err());
     }

@@ -267,3 +267,21 @@ fn corrupted_dicom_never_panics() {
         let _ = read_series(&path);
     }
 }
+
+/// The transfer syntaxes CT archives hold, each made from pydicom_CT_small.dcm (lossless), read
+/// back to the original's HU voxel for voxel.
+#[test]
+fn compressed_transfer_syntaxes_decode_losslessly() {
+    let original = read_series(&data("dicom/pydicom_CT_small.dcm")).unwrap();
+    for file in [
+        "jpeg_lossless_sv1.dcm",
+        "jpeg_ls_lossless.dcm",
+        "rle.dcm",
+        "jpeg2000_lossless.dcm",
+        "deflated.dcm",
+    ] {
+        let decoded = read_series(&data(&format!("dicom/compressed/{file}")))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(decoded.volume, original.volume, "{file}");
+    }
+}

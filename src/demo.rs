@@ -1,13 +1,15 @@
 //! `alveolus demo`: a throwaway project on this machine. A coordinator and three hospital
 //! agents run as separate processes and speak mutual-TLS gRPC over loopback; each agent trains
-//! on one block of the MedSeg slices, and after every round the global model is scored on
-//! slices no site trains on.
+//! on one block of the MedSeg slices (or, with `--synthetic`, on synthetic chest CTs written as
+//! DICOM series), and after every round the global model is scored on slices no site trains on.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use alveolus_agent::SliceDataset;
+use alveolus_agent::data::dataset::Purpose;
+use alveolus_agent::data::synth::{SynthDataset, write_dataset};
 use alveolus_agent::evaluate::evaluate;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::{Device, ModelSpec, Weights};
@@ -113,41 +115,73 @@ struct RoundLine {
     model: String,
 }
 
-pub async fn run(out: &Path, rounds: u32, data: Option<PathBuf>) -> Result<()> {
-    let started = Instant::now();
-    let data = data.unwrap_or_else(shipped_data);
-    prepare_out(out)?;
-    let out = out.canonicalize()?;
+/// Where the demo's sites get their data.
+pub enum DemoData {
+    /// MedSeg slices split by block (the shipped copy, or a folder of the same form).
+    MedSeg(Option<PathBuf>),
+    /// `alveolus data synth` chest CTs: DICOM series with NIfTI labels, different per site.
+    Synthetic,
+}
 
-    // Split by block (consecutive slices often share a patient): one block per hospital, the
-    // last slices of each block held out for validation.
-    let rows = read_blocks(&data)?;
-    let mut held_out = Vec::new();
-    for (b, site) in SITES.iter().enumerate() {
-        let block: Vec<&String> = rows
-            .iter()
-            .filter(|(_, blk)| *blk == b)
-            .map(|(n, _)| n)
-            .collect();
-        if block.len() <= HELD_OUT_PER_BLOCK {
-            bail!("block {b} of {} has too few slices", data.display());
+/// Each site's data under `out/data/SITE` and the held-out slices no site trains on.
+fn prepare_data(out: &Path, data: DemoData) -> Result<SliceDataset> {
+    let validation_dir = out.join("data").join("validation");
+    match data {
+        DemoData::MedSeg(data) => {
+            let data = data.unwrap_or_else(shipped_data);
+            // Split by block (consecutive slices often share a patient): one block per
+            // hospital, the last slices of each block held out for validation.
+            let rows = read_blocks(&data)?;
+            let mut held_out = Vec::new();
+            for (b, site) in SITES.iter().enumerate() {
+                let block: Vec<&String> = rows
+                    .iter()
+                    .filter(|(_, blk)| *blk == b)
+                    .map(|(n, _)| n)
+                    .collect();
+                if block.len() <= HELD_OUT_PER_BLOCK {
+                    bail!("block {b} of {} has too few slices", data.display());
+                }
+                let (train, validation) = block.split_at(block.len() - HELD_OUT_PER_BLOCK);
+                copy_slices(&data, train, &out.join("data").join(site))?;
+                held_out.extend_from_slice(validation);
+                println!("{site}: {} training slices (MedSeg block {b})", train.len());
+            }
+            copy_slices(&data, &held_out, &validation_dir)?;
         }
-        let (train, validation) = block.split_at(block.len() - HELD_OUT_PER_BLOCK);
-        copy_slices(&data, train, &out.join("data").join(site))?;
-        held_out.extend_from_slice(validation);
-        println!("{site}: {} training slices (MedSeg block {b})", train.len());
+        DemoData::Synthetic => {
+            let synth = |dir: &Path, seed: u64, cases: usize| {
+                let dataset = SynthDataset {
+                    cases,
+                    seed,
+                    ..SynthDataset::default()
+                };
+                write_dataset(dir, &dataset)
+                    .with_context(|| format!("cannot write synthetic data to {}", dir.display()))
+            };
+            for (i, site) in SITES.iter().enumerate() {
+                synth(&out.join("data").join(site), i as u64 + 1, 2)?;
+                println!(
+                    "{site}: 2 synthetic chest CTs as DICOM series (seed {})",
+                    i + 1
+                );
+            }
+            synth(&validation_dir, 100, 1)?;
+        }
     }
-    copy_slices(&data, &held_out, &out.join("data").join("validation"))?;
-    let validation = SliceDataset::load(
-        &out.join("data").join("validation"),
-        alveolus_agent::data::dataset::Purpose::Evaluation,
-        false,
-    )?
-    .slices;
+    let validation = SliceDataset::load(&validation_dir, Purpose::Evaluation, false)?.slices;
     println!(
         "validation: {} held-out slices no site trains on",
         validation.len()
     );
+    Ok(validation)
+}
+
+pub async fn run(out: &Path, rounds: u32, data: DemoData) -> Result<()> {
+    let started = Instant::now();
+    prepare_out(out)?;
+    let out = out.canonicalize()?;
+    let validation = prepare_data(&out, data)?;
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

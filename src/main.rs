@@ -185,8 +185,12 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         rounds: u32,
         /// MedSeg slice folder; defaults to the copy shipped with the project.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "synthetic")]
         data: Option<PathBuf>,
+        /// Give each hospital synthetic chest CTs (DICOM series and NIfTI labels, made by
+        /// `data synth`) instead of MedSeg slices.
+        #[arg(long)]
+        synthetic: bool,
     },
 }
 
@@ -525,7 +529,19 @@ async fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { out, rounds, data } => demo::run(&out, rounds, data).await,
+        Command::Demo {
+            out,
+            rounds,
+            data,
+            synthetic,
+        } => {
+            let data = if synthetic {
+                demo::DemoData::Synthetic
+            } else {
+                demo::DemoData::MedSeg(data)
+            };
+            demo::run(&out, rounds, data).await
+        }
         Command::Data {
             command: DataCommand::Validate { data, json },
         } => {

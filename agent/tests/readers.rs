@@ -291,8 +291,18 @@ fn compressed_transfer_syntaxes_decode_losslessly() {
 #[test]
 fn fractional_seg_is_cut_at_one_half() {
     let ct = read_series(&data("dicom/ct3slice_liverseg")).unwrap();
-    let binary = seg::read_seg(&data("dicom/ct3slice_liverseg/liver_seg.dcm"), &ct.volume.geometry, &ct.series_uid).unwrap();
-    let fractional = seg::read_seg(&data("dicom/liver_seg_fractional.dcm"), &ct.volume.geometry, &ct.series_uid).unwrap();
+    let binary = seg::read_seg(
+        &data("dicom/ct3slice_liverseg/liver_seg.dcm"),
+        &ct.volume.geometry,
+        &ct.series_uid,
+    )
+    .unwrap();
+    let fractional = seg::read_seg(
+        &data("dicom/liver_seg_fractional.dcm"),
+        &ct.volume.geometry,
+        &ct.series_uid,
+    )
+    .unwrap();
     assert_eq!(fractional, binary);
 }
 
@@ -304,8 +314,18 @@ fn a_series_with_a_missing_slice_is_refused() {
     let files = write_series(dir.path(), &case.image, &SeriesTags::synthetic(1), "s").unwrap();
     let whole = read_series(dir.path()).unwrap();
     assert_eq!(whole.volume.geometry.size, [16, 16, 6]);
-    assert_eq!(whole.volume.voxels, case.image.voxels.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    assert_eq!(
+        whole.volume.voxels,
+        case.image
+            .voxels
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>()
+    );
     std::fs::remove_file(&files[3]).unwrap();
     let err = read_series(dir.path()).unwrap_err();
-    assert!(err.message.contains("uneven slice spacing") && err.message.contains("missing slice"), "{err}");
+    assert!(
+        err.message.contains("uneven slice spacing") && err.message.contains("missing slice"),
+        "{err}"
+    );
 }

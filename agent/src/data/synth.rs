@@ -559,9 +559,10 @@ impl LesionPainter<'_> {
         }
         let mut ground_glass = Vec::new();
         let mut consolidation = Vec::new();
-        for _ in 0..rng.below(2) + 1 {
+        // Moderate COVID-19 pneumonia: several patches, a fifth to a third of the lung.
+        for _ in 0..rng.below(3) + 1 {
             let centre = self.centre(lung[rng.below(lung.len())]);
-            let radius = rng.range(0.035, 0.075);
+            let radius = rng.range(0.08, 0.16);
             let blob = Blob::random(rng, CONSOLIDATION, centre, radius);
             // Consolidation often sits in a halo of ground glass.
             if rng.range(0.0, 1.0) < 0.5 {
@@ -570,9 +571,9 @@ impl LesionPainter<'_> {
             }
             consolidation.push(blob);
         }
-        for _ in 0..rng.below(3) + 1 {
+        for _ in 0..rng.below(4) + 3 {
             let centre = self.centre(lung[rng.below(lung.len())]);
-            let radius = rng.range(0.05, 0.12);
+            let radius = rng.range(0.14, 0.28);
             ground_glass.push(Blob::random(rng, GROUND_GLASS, centre, radius));
         }
         // Consolidation is painted last: where both overlap, the denser finding wins.

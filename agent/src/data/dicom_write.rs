@@ -115,12 +115,7 @@ pub fn write_series(
     if columns == 0 || rows == 0 || slices == 0 {
         return Err(invalid(format!("an empty {:?} volume", g.size)));
     }
-    let finite = g
-        .spacing
-        .iter()
-        .chain(&g.origin)
-        .chain(g.direction.iter().flatten())
-        .all(|v| v.is_finite());
+    let finite = g.is_finite();
     if !finite {
         return Err(invalid(format!("a non-finite geometry: {g:?}")));
     }

@@ -623,12 +623,7 @@ fn encode_file<T: NiftiVoxel>(volume: &Volume<T>, big_endian: bool) -> Result<Ve
             .filter(|&d| d > 0)
             .ok_or_else(|| format!("axis {axis} has {n} voxels; NIfTI-1 allows 1 to 32767"))?;
     }
-    let finite = g
-        .spacing
-        .iter()
-        .chain(&g.origin)
-        .chain(g.direction.iter().flatten())
-        .all(|v| v.is_finite());
+    let finite = g.is_finite();
     if !finite || g.spacing.iter().any(|&s| s <= 0.0) {
         return Err(format!("the geometry cannot be written: {g:?}"));
     }

@@ -38,6 +38,15 @@ impl Geometry {
         self.size.iter().product()
     }
 
+    /// Whether spacing, origin and directions are all finite numbers (writers refuse others).
+    pub fn is_finite(&self) -> bool {
+        self.spacing
+            .iter()
+            .chain(&self.origin)
+            .chain(self.direction.iter().flatten())
+            .all(|v| v.is_finite())
+    }
+
     /// A grid from a 4x4 (top three rows) voxel-to-LPS affine: each column's length is the
     /// spacing along that axis, its direction the axis.
     pub fn from_lps_affine(size: [usize; 3], affine: [[f64; 4]; 3]) -> Result<Self, String> {

@@ -545,17 +545,7 @@ pub fn read_case(case: &CaseSpec) -> Result<CaseData, ReadError> {
     let labels = match &case.labels {
         None => None,
         Some(path) if is_nifti(path) => Some(nifti::read_labels(path)?),
-        Some(path) if has_extension(path, "png") => {
-            let (width, height, values) =
-                read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
-            Some(
-                Volume::new(
-                    plane_geometry(width, height),
-                    values.into_iter().map(u16::from).collect(),
-                )
-                .map_err(|e| ReadError::new(path, e))?,
-            )
-        }
+        Some(path) if has_extension(path, "png") => Some(read_png_plane(path)?),
         Some(path) if path.is_file() => Some(seg::read_seg(
             path,
             &image.geometry,
@@ -586,14 +576,7 @@ fn read_image(path: &Path) -> Result<ImageParts, ReadError> {
         ));
     }
     if has_extension(path, "png") {
-        let (width, height, values) =
-            read_gray_png(path).map_err(|e| ReadError::new(path, e.to_string()))?;
-        let volume = Volume::new(
-            plane_geometry(width, height),
-            values.into_iter().map(f32::from).collect(),
-        )
-        .map_err(|e| ReadError::new(path, e))?;
-        return Ok((volume, Intensity::Windowed8Bit, None, None));
+        return Ok((read_png_plane(path)?, Intensity::Windowed8Bit, None, None));
     }
     let CtImage {
         volume,
@@ -609,6 +592,16 @@ fn read_image(path: &Path) -> Result<ImageParts, ReadError> {
         modality,
         Some(series_uid),
     ))
+}
+
+/// A grey PNG as a one-plane volume (images as intensities, label files as values).
+fn read_png_plane<T: From<u8> + Copy>(path: &Path) -> Result<Volume<T>, ReadError> {
+    let (width, height, values) = read_gray_png(path)?;
+    Volume::new(
+        plane_geometry(width, height),
+        values.into_iter().map(T::from).collect(),
+    )
+    .map_err(|e| ReadError::new(path, e))
 }
 
 /// A PNG slice has no geometry: one plane, 1 mm pixels, at the origin.

@@ -43,17 +43,15 @@ impl Window {
     }
 }
 
-/// 8-bit intensities of a whole volume: windowed HU (padding as air), or the values of an
-/// already windowed PNG.
-pub fn windowed(image: &Volume<f32>, intensity: Intensity, window: &Window) -> Vec<u8> {
+/// 8-bit intensities of voxels: windowed HU (padding as air), or the values of an already
+/// windowed PNG.
+pub fn windowed(voxels: &[f32], intensity: Intensity, window: &Window) -> Vec<u8> {
     match intensity {
-        Intensity::Hounsfield { padding } => image
-            .voxels
+        Intensity::Hounsfield { padding } => voxels
             .iter()
             .map(|&v| window.apply(if Some(v) == padding { AIR_HU } else { v }))
             .collect(),
-        Intensity::Windowed8Bit => image
-            .voxels
+        Intensity::Windowed8Bit => voxels
             .iter()
             .map(|&v| v.clamp(0.0, 255.0).round() as u8)
             .collect(),
@@ -76,8 +74,7 @@ pub fn training_slices(
     window: &Window,
 ) -> Vec<Slice> {
     let [width, height, _] = image.geometry.size;
-    let intensities = windowed(image, intensity, window);
-    let plane = width * height;
+    // Only the planes that become slices are windowed, not the whole volume.
     labelled_planes(labels)
         .into_iter()
         .map(|z| Slice {
@@ -88,7 +85,7 @@ pub fn training_slices(
             },
             width,
             height,
-            image: intensities[z * plane..(z + 1) * plane].to_vec(),
+            image: windowed(image.plane(z), intensity, window),
             mask: labels.plane(z).to_vec(),
         })
         .collect()
@@ -265,7 +262,7 @@ mod tests {
     fn padding_becomes_air_and_png_values_pass_through() {
         let v = volume([3, 1, 1], [1.0; 3], vec![-3024.0, -1000.0, 40.0]);
         let hu = windowed(
-            &v,
+            &v.voxels,
             Intensity::Hounsfield {
                 padding: Some(-3024.0),
             },
@@ -273,11 +270,7 @@ mod tests {
         );
         // Padding reads as air, the window's centre.
         assert_eq!(hu[0], hu[1]);
-        let png = windowed(
-            &volume([2, 1, 1], [1.0; 3], vec![0.0, 200.0]),
-            Intensity::Windowed8Bit,
-            &Window::LUNG,
-        );
+        let png = windowed(&[0.0, 200.0], Intensity::Windowed8Bit, &Window::LUNG);
         assert_eq!(png, vec![0, 200]);
     }
 

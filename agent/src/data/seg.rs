@@ -130,31 +130,27 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
             })
             .filter(|&n| (1..=u16::MAX as usize).contains(&n))
             .ok_or_else(|| frame_err("no Referenced Segment Number"))? as u16;
-        let position: [f64; 3] = find(tags::PLANE_POSITION_SEQUENCE)
-            .and_then(|item| {
-                floats(
-                    item,
-                    tags::IMAGE_POSITION_PATIENT,
-                    path,
-                    "Image Position (Patient)",
-                )
-                .transpose()
-            })
-            .ok_or_else(|| frame_err("no Image Position (Patient)"))??;
-        let orientation: [f64; 6] = find(tags::PLANE_ORIENTATION_SEQUENCE)
-            .and_then(|item| {
-                floats(
-                    item,
-                    tags::IMAGE_ORIENTATION_PATIENT,
-                    path,
-                    "Image Orientation (Patient)",
-                )
-                .transpose()
-            })
-            .ok_or_else(|| frame_err("no Image Orientation (Patient)"))??;
-        let spacing: [f64; 2] = find(tags::PIXEL_MEASURES_SEQUENCE)
-            .and_then(|item| floats(item, tags::PIXEL_SPACING, path, "Pixel Spacing").transpose())
-            .ok_or_else(|| frame_err("no Pixel Spacing"))??;
+        let position: [f64; 3] = frame_values(
+            find(tags::PLANE_POSITION_SEQUENCE),
+            tags::IMAGE_POSITION_PATIENT,
+            "Image Position (Patient)",
+            path,
+            frame,
+        )?;
+        let orientation: [f64; 6] = frame_values(
+            find(tags::PLANE_ORIENTATION_SEQUENCE),
+            tags::IMAGE_ORIENTATION_PATIENT,
+            "Image Orientation (Patient)",
+            path,
+            frame,
+        )?;
+        let spacing: [f64; 2] = frame_values(
+            find(tags::PIXEL_MEASURES_SEQUENCE),
+            tags::PIXEL_SPACING,
+            "Pixel Spacing",
+            path,
+            frame,
+        )?;
         // Where the frame's first pixel and its steps along a row and down a column land in
         // the series' voxel indices.
         let start = continuous_index(grid, position);
@@ -199,6 +195,21 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
         }
     }
     Volume::new(grid.clone(), labels).map_err(err)
+}
+
+/// A numeric attribute of a frame's functional group; its absence is an error naming the frame.
+fn frame_values<const N: usize>(
+    group: Option<&InMemDicomObject>,
+    tag: dicom_core::Tag,
+    name: &str,
+    path: &Path,
+    frame: usize,
+) -> Result<[f64; N], ReadError> {
+    group
+        .map(|item| floats(item, tag, path, name))
+        .transpose()?
+        .flatten()
+        .ok_or_else(|| ReadError::new(path, format!("frame {}: no {name}", frame + 1)))
 }
 
 fn nested(item: &InMemDicomObject, sequence: dicom_core::Tag) -> Option<&InMemDicomObject> {

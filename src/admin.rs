@@ -62,16 +62,34 @@ fn print_run(info: &RunInfo) {
         info.config.training.local_epochs,
         info.config.training.learning_rate
     );
+    if let Some(p) = &info.config.privacy {
+        println!(
+            "  differential privacy: clip {}, noise multiplier {}, delta {}{}; epsilon spent {:.4}",
+            p.clip_norm,
+            p.noise_multiplier,
+            p.delta,
+            p.epsilon_budget
+                .map(|b| format!(", budget {b}"))
+                .unwrap_or_default(),
+            info.rounds.last().and_then(|r| r.epsilon).unwrap_or(0.0)
+        );
+    }
     for r in &info.rounds {
         println!(
-            "  round {:>3}  sites {}  samples {:>5}  loss {:.4}  train dice {:.3}  model {}",
+            "  round {:>3}  sites {}  samples {:>5}  loss {:.4}  train dice {:.3}  model {}{}",
             r.round,
             r.sites.len(),
             r.samples,
             r.loss,
             r.dice,
-            &r.version[..12]
+            &r.version[..12],
+            r.epsilon
+                .map(|e| format!("  epsilon {e:.4}"))
+                .unwrap_or_default()
         );
+    }
+    if let Some(reason) = &info.stop_reason {
+        println!("  stopped early: {reason}");
     }
     if !info.reported.is_empty() {
         println!("  reported this round: {}", info.reported.join(", "));
@@ -152,13 +170,16 @@ pub async fn watch(kit: &Path, run: &str) -> Result<()> {
                 println!("round {round}: update from {site}")
             }
             RunEvent::RoundFinished(r) => println!(
-                "round {} finished: {} sites, {} samples, loss {:.4}, train dice {:.3}, model {}",
+                "round {} finished: {} sites, {} samples, loss {:.4}, train dice {:.3}, model {}{}",
                 r.round,
                 r.sites.len(),
                 r.samples,
                 r.loss,
                 r.dice,
-                &r.version[..12]
+                &r.version[..12],
+                r.epsilon
+                    .map(|e| format!(", epsilon {e:.4}"))
+                    .unwrap_or_default()
             ),
             RunEvent::RunFinished(info) => {
                 println!("run {} {}", info.run_id, info.state.as_str());

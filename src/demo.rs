@@ -13,7 +13,7 @@ use alveolus_agent::data::synth::{SynthDataset, write_dataset};
 use alveolus_agent::evaluate::evaluate;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::{Device, ModelSpec, Weights};
-use alveolus_proto::domain::{RunConfig, RunEvent, RunState, TrainingConfig};
+use alveolus_proto::domain::{PrivacyConfig, RunConfig, RunEvent, RunState, TrainingConfig};
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use tokio::process::{Child, Command};
@@ -112,6 +112,8 @@ struct RoundLine {
     /// Per-class Dice of the global model on the held-out slices.
     ggo_dice: Option<f64>,
     consolidation_dice: Option<f64>,
+    /// ε spent after the round, when the run has differential privacy.
+    epsilon: Option<f64>,
     model: String,
 }
 
@@ -177,7 +179,12 @@ fn prepare_data(out: &Path, data: DemoData) -> Result<SliceDataset> {
     Ok(validation)
 }
 
-pub async fn run(out: &Path, rounds: u32, data: DemoData) -> Result<()> {
+pub async fn run(
+    out: &Path,
+    rounds: u32,
+    data: DemoData,
+    privacy: Option<PrivacyConfig>,
+) -> Result<()> {
     let started = Instant::now();
     prepare_out(out)?;
     let out = out.canonicalize()?;
@@ -252,6 +259,8 @@ pub async fn run(out: &Path, rounds: u32, data: DemoData) -> Result<()> {
             batch_size: 4,
             seed,
         },
+        privacy,
+        ..RunConfig::default()
     };
     let info = admin::start_run_with(&mut client, config, &initial).await?;
     println!(
@@ -277,11 +286,15 @@ pub async fn run(out: &Path, rounds: u32, data: DemoData) -> Result<()> {
                 let (weights, _, _) = admin::pull_model(&mut client, &summary.version).await?;
                 let (dice, ggo, consolidation) = score(&weights, &validation, &device)?;
                 println!(
-                    "{:>5}  {:>5}  {:>15.4}  {:.3}",
+                    "{:>5}  {:>5}  {:>15.4}  {:.3}{}",
                     summary.round,
                     summary.sites.len(),
                     summary.loss,
-                    dice
+                    dice,
+                    summary
+                        .epsilon
+                        .map(|e| format!("  (epsilon {e:.3})"))
+                        .unwrap_or_default()
                 );
                 lines.push(RoundLine {
                     round: summary.round,
@@ -290,6 +303,7 @@ pub async fn run(out: &Path, rounds: u32, data: DemoData) -> Result<()> {
                     dice,
                     ggo_dice: ggo,
                     consolidation_dice: consolidation,
+                    epsilon: summary.epsilon,
                     model: summary.version.clone(),
                 });
                 final_version = Some(summary.version);

@@ -19,7 +19,9 @@ use alveolus_models::augment::AugmentConfig;
 use alveolus_models::metrics::DiceReport;
 use alveolus_models::spec::Norm;
 use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions, Weights};
-use alveolus_proto::domain::{RunConfig, TrainingConfig};
+use alveolus_proto::domain::{
+    AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, TrainingConfig,
+};
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
 use anyhow::{Context, Result, bail};
@@ -168,6 +170,11 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Differential-privacy planning.
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
     /// Check and describe a site's data, or write a synthetic chest-CT dataset.
     Data {
         #[command(subcommand)]
@@ -191,7 +198,64 @@ enum Command {
         /// `data synth`) instead of MedSeg slices.
         #[arg(long)]
         synthetic: bool,
+        /// Run with differential privacy (DP-FedAvg): the clip norm of each site's update.
+        #[arg(long, requires = "dp_noise")]
+        dp_clip: Option<f64>,
+        /// DP noise multiplier (noise std over the clip norm).
+        #[arg(long, requires = "dp_clip")]
+        dp_noise: Option<f64>,
     },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// The epsilon a planned DP-FedAvg run would spend (Rényi-DP accountant of the sampled
+    /// Gaussian mechanism), to choose settings before starting it.
+    Plan {
+        /// Noise multiplier: noise standard deviation over the clip norm.
+        #[arg(long)]
+        noise: f64,
+        #[arg(long)]
+        rounds: u64,
+        /// Fraction of sites taking part in each round (1: every site, as runs do now).
+        #[arg(long, default_value_t = 1.0)]
+        sample_rate: f64,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum AggregationChoice {
+    FedAvg,
+    Median,
+    TrimmedMean,
+}
+
+impl std::str::FromStr for AggregationChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fedavg" => Ok(Self::FedAvg),
+            "median" => Ok(Self::Median),
+            "trimmed-mean" => Ok(Self::TrimmedMean),
+            other => Err(format!(
+                "`{other}` is not an aggregation: fedavg, median or trimmed-mean"
+            )),
+        }
+    }
+}
+
+impl AggregationChoice {
+    fn rule(self, trim_fraction: f64) -> AggregationRule {
+        match self {
+            Self::FedAvg => AggregationRule::FedAvg,
+            Self::Median => AggregationRule::Median,
+            Self::TrimmedMean => AggregationRule::TrimmedMean { trim_fraction },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -283,6 +347,29 @@ enum RunCommand {
         /// Start from this model file instead of a fresh network.
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Differential privacy (DP-FedAvg): the L2 norm each site clips its update to.
+        /// Needs --dp-noise; sites are weighted equally.
+        #[arg(long, requires = "dp_noise")]
+        dp_clip: Option<f64>,
+        /// Noise standard deviation over the clip norm, added by the coordinator to the sum.
+        #[arg(long, requires = "dp_clip")]
+        dp_noise: Option<f64>,
+        /// The delta epsilon is reported at.
+        #[arg(long, default_value_t = 1e-5, requires = "dp_clip")]
+        dp_delta: f64,
+        /// Stop the run before a round would take epsilon above this.
+        #[arg(long, requires = "dp_clip")]
+        dp_epsilon_budget: Option<f64>,
+        /// How updates are combined: fedavg, median or trimmed-mean (the last two keep every
+        /// update of a round in memory, and resist a faulty or hostile site).
+        #[arg(long, default_value = "fedavg")]
+        aggregation: AggregationChoice,
+        /// Trimmed mean: fraction of sites dropped at each end of every coordinate.
+        #[arg(long, default_value_t = 0.2)]
+        trim_fraction: f64,
+        /// Refuse updates whose L2 norm is above this.
+        #[arg(long)]
+        norm_bound: Option<f64>,
     },
     Status {
         #[arg(long)]
@@ -534,13 +621,60 @@ async fn dispatch(command: Command) -> Result<()> {
             rounds,
             data,
             synthetic,
+            dp_clip,
+            dp_noise,
         } => {
             let data = if synthetic {
                 demo::DemoData::Synthetic
             } else {
                 demo::DemoData::MedSeg(data)
             };
-            demo::run(&out, rounds, data).await
+            let privacy =
+                dp_clip
+                    .zip(dp_noise)
+                    .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
+                        clip_norm,
+                        noise_multiplier,
+                        delta: 1e-5,
+                        epsilon_budget: None,
+                    });
+            demo::run(&out, rounds, data, privacy).await
+        }
+        Command::Privacy {
+            command:
+                PrivacyCommand::Plan {
+                    noise,
+                    rounds,
+                    sample_rate,
+                    delta,
+                    json,
+                },
+        } => {
+            let spent = alveolus_privacy::epsilon_after(sample_rate, noise, rounds, delta)?;
+            if json {
+                let report = serde_json::json!({
+                    "noise_multiplier": noise,
+                    "rounds": rounds,
+                    "sample_rate": sample_rate,
+                    "delta": delta,
+                    "epsilon": spent.epsilon,
+                    "rdp_order": spent.order,
+                });
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "epsilon {:.4} at delta {delta} after {rounds} rounds (noise multiplier {noise}, sample rate {sample_rate}; RDP order {})",
+                    spent.epsilon, spent.order
+                );
+                for fraction in [4, 2] {
+                    let r = rounds / fraction;
+                    if r > 0 {
+                        let e = alveolus_privacy::epsilon_after(sample_rate, noise, r, delta)?;
+                        println!("  after {r} rounds: epsilon {:.4}", e.epsilon);
+                    }
+                }
+            }
+            Ok(())
         }
         Command::Data {
             command: DataCommand::Validate { data, json },
@@ -753,7 +887,23 @@ async fn run_command(command: RunCommand) -> Result<()> {
             classes,
             norm,
             init,
+            dp_clip,
+            dp_noise,
+            dp_delta,
+            dp_epsilon_budget,
+            aggregation,
+            trim_fraction,
+            norm_bound,
         } => {
+            let privacy =
+                dp_clip
+                    .zip(dp_noise)
+                    .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
+                        clip_norm,
+                        noise_multiplier,
+                        delta: dp_delta,
+                        epsilon_budget: dp_epsilon_budget,
+                    });
             let config = RunConfig {
                 rounds,
                 min_sites,
@@ -763,6 +913,11 @@ async fn run_command(command: RunCommand) -> Result<()> {
                     learning_rate: lr,
                     batch_size,
                     seed,
+                },
+                privacy: privacy.clone(),
+                aggregation: AggregationConfig {
+                    rule: aggregation.rule(trim_fraction),
+                    norm_bound,
                 },
             };
             config.validate()?;
@@ -785,6 +940,24 @@ async fn run_command(command: RunCommand) -> Result<()> {
                 "  {} rounds, min {} sites, deadline {} s, {} local epochs, lr {}, batch {}, seed {}",
                 rounds, min_sites, deadline, local_epochs, lr, batch_size, seed
             );
+            if let Some(p) = privacy {
+                let planned = alveolus_privacy::epsilon_after(
+                    1.0,
+                    p.noise_multiplier,
+                    rounds.into(),
+                    p.delta,
+                )?;
+                println!(
+                    "  differential privacy: clip {}, noise {}; all {rounds} rounds would spend epsilon {:.4} at delta {}{}",
+                    p.clip_norm,
+                    p.noise_multiplier,
+                    planned.epsilon,
+                    p.delta,
+                    p.epsilon_budget
+                        .map(|b| format!(" (budget {b})"))
+                        .unwrap_or_default()
+                );
+            }
             Ok(())
         }
         RunCommand::Status { kit, run, json } => admin::run_status(&kit, &run, json).await,

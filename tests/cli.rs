@@ -353,3 +353,34 @@ fn data_synth_validate_and_bad_cases() {
         "{text}"
     );
 }
+
+#[test]
+fn privacy_plan_prints_the_accountants_epsilon() {
+    let (ok, text) = alveolus(&[
+        "privacy",
+        "plan",
+        "--noise",
+        "1.1",
+        "--rounds",
+        "100",
+        "--sample-rate",
+        "0.01",
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let expected = alveolus_privacy::epsilon_after(0.01, 1.1, 100, 1e-5).unwrap();
+    assert_eq!(report["epsilon"].as_f64().unwrap(), expected.epsilon);
+    assert_eq!(report["rdp_order"].as_f64().unwrap(), expected.order);
+    let (ok, text) = alveolus(&["privacy", "plan", "--noise", "1.1", "--rounds", "40"]);
+    assert!(
+        ok && text.contains("after 40 rounds") && text.contains("after 10 rounds"),
+        "{text}"
+    );
+    let (ok, text) = alveolus(&["privacy", "plan", "--noise", "-1", "--rounds", "10"]);
+    assert!(!ok && text.contains("noise multiplier"), "{text}");
+    let (ok, text) = alveolus(&[
+        "privacy", "plan", "--noise", "1", "--rounds", "10", "--delta", "0",
+    ]);
+    assert!(!ok && text.contains("delta"), "{text}");
+}

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::domain::RunState;
-use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::transfer::framed;
+use alveolus_proto::pb::federation_client::FederationClient;
 use common::*;
 
 /// (current, peak) resident memory of a process, in bytes (Linux).
@@ -31,21 +30,7 @@ fn rss(pid: u32) -> (u64, u64) {
 async fn push_constant_update(project: &Project, site: &str, model: &Weights) {
     let mut client = FederationClient::new(connect(&project.site_kit(site)).await);
     let task = join_and_take_task(&mut client, "memory-test", 10).await;
-    let update = constant_update(model, 0.001).encode();
-    let header = pb::UpdateHeader {
-        run_id: task.run_id,
-        round: task.round,
-        base_version: task.model_version,
-        num_samples: 1,
-        metrics: Some(pb::Metrics {
-            loss: 1.0,
-            dice: 0.5,
-        }),
-        total_bytes: update.len() as u64,
-    };
-    let messages: Vec<pb::UpdateChunk> = framed(header, &update);
-    client
-        .push_update(futures::stream::iter(messages))
+    push_update(&mut client, &task, &constant_update(model, 0.001), 1)
         .await
         .unwrap();
 }

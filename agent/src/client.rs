@@ -209,10 +209,19 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Rpc(format!("training task failed: {e}")))??;
-        let update = outcome
+        let mut update = outcome
             .weights
             .minus(&start)
             .map_err(|e| AgentError::Transfer(e.to_string()))?;
+        if let Some(clip_norm) = task.clip_norm {
+            let norm = alveolus_privacy::dp::clip(&mut update, clip_norm);
+            tracing::info!(
+                round,
+                norm,
+                clip_norm,
+                "update clipped for differential privacy"
+            );
+        }
         let bytes = update.encode();
         let header = UpdateHeader {
             run_id: task.run_id.clone(),

@@ -27,6 +27,12 @@ pub enum CoordinatorError {
     WrongBase { got: String, expected: String },
     #[error("site `{site}` already reported for round {round}")]
     AlreadyReported { site: String, round: u32 },
+    #[error(
+        "the update of site `{site}` has L2 norm {norm:.4}, above this run's bound {bound:.4}; it is not used"
+    )]
+    UpdateNorm { site: String, norm: f64, bound: f64 },
+    #[error("site `{site}`'s update for round {round} was refused; it takes part again next round")]
+    RefusedThisRound { site: String, round: u32 },
     #[error("no run `{0}`")]
     UnknownRun(String),
     #[error("no model version `{0}`")]
@@ -66,7 +72,9 @@ impl From<CoordinatorError> for Status {
             | E::RunInProgress { .. }
             | E::WrongRun { .. }
             | E::WrongRound { .. }
-            | E::WrongBase { .. } => Status::failed_precondition(message),
+            | E::WrongBase { .. }
+            | E::UpdateNorm { .. }
+            | E::RefusedThisRound { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),

@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use alveolus_proto::domain::{
-    Metrics, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SiteInfo, Task, TrainTask,
-    UpdateHeader,
+    DomainError, Metrics, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SiteInfo, Task,
+    TrainTask, UpdateHeader,
 };
 use alveolus_proto::weights::Weights;
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::{Semaphore, watch};
 
-use crate::aggregate::FedAvg;
+use crate::aggregate::Aggregator;
 use crate::config::CoordinatorSettings;
 use crate::error::CoordinatorError;
 use crate::store::{Manifest, Store};
@@ -47,7 +47,11 @@ struct OpenRound {
     /// Sites handed this round's task; the round waits for all of them until the deadline.
     participants: BTreeSet<String>,
     reports: Vec<Report>,
-    fedavg: FedAvg,
+    /// Sites whose update was refused for its norm: not asked again this round, not waited for.
+    refused: BTreeSet<String>,
+    aggregator: Aggregator,
+    /// Σ of the reports' sample counts.
+    samples: u64,
 }
 
 impl OpenRound {
@@ -77,7 +81,17 @@ impl OpenRound {
                 round: self.round,
             });
         }
+        if self.refused.contains(site) {
+            return Err(CoordinatorError::RefusedThisRound {
+                site: site.to_string(),
+                round: self.round,
+            });
+        }
         Ok(())
+    }
+
+    fn done_with(&self, site: &str) -> bool {
+        self.refused.contains(site) || self.reports.iter().any(|r| r.site == site)
     }
 }
 
@@ -200,14 +214,17 @@ impl Coordinator {
             model_version: version.clone(),
         });
         run.info.reported.clear();
+        let config = &run.info.config;
         state.round = Some(OpenRound {
             run_id: run.info.run_id.clone(),
             round,
             base_version: version,
-            deadline: Instant::now() + Duration::from_secs(run.info.config.deadline_seconds.into()),
+            deadline: Instant::now() + Duration::from_secs(config.deadline_seconds.into()),
             participants: BTreeSet::new(),
             reports: Vec::new(),
-            fedavg: FedAvg::new(&base),
+            refused: BTreeSet::new(),
+            aggregator: Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref()),
+            samples: 0,
             base: Arc::new(base),
         });
     }
@@ -248,7 +265,7 @@ impl Coordinator {
         let mut state = self.lock();
         Self::touch(&mut state, site);
         let open = state.round.as_mut()?;
-        if open.reports.iter().any(|r| r.site == site) {
+        if open.done_with(site) {
             return None;
         }
         open.participants.insert(site.to_string());
@@ -259,6 +276,7 @@ impl Coordinator {
             round,
             model_version: version,
             training: run.info.config.training.clone(),
+            clip_norm: run.info.config.privacy.as_ref().map(|p| p.clip_norm),
         }))
     }
 
@@ -311,11 +329,30 @@ impl Coordinator {
         let base = self.check_update(site, header)?;
         base.check_same_layout(update)?;
         update.check_finite()?;
+        let norm = alveolus_privacy::dp::l2_norm(update);
         let mut state = self.lock();
         // The round may have closed while the data streamed in: check again under the lock.
         let open = state.round.as_mut().ok_or(CoordinatorError::NoActiveRun)?;
         open.admits(site, header)?;
-        open.fedavg.add(update, header.num_samples);
+        let index = Self::run_index(&state, &header.run_id)?;
+        if let Some(bound) = Self::norm_limit(&state.runs[index].info.config)
+            && norm > bound
+        {
+            let open = state.round.as_mut().expect("checked above");
+            open.refused.insert(site.to_string());
+            tracing::warn!(%site, round = open.round, norm, bound, "update refused for its norm");
+            self.close_if_ready(&mut state, Instant::now())?;
+            drop(state);
+            self.announce();
+            return Err(CoordinatorError::UpdateNorm {
+                site: site.to_string(),
+                norm,
+                bound,
+            });
+        }
+        let open = state.round.as_mut().expect("checked above");
+        open.aggregator.add(update, header.num_samples);
+        open.samples += header.num_samples;
         open.participants.insert(site.to_string());
         open.reports.push(Report {
             site: site.to_string(),
@@ -323,8 +360,7 @@ impl Coordinator {
             metrics: header.metrics,
         });
         let reports = open.reports.len();
-        let (run_id, round) = (open.run_id.clone(), open.round);
-        let index = Self::run_index(&state, &run_id)?;
+        let round = open.round;
         let run = &mut state.runs[index];
         run.info.reported.push(site.to_string());
         run.events.push(RunEvent::UpdateAccepted {
@@ -336,6 +372,20 @@ impl Coordinator {
         drop(state);
         self.announce();
         Ok(reports)
+    }
+
+    /// The largest update norm a run accepts: its DP clip norm (agents clip; a larger update
+    /// means an agent that does not, and would void the guarantee) or its norm bound.
+    fn norm_limit(config: &RunConfig) -> Option<f64> {
+        let clip = config
+            .privacy
+            .as_ref()
+            // Agents clip in f32; leave room for its rounding.
+            .map(|p| p.clip_norm * (1.0 + 1e-4));
+        match (clip, config.aggregation.norm_bound) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Closes the round when its quorum is met; called on each update and by the deadline timer.
@@ -355,10 +405,7 @@ impl Coordinator {
         };
         let index = Self::run_index(state, &open.run_id)?;
         let min_sites = state.runs[index].info.config.min_sites as usize;
-        let everyone = open
-            .participants
-            .iter()
-            .all(|p| open.reports.iter().any(|r| &r.site == p));
+        let everyone = open.participants.iter().all(|p| open.done_with(p));
         if open.reports.len() < min_sites || !(everyone || now >= open.deadline) {
             return Ok(false);
         }
@@ -377,8 +424,19 @@ impl Coordinator {
         index: usize,
         open: &OpenRound,
     ) -> Result<(), CoordinatorError> {
-        let weights = open.fedavg.finish(&open.base);
-        let samples = open.fedavg.total_samples();
+        let weights = open.aggregator.finish(&open.base, &mut rand::rng());
+        let samples = open.samples;
+        let config = state.runs[index].info.config.clone();
+        let privacy = config.privacy.as_ref();
+        let epsilon_after = |rounds: u32| {
+            privacy.map(|p| {
+                // Every site is asked every round: sample rate 1.
+                alveolus_privacy::epsilon_after(1.0, p.noise_multiplier, rounds.into(), p.delta)
+                    .map(|spent| spent.epsilon)
+                    .unwrap_or(f64::INFINITY)
+            })
+        };
+        let epsilon = epsilon_after(open.round);
         let mean = |f: fn(&Metrics) -> f64| {
             open.reports
                 .iter()
@@ -404,6 +462,9 @@ impl Coordinator {
                 samples,
                 metrics: Some(metrics),
                 created_unix_ms: unix_ms(),
+                aggregation: Some(config.aggregation),
+                privacy: config.privacy.clone(),
+                epsilon,
             },
         )?;
         let summary = RoundSummary {
@@ -414,11 +475,23 @@ impl Coordinator {
             loss: metrics.loss,
             dice: metrics.dice,
             finished_unix_ms: manifest.created_unix_ms,
+            epsilon,
         };
         let mut info = state.runs[index].info.clone();
         info.rounds.push(summary.clone());
         info.reported.clear();
-        let done = info.rounds.len() as u32 >= info.config.rounds;
+        let mut done = info.rounds.len() as u32 >= info.config.rounds;
+        if !done
+            && let Some(budget) = privacy.and_then(|p| p.epsilon_budget)
+            && let Some(next) = epsilon_after(open.round + 1)
+            && next > budget
+        {
+            info.stop_reason = Some(format!(
+                "privacy budget: round {} would spend epsilon {next:.4} > {budget}",
+                open.round + 1
+            ));
+            done = true;
+        }
         if done {
             info.state = RunState::Completed;
         }
@@ -466,6 +539,21 @@ impl Coordinator {
     /// Starts a run from an initial model (already digest-checked safetensors bytes).
     pub fn start_run(&self, config: RunConfig, model: &Bytes) -> Result<RunInfo, CoordinatorError> {
         config.validate()?;
+        if let Some(p) = &config.privacy
+            && let Some(budget) = p.epsilon_budget
+        {
+            let first = alveolus_privacy::epsilon_after(1.0, p.noise_multiplier, 1, p.delta)
+                .map(|s| s.epsilon)
+                .unwrap_or(f64::INFINITY);
+            if first > budget {
+                return Err(CoordinatorError::Domain(DomainError::Invalid {
+                    field: "epsilon_budget",
+                    reason: format!(
+                        "one round already spends epsilon {first:.4} > {budget}; raise the noise or the budget"
+                    ),
+                }));
+            }
+        }
         let weights = Weights::decode(model)?;
         weights.check_finite()?;
         if weights.tensors.is_empty() {
@@ -500,6 +588,9 @@ impl Coordinator {
                 samples: 0,
                 metrics: None,
                 created_unix_ms: started,
+                aggregation: Some(config.aggregation),
+                privacy: config.privacy.clone(),
+                epsilon: None,
             },
         )?;
         let info = RunInfo {
@@ -510,6 +601,7 @@ impl Coordinator {
             rounds: Vec::new(),
             reported: Vec::new(),
             started_unix_ms: started,
+            stop_reason: None,
         };
         self.store.put_run(&info)?;
         state.runs.push(RunRecord {

@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
-use alveolus_proto::domain::{Metrics, RunInfo, SiteInfo, validate_version};
+use alveolus_proto::domain::{
+    AggregationConfig, Metrics, PrivacyConfig, RunInfo, SiteInfo, validate_version,
+};
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,15 @@ pub struct Manifest {
     pub samples: u64,
     pub metrics: Option<Metrics>,
     pub created_unix_ms: i64,
+    /// How the round's updates were combined, so whoever receives the model knows.
+    #[serde(default)]
+    pub aggregation: Option<AggregationConfig>,
+    /// The run's differential-privacy settings; None: no DP guarantee.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
+    /// ε the run had spent when this model was made, at `privacy.delta`.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

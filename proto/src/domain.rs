@@ -92,6 +92,11 @@ pub struct RunConfig {
     /// vanished does not stall the run.
     pub deadline_seconds: u32,
     pub training: TrainingConfig,
+    /// Client-level differential privacy; None: updates are averaged as they are.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
 }
 
 impl Default for RunConfig {
@@ -101,7 +106,96 @@ impl Default for RunConfig {
             min_sites: 1,
             deadline_seconds: 600,
             training: TrainingConfig::default(),
+            privacy: None,
+            aggregation: AggregationConfig::default(),
         }
+    }
+}
+
+/// DP-FedAvg (McMahan et al. 2018): each site clips its update to `clip_norm` (L2); the
+/// coordinator averages them with equal weight and adds Gaussian noise of standard deviation
+/// `noise_multiplier x clip_norm` to their sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    /// The δ at which ε is reported.
+    pub delta: f64,
+    /// The run stops before a round would take ε above this.
+    pub epsilon_budget: Option<f64>,
+}
+
+impl PrivacyConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(invalid(
+                "clip_norm",
+                format!("{} is not a positive number", self.clip_norm),
+            ));
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return Err(invalid(
+                "noise_multiplier",
+                format!("{} is not a non-negative number", self.noise_multiplier),
+            ));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(invalid("delta", format!("{} is not in (0, 1)", self.delta)));
+        }
+        if let Some(budget) = self.epsilon_budget
+            && !(budget.is_finite() && budget > 0.0)
+        {
+            return Err(invalid(
+                "epsilon_budget",
+                format!("{budget} is not a positive number"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a round's updates become one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "rule")]
+pub enum AggregationRule {
+    /// Sample-weighted mean, folded in as updates arrive (memory: one model).
+    #[default]
+    FedAvg,
+    /// Coordinate-wise median: one hostile site cannot move a coordinate past the honest ones.
+    Median,
+    /// Coordinate-wise mean after dropping the `trim_fraction` highest and lowest values.
+    TrimmedMean { trim_fraction: f64 },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationConfig {
+    #[serde(flatten)]
+    pub rule: AggregationRule,
+    /// Updates whose L2 norm exceeds this are refused (a faulty or hostile site).
+    pub norm_bound: Option<f64>,
+}
+
+impl AggregationConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if let AggregationRule::TrimmedMean { trim_fraction } = self.rule
+            && !(0.0..0.5).contains(&trim_fraction)
+        {
+            return Err(invalid(
+                "trim_fraction",
+                format!("{trim_fraction} is not in [0, 0.5)"),
+            ));
+        }
+        if let Some(bound) = self.norm_bound
+            && !(bound.is_finite() && bound > 0.0)
+        {
+            return Err(invalid(
+                "norm_bound",
+                format!("{bound} is not a positive number"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +210,18 @@ impl RunConfig {
         if self.deadline_seconds == 0 {
             return Err(invalid("deadline_seconds", "must be at least 1"));
         }
+        self.aggregation.validate()?;
+        if let Some(privacy) = &self.privacy {
+            privacy.validate()?;
+            // The privacy analysis bounds one site's influence on a sum; a median or trimmed
+            // mean is not that sum.
+            if self.aggregation.rule != AggregationRule::FedAvg {
+                return Err(invalid(
+                    "aggregation",
+                    "differential privacy needs FedAvg aggregation",
+                ));
+            }
+        }
         self.training.validate()
     }
 }
@@ -126,6 +232,8 @@ pub struct TrainTask {
     pub round: u32,
     pub model_version: String,
     pub training: TrainingConfig,
+    /// L2 norm the site clips its update to (differential privacy).
+    pub clip_norm: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +290,9 @@ pub struct RoundSummary {
     /// Sample-weighted mean of the sites' local training Dice.
     pub dice: f64,
     pub finished_unix_ms: i64,
+    /// ε the run has spent after this round, at the run's δ (differential privacy).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +304,9 @@ pub struct RunInfo {
     pub rounds: Vec<RoundSummary>,
     pub reported: Vec<String>,
     pub started_unix_ms: i64,
+    /// Why the run ended before its last round, e.g. its privacy budget.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
 }
 
 impl RunInfo {
@@ -263,8 +377,31 @@ impl From<RunConfig> for pb::RunConfig {
             deadline_seconds: c.deadline_seconds,
             training: Some(c.training.into()),
             initial_model_bytes: 0,
+            privacy: c.privacy.map(|p| pb::PrivacyConfig {
+                clip_norm: p.clip_norm,
+                noise_multiplier: p.noise_multiplier,
+                delta: p.delta,
+                epsilon_budget: p.epsilon_budget.unwrap_or(0.0),
+            }),
+            aggregation: Some(pb::AggregationConfig {
+                rule: match c.aggregation.rule {
+                    AggregationRule::FedAvg => pb::AggregationRule::Fedavg,
+                    AggregationRule::Median => pb::AggregationRule::Median,
+                    AggregationRule::TrimmedMean { .. } => pb::AggregationRule::TrimmedMean,
+                } as i32,
+                trim_fraction: match c.aggregation.rule {
+                    AggregationRule::TrimmedMean { trim_fraction } => trim_fraction,
+                    _ => 0.0,
+                },
+                norm_bound: c.aggregation.norm_bound.unwrap_or(0.0),
+            }),
         }
     }
+}
+
+/// Protobuf's "unset" for an optional positive number.
+fn positive(value: f64) -> Option<f64> {
+    (value != 0.0).then_some(value)
 }
 
 impl TryFrom<pb::RunConfig> for RunConfig {
@@ -278,6 +415,31 @@ impl TryFrom<pb::RunConfig> for RunConfig {
                 .training
                 .ok_or(DomainError::Missing("training"))?
                 .try_into()?,
+            privacy: c.privacy.map(|p| PrivacyConfig {
+                clip_norm: p.clip_norm,
+                noise_multiplier: p.noise_multiplier,
+                delta: p.delta,
+                epsilon_budget: positive(p.epsilon_budget),
+            }),
+            aggregation: match c.aggregation {
+                None => AggregationConfig::default(),
+                Some(a) => AggregationConfig {
+                    rule: match pb::AggregationRule::try_from(a.rule) {
+                        Ok(pb::AggregationRule::Fedavg) => AggregationRule::FedAvg,
+                        Ok(pb::AggregationRule::Median) => AggregationRule::Median,
+                        Ok(pb::AggregationRule::TrimmedMean) => AggregationRule::TrimmedMean {
+                            trim_fraction: a.trim_fraction,
+                        },
+                        Err(_) => {
+                            return Err(invalid(
+                                "aggregation.rule",
+                                format!("unknown rule {}", a.rule),
+                            ));
+                        }
+                    },
+                    norm_bound: positive(a.norm_bound),
+                },
+            },
         };
         c.validate()?;
         Ok(c)
@@ -293,6 +455,7 @@ impl From<Task> for pb::Task {
                 round: t.round,
                 model_version: t.model_version,
                 training: Some(t.training.into()),
+                clip_norm: t.clip_norm.unwrap_or(0.0),
             }),
         };
         Self { kind: Some(kind) }
@@ -316,6 +479,11 @@ impl TryFrom<pb::Task> for Task {
                         .training
                         .ok_or(DomainError::Missing("training"))?
                         .try_into()?,
+                    clip_norm: match t.clip_norm {
+                        0.0 => None,
+                        c if c.is_finite() && c > 0.0 => Some(c),
+                        c => return Err(invalid("clip_norm", format!("{c} is not positive"))),
+                    },
                 }))
             }
         }
@@ -407,6 +575,7 @@ impl From<RoundSummary> for pb::RoundSummary {
             loss: r.loss,
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
+            epsilon: r.epsilon.unwrap_or(0.0),
         }
     }
 }
@@ -421,6 +590,7 @@ impl From<pb::RoundSummary> for RoundSummary {
             loss: r.loss,
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
+            epsilon: positive(r.epsilon),
         }
     }
 }
@@ -435,6 +605,7 @@ impl From<RunInfo> for pb::RunInfo {
             rounds: r.rounds.into_iter().map(Into::into).collect(),
             reported: r.reported,
             started_unix_ms: r.started_unix_ms,
+            stop_reason: r.stop_reason.unwrap_or_default(),
         }
     }
 }
@@ -456,6 +627,7 @@ impl TryFrom<pb::RunInfo> for RunInfo {
             rounds: r.rounds.into_iter().map(Into::into).collect(),
             reported: r.reported,
             started_unix_ms: r.started_unix_ms,
+            stop_reason: (!r.stop_reason.is_empty()).then_some(r.stop_reason),
         })
     }
 }

@@ -202,6 +202,7 @@ pub fn run_config(rounds: u32, min_sites: u32, deadline_seconds: u32) -> RunConf
             batch_size: 4,
             seed: 3,
         },
+        ..RunConfig::default()
     }
 }
 
@@ -229,11 +230,19 @@ pub async fn start_run(
     config: RunConfig,
     weights: &Weights,
 ) -> RunInfo {
+    let stream = start_run_stream(config, weights);
+    RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
+}
+
+/// The StartRun messages for `config` and `weights`.
+pub fn start_run_stream(
+    config: RunConfig,
+    weights: &Weights,
+) -> impl futures::Stream<Item = pb::StartRunChunk> + use<> {
     let bytes = weights.encode();
     let mut config = pb::RunConfig::from(config);
     config.initial_model_bytes = bytes.len() as u64;
-    let stream = futures::stream::iter(framed::<pb::StartRunChunk>(config, &bytes));
-    RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
+    futures::stream::iter(framed::<pb::StartRunChunk>(config, &bytes))
 }
 
 pub async fn get_run(admin: &mut AdminClient<Channel>, run_id: &str) -> RunInfo {
@@ -334,4 +343,30 @@ pub async fn join_and_take_task(
         panic!("expected a training task")
     };
     task
+}
+
+/// Pushes `update` as the answer to `task`, as an agent would.
+pub async fn push_update(
+    client: &mut FederationClient<Channel>,
+    task: &TrainTask,
+    update: &Weights,
+    samples: u64,
+) -> Result<u32, tonic::Status> {
+    let bytes = update.encode();
+    let header = pb::UpdateHeader {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        base_version: task.model_version.clone(),
+        num_samples: samples,
+        metrics: Some(pb::Metrics {
+            loss: 1.0,
+            dice: 0.5,
+        }),
+        total_bytes: bytes.len() as u64,
+    };
+    let messages: Vec<pb::UpdateChunk> = framed(header, &bytes);
+    client
+        .push_update(futures::stream::iter(messages))
+        .await
+        .map(|r| r.into_inner().reports_this_round)
 }

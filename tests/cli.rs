@@ -377,7 +377,7 @@ fn privacy_plan_prints_the_accountants_epsilon() {
         ok && text.contains("after 40 rounds") && text.contains("after 10 rounds"),
         "{text}"
     );
-    let (ok, text) = alveolus(&["privacy", "plan", "--noise", "-1", "--rounds", "10"]);
+    let (ok, text) = alveolus(&["privacy", "plan", "--noise=-1", "--rounds", "10"]);
     assert!(!ok && text.contains("noise multiplier"), "{text}");
     let (ok, text) = alveolus(&[
         "privacy", "plan", "--noise", "1", "--rounds", "10", "--delta", "0",

@@ -168,8 +168,9 @@ pub enum AggregationRule {
     TrimmedMean { trim_fraction: f64 },
 }
 
+// No `deny_unknown_fields`: serde cannot combine it with `flatten`, and this is only read
+// back from the coordinator's own manifests and run log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AggregationConfig {
     #[serde(flatten)]
     pub rule: AggregationRule,
@@ -725,6 +726,22 @@ impl TryFrom<pb::ModelHeader> for ModelHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregation_settings_read_back_from_json() {
+        for rule in [
+            AggregationRule::FedAvg,
+            AggregationRule::Median,
+            AggregationRule::TrimmedMean { trim_fraction: 0.2 },
+        ] {
+            let config = AggregationConfig {
+                rule,
+                norm_bound: Some(3.0),
+            };
+            let json = serde_json::to_string(&config).unwrap();
+            assert_eq!(serde_json::from_str::<AggregationConfig>(&json).unwrap(), config);
+        }
+    }
 
     #[test]
     fn run_config_round_trips_and_validates() {

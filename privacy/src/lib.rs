@@ -13,5 +13,6 @@
 
 pub mod accountant;
 pub mod dp;
+pub mod secagg;
 
 pub use accountant::{AccountantError, PrivacySpent, RdpAccountant, epsilon_after};

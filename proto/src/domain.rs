@@ -739,7 +739,10 @@ mod tests {
                 norm_bound: Some(3.0),
             };
             let json = serde_json::to_string(&config).unwrap();
-            assert_eq!(serde_json::from_str::<AggregationConfig>(&json).unwrap(), config);
+            assert_eq!(
+                serde_json::from_str::<AggregationConfig>(&json).unwrap(),
+                config
+            );
         }
     }
 

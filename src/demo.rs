@@ -13,7 +13,9 @@ use alveolus_agent::data::synth::{SynthDataset, write_dataset};
 use alveolus_agent::evaluate::evaluate;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::{Device, ModelSpec, Weights};
-use alveolus_proto::domain::{PrivacyConfig, RunConfig, RunEvent, RunState, TrainingConfig};
+use alveolus_proto::domain::{
+    PrivacyConfig, RunConfig, RunEvent, RunState, SecureAggregationConfig, TrainingConfig,
+};
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use tokio::process::{Child, Command};
@@ -184,6 +186,7 @@ pub async fn run(
     rounds: u32,
     data: DemoData,
     privacy: Option<PrivacyConfig>,
+    secure_aggregation: bool,
 ) -> Result<()> {
     let started = Instant::now();
     prepare_out(out)?;
@@ -260,6 +263,10 @@ pub async fn run(
             seed,
         },
         privacy,
+        // Every hospital must see each round through: the coordinator unmasks only the sum of all.
+        secure_aggregation: secure_aggregation.then_some(SecureAggregationConfig {
+            threshold: SITES.len() as u32,
+        }),
         ..RunConfig::default()
     };
     let info = admin::start_run_with(&mut client, config, &initial).await?;
@@ -267,6 +274,9 @@ pub async fn run(
         "run {} started: {rounds} rounds, {} px U-Net, initial model dice {:.3}",
         info.run_id, spec.image_size, initial_dice.0
     );
+    if secure_aggregation {
+        println!("secure aggregation: the coordinator sees only the sum of the three updates");
+    }
     println!("round  sites  mean local loss  validation dice (infection)");
 
     let mut lines = Vec::new();
@@ -324,6 +334,8 @@ pub async fn run(
     std::fs::write(out.join("final-model.json"), manifest)?;
     let report = serde_json::json!({
         "run_id": info.run_id,
+        "secure_aggregation": secure_aggregation,
+        "privacy": info.config.privacy,
         "initial_dice": initial_dice.0,
         "validation_slices": validation.len(),
         "rounds": lines,

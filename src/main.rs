@@ -20,7 +20,8 @@ use alveolus_models::metrics::DiceReport;
 use alveolus_models::spec::Norm;
 use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions, Weights};
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, TrainingConfig,
+    AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, SecureAggregationConfig,
+    TrainingConfig,
 };
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
@@ -204,6 +205,9 @@ enum Command {
         /// DP noise multiplier (noise std over the clip norm).
         #[arg(long, requires = "dp_clip")]
         dp_noise: Option<f64>,
+        /// Aggregate securely: the coordinator sees only the sum of the hospitals' updates.
+        #[arg(long)]
+        secure_aggregation: bool,
     },
 }
 
@@ -370,6 +374,15 @@ enum RunCommand {
         /// Refuse updates whose L2 norm is above this.
         #[arg(long)]
         norm_bound: Option<f64>,
+        /// Secure aggregation: sites mask their updates so that the coordinator learns only
+        /// their sum (FedAvg only; with --dp-clip the sites add the noise).
+        #[arg(long)]
+        secure_aggregation: bool,
+        /// Secure aggregation: sites that must survive each round to its end (and that would
+        /// have to collude with the coordinator to unmask one site). Default: --min-sites,
+        /// at least 2.
+        #[arg(long, requires = "secure_aggregation")]
+        threshold: Option<u32>,
     },
     Status {
         #[arg(long)]
@@ -623,6 +636,7 @@ async fn dispatch(command: Command) -> Result<()> {
             synthetic,
             dp_clip,
             dp_noise,
+            secure_aggregation,
         } => {
             let data = if synthetic {
                 demo::DemoData::Synthetic
@@ -638,7 +652,7 @@ async fn dispatch(command: Command) -> Result<()> {
                         delta: 1e-5,
                         epsilon_budget: None,
                     });
-            demo::run(&out, rounds, data, privacy).await
+            demo::run(&out, rounds, data, privacy, secure_aggregation).await
         }
         Command::Privacy {
             command:
@@ -894,6 +908,8 @@ async fn run_command(command: RunCommand) -> Result<()> {
             aggregation,
             trim_fraction,
             norm_bound,
+            secure_aggregation,
+            threshold,
         } => {
             let privacy =
                 dp_clip
@@ -919,6 +935,9 @@ async fn run_command(command: RunCommand) -> Result<()> {
                     rule: aggregation.rule(trim_fraction),
                     norm_bound,
                 },
+                secure_aggregation: secure_aggregation.then(|| SecureAggregationConfig {
+                    threshold: threshold.unwrap_or(min_sites.max(2)),
+                }),
             };
             config.validate()?;
             let weights = match init {
@@ -930,6 +949,7 @@ async fn run_command(command: RunCommand) -> Result<()> {
             };
             let spec = ModelSpec::from_weights(&weights)?;
             slices_only(&spec)?;
+            let secure = config.secure_aggregation;
             let info = admin::start_run(&kit, config, &weights).await?;
             println!("started {}", info.run_id);
             println!(
@@ -940,6 +960,12 @@ async fn run_command(command: RunCommand) -> Result<()> {
                 "  {} rounds, min {} sites, deadline {} s, {} local epochs, lr {}, batch {}, seed {}",
                 rounds, min_sites, deadline, local_epochs, lr, batch_size, seed
             );
+            if let Some(secure) = secure {
+                println!(
+                    "  secure aggregation: the coordinator sees only the sum; each round needs {} surviving sites",
+                    secure.threshold
+                );
+            }
             if let Some(p) = privacy {
                 let planned = alveolus_privacy::epsilon_after(
                     1.0,

@@ -46,6 +46,7 @@ async fn push(
             dice: 0.5,
         }),
         total_bytes: payload.len() as u64,
+        masked: false,
     })];
     parts.extend(chunks(&payload).map(Part::Data));
     parts.push(Part::Trailer(pb::TransferTrailer {
@@ -157,6 +158,7 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
                 dice: 0.5,
             }),
             total_bytes: 8 << 30,
+            masked: false,
         })),
     };
     let status = site

@@ -140,6 +140,7 @@ async fn roles_are_enforced_on_every_call() {
                 dice: 0.0,
             }),
             total_bytes: 0,
+            masked: false,
         })),
     };
     let status = FederationClient::new(admin_channel.clone())

@@ -3,7 +3,8 @@
 //!
 //! What leaves the site: the protocol version and agent version at join, the update tensors
 //! (local minus global weights, no metadata), the sample count and two aggregate numbers (loss,
-//! Dice). Never a file name, a slice, a mask or a header from the site's data.
+//! Dice); under secure aggregation the same numbers, masked, plus the protocol's keys and
+//! shares (`secure`). Never a file name, a slice, a mask or a header from the site's data.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -170,6 +171,22 @@ impl Agent {
         client: &mut FederationClient<Channel>,
         task: TrainTask,
     ) -> Result<(), AgentError> {
+        // Under secure aggregation the keys are exchanged first, while every site is still
+        // waiting for the round, so that training is not held up by the slowest site.
+        let session = match task.secure_aggregation {
+            None => None,
+            Some(secure) => {
+                tracing::info!(
+                    round = task.round,
+                    threshold = secure.threshold,
+                    "exchanging keys for secure aggregation"
+                );
+                match crate::secure::join_round(client, &task, &self.kit.identity.name).await {
+                    Ok(session) => Some(session),
+                    Err(e) => return skip_round(task.round, e),
+                }
+            }
+        };
         tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
         let global = pull_model(client, &task.model_version).await?;
         let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
@@ -222,19 +239,10 @@ impl Agent {
                 "update clipped for differential privacy"
             );
         }
-        let bytes = update.encode();
-        let header = UpdateHeader {
-            run_id: task.run_id.clone(),
-            round: task.round,
-            base_version: task.model_version.clone(),
-            num_samples: outcome.samples as u64,
-            metrics: Metrics {
-                loss: outcome.loss,
-                dice: outcome.dice,
-            },
-            total_bytes: bytes.len() as u64,
+        let metrics = Metrics {
+            loss: outcome.loss,
+            dice: outcome.dice,
         };
-        self.keep_audit_copy(&header, &bytes)?;
         tracing::info!(
             round,
             loss = format!("{:.4}", outcome.loss),
@@ -242,6 +250,44 @@ impl Agent {
             seconds = format!("{:.1}", started.elapsed().as_secs_f32()),
             "local training done; pushing update"
         );
+        if let Some(session) = session {
+            // Under DP every site weighs the same (its noise share assumes it).
+            let weight = if task.clip_norm.is_some() {
+                1
+            } else {
+                outcome.samples as u64
+            };
+            let noise_std = task.secure_aggregation.and_then(|s| s.noise_std);
+            let words =
+                match crate::secure::mask_update(&session, &update, metrics, weight, noise_std) {
+                    Ok(words) => words,
+                    Err(e) => return skip_round(round, e),
+                };
+            let (header, bytes) = crate::secure::masked_message(&task, &words);
+            self.keep_audit_copy(&header, &bytes)?;
+            match crate::secure::push_masked(client, header, &bytes).await {
+                Ok(reports) => tracing::info!(round, reports, "masked update accepted"),
+                Err(s) => return skip_round(round, s.into()),
+            }
+            return match crate::secure::reveal(client, &task, &session).await {
+                Ok(survivors) => {
+                    tracing::info!(round, survivors, "shares revealed for unmasking the sum");
+                    Ok(())
+                }
+                Err(e) => skip_round(round, e),
+            };
+        }
+        let bytes = update.encode();
+        let header = UpdateHeader {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            base_version: task.model_version.clone(),
+            num_samples: outcome.samples as u64,
+            metrics,
+            total_bytes: bytes.len() as u64,
+            masked: false,
+        };
+        self.keep_audit_copy(&header, &bytes)?;
         let messages: Vec<pb::UpdateChunk> = framed(header.into(), &bytes);
         match client.push_update(futures::stream::iter(messages)).await {
             Ok(response) => {
@@ -266,6 +312,11 @@ impl Agent {
             return Ok(());
         };
         let stem = format!("{}-round{:04}", header.run_id, header.round);
+        let extension = if header.masked {
+            "masked"
+        } else {
+            "safetensors"
+        };
         let write = |name: String, contents: &[u8]| {
             let path = dir.join(name);
             std::fs::create_dir_all(dir)
@@ -275,7 +326,7 @@ impl Agent {
                     message: e.to_string(),
                 })
         };
-        write(format!("{stem}.safetensors"), bytes)?;
+        write(format!("{stem}.{extension}"), bytes)?;
         let record = serde_json::json!({
             "run_id": header.run_id,
             "round": header.round,
@@ -283,9 +334,32 @@ impl Agent {
             "num_samples": header.num_samples,
             "loss": header.metrics.loss,
             "dice": header.metrics.dice,
+            "masked": header.masked,
             "sha256": sha256_hex(bytes),
         });
         write(format!("{stem}.json"), record.to_string().as_bytes())
+    }
+}
+
+/// A secure-aggregation step failed: the round goes on without this site, or fails for all;
+/// a transport error means reconnecting.
+fn skip_round(round: u32, error: crate::secure::SecureError) -> Result<(), AgentError> {
+    match error {
+        crate::secure::SecureError::Status(s)
+            if !matches!(
+                s.code(),
+                Code::FailedPrecondition
+                    | Code::AlreadyExists
+                    | Code::NotFound
+                    | Code::InvalidArgument
+            ) =>
+        {
+            Err(status_error(s))
+        }
+        e => {
+            tracing::warn!(round, "this site takes no further part in the round: {e}");
+            Ok(())
+        }
     }
 }
 

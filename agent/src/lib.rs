@@ -6,6 +6,7 @@
 pub mod client;
 pub mod data;
 pub mod evaluate;
+pub mod secure;
 pub mod slices;
 
 pub use client::{AgentError, AgentOptions, run_agent};

@@ -33,6 +33,8 @@ pub enum CoordinatorError {
     UpdateNorm { site: String, norm: f64, bound: f64 },
     #[error("site `{site}`'s update for round {round} was refused; it takes part again next round")]
     RefusedThisRound { site: String, round: u32 },
+    #[error("secure aggregation: {0}")]
+    SecureAggregation(String),
     #[error("no run `{0}`")]
     UnknownRun(String),
     #[error("no model version `{0}`")]
@@ -74,7 +76,8 @@ impl From<CoordinatorError> for Status {
             | E::WrongRound { .. }
             | E::WrongBase { .. }
             | E::UpdateNorm { .. }
-            | E::RefusedThisRound { .. } => Status::failed_precondition(message),
+            | E::RefusedThisRound { .. }
+            | E::SecureAggregation(_) => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),

@@ -9,6 +9,7 @@ pub mod durable;
 pub mod error;
 pub mod provision;
 pub mod rounds;
+pub mod secure;
 pub mod service;
 pub mod store;
 pub mod tls;

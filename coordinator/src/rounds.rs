@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use alveolus_privacy::secagg::RoundContext;
+use alveolus_privacy::wire::{Reply, Request, Step};
 use alveolus_proto::domain::{
-    DomainError, Metrics, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SiteInfo, Task,
-    TrainTask, UpdateHeader,
+    DomainError, Metrics, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SecureTask,
+    SiteInfo, Task, TrainTask, UpdateHeader,
 };
 use alveolus_proto::weights::Weights;
 use bytes::Bytes;
@@ -22,6 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::aggregate::Aggregator;
 use crate::config::CoordinatorSettings;
 use crate::error::CoordinatorError;
+use crate::secure::{Progress, SecureRound};
 use crate::store::{Manifest, Store};
 
 pub fn unix_ms() -> i64 {
@@ -52,6 +55,8 @@ struct OpenRound {
     aggregator: Aggregator,
     /// Σ of the reports' sample counts.
     samples: u64,
+    /// Present when the run uses secure aggregation: the masked sum and the protocol's phases.
+    secure: Option<SecureRound>,
 }
 
 impl OpenRound {
@@ -74,6 +79,21 @@ impl OpenRound {
                 got: header.base_version.clone(),
                 expected: self.base_version.clone(),
             });
+        }
+        match (&self.secure, header.masked) {
+            (Some(_), false) => {
+                return Err(CoordinatorError::SecureAggregation(format!(
+                    "round {} is securely aggregated: only a masked update is accepted",
+                    self.round
+                )));
+            }
+            (None, true) => {
+                return Err(CoordinatorError::SecureAggregation(format!(
+                    "round {} is not securely aggregated: a masked update cannot be used",
+                    self.round
+                )));
+            }
+            _ => {}
         }
         if self.reports.iter().any(|r| r.site == site) {
             return Err(CoordinatorError::AlreadyReported {
@@ -215,16 +235,37 @@ impl Coordinator {
         });
         run.info.reported.clear();
         let config = &run.info.config;
+        let deadline = Duration::from_secs(config.deadline_seconds.into());
+        let secure = config.secure_aggregation.map(|s| {
+            // Any `threshold` survivors together add at least the run's noise variance.
+            let noise_std = config
+                .privacy
+                .as_ref()
+                .map(|p| p.noise_multiplier * p.clip_norm / f64::from(s.threshold).sqrt());
+            let context = RoundContext {
+                run_id: run.info.run_id.clone(),
+                round,
+            };
+            // The values, then weight x loss, weight x Dice, and the weight.
+            SecureRound::new(
+                context,
+                s.threshold,
+                noise_std,
+                base.num_values() + 3,
+                deadline,
+            )
+        });
         state.round = Some(OpenRound {
             run_id: run.info.run_id.clone(),
             round,
             base_version: version,
-            deadline: Instant::now() + Duration::from_secs(config.deadline_seconds.into()),
+            deadline: Instant::now() + deadline,
             participants: BTreeSet::new(),
             reports: Vec::new(),
             refused: BTreeSet::new(),
             aggregator: Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref()),
             samples: 0,
+            secure,
             base: Arc::new(base),
         });
     }
@@ -265,7 +306,7 @@ impl Coordinator {
         let mut state = self.lock();
         Self::touch(&mut state, site);
         let open = state.round.as_mut()?;
-        if open.done_with(site) {
+        if open.done_with(site) || open.secure.as_ref().is_some_and(|s| !s.takes_new_sites()) {
             return None;
         }
         open.participants.insert(site.to_string());
@@ -277,23 +318,109 @@ impl Coordinator {
             model_version: version,
             training: run.info.config.training.clone(),
             clip_norm: run.info.config.privacy.as_ref().map(|p| p.clip_norm),
+            secure_aggregation: open_secure_task(state.round.as_ref()),
         }))
+    }
+
+    /// Waits (up to the long-poll limit) for `ready` to give an answer, re-checking on every
+    /// change; None when the wait ran out.
+    async fn wait_until<T>(
+        &self,
+        wait: Duration,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        let until = tokio::time::Instant::now() + wait.min(self.max_long_poll);
+        let mut changes = self.changed.subscribe();
+        loop {
+            if let Some(answer) = ready() {
+                return Some(answer);
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return None },
+                _ = tokio::time::sleep_until(until) => return ready(),
+            }
+        }
     }
 
     /// The site's next task, waiting up to `wait` for one to appear.
     pub async fn next_task(&self, site: &str, wait: Duration) -> Task {
-        let until = tokio::time::Instant::now() + wait.min(self.max_long_poll);
-        let mut changes = self.changed.subscribe();
-        loop {
-            if let Some(task) = self.try_task(site) {
-                return task;
+        self.wait_until(wait, || self.try_task(site))
+            .await
+            .unwrap_or(Task::Wait { retry_after_ms: 0 })
+    }
+
+    /// One step of a securely aggregated round: takes the site's submission, then answers
+    /// once the step's phase has closed (or Pending when `wait_seconds` ran out).
+    pub async fn secure_step(
+        &self,
+        site: &str,
+        request: Request,
+    ) -> Result<Reply, CoordinatorError> {
+        let round_of = |state: &mut State| -> Result<(), CoordinatorError> {
+            let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
+            if request.run_id != open.run_id {
+                return Err(CoordinatorError::WrongRun {
+                    got: request.run_id.clone(),
+                    expected: open.run_id.clone(),
+                });
             }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep_until(until) => break,
+            if request.round != open.round {
+                return Err(CoordinatorError::WrongRound {
+                    got: request.round,
+                    expected: open.round,
+                });
+            }
+            if open.secure.is_none() {
+                return Err(CoordinatorError::SecureAggregation(format!(
+                    "round {} is not securely aggregated",
+                    open.round
+                )));
+            }
+            Ok(())
+        };
+        {
+            let mut state = self.lock();
+            Self::touch(&mut state, site);
+            round_of(&mut state)?;
+            let secure = state
+                .round
+                .as_mut()
+                .and_then(|r| r.secure.as_mut())
+                .expect("checked above");
+            match &request.step {
+                Step::Keys(keys) => secure.add_keys(site, *keys)?,
+                Step::Shares(message) => secure.add_shares(site, message.clone())?,
+                Step::AwaitSurvivors => {}
+                Step::Reveal(shares) => secure.add_reveal(site, shares.clone())?,
+            }
+            let changed = self.close_if_ready(&mut state, Instant::now())?;
+            drop(state);
+            if changed {
+                self.announce();
             }
         }
-        Task::Wait { retry_after_ms: 0 }
+        if matches!(request.step, Step::Reveal(_)) {
+            return Ok(Reply::Revealed);
+        }
+        let answer = || -> Option<Result<Reply, CoordinatorError>> {
+            let mut state = self.lock();
+            if let Err(e) = round_of(&mut state) {
+                return Some(Err(e));
+            }
+            let secure = state.round.as_ref()?.secure.as_ref()?;
+            Some(match &request.step {
+                Step::Keys(_) => secure.roster_for(site)?.map(Reply::Roster),
+                Step::Shares(_) => secure
+                    .inbox_for(site)?
+                    .map(|(sharers, envelopes)| Reply::Inbox { sharers, envelopes }),
+                Step::AwaitSurvivors => secure.survivors_for(site)?.map(Reply::Survivors),
+                Step::Reveal(_) => Ok(Reply::Revealed),
+            })
+        };
+        let wait = Duration::from_secs(request.wait_seconds.into());
+        self.wait_until(wait, answer)
+            .await
+            .unwrap_or(Ok(Reply::Pending))
     }
 
     /// Checks an update's header against the round in progress before any data is received.
@@ -307,6 +434,52 @@ impl Coordinator {
         let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
         open.admits(site, header)?;
         Ok(open.base.clone())
+    }
+
+    /// Words a masked update for the round in progress must have.
+    pub fn masked_words(
+        &self,
+        site: &str,
+        header: &UpdateHeader,
+    ) -> Result<usize, CoordinatorError> {
+        let state = self.lock();
+        let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
+        open.admits(site, header)?;
+        let secure = open.secure.as_ref().expect("admits checked it is secure");
+        secure.admits_masked(site)?;
+        Ok(secure.words())
+    }
+
+    /// Adds a masked update (secure aggregation) to the round's masked sum.
+    pub fn accept_masked_update(
+        &self,
+        site: &str,
+        header: &UpdateHeader,
+        words: &[u64],
+    ) -> Result<usize, CoordinatorError> {
+        let mut state = self.lock();
+        let open = state.round.as_mut().ok_or(CoordinatorError::NoActiveRun)?;
+        open.admits(site, header)?;
+        let secure = open.secure.as_mut().expect("admits checked it is secure");
+        secure.add_masked(site, words)?;
+        open.participants.insert(site.to_string());
+        open.reports.push(Report {
+            site: site.to_string(),
+            samples: 0,
+            metrics: Metrics::default(),
+        });
+        let (reports, round, run_id) = (open.reports.len(), open.round, open.run_id.clone());
+        let index = Self::run_index(&state, &run_id)?;
+        let run = &mut state.runs[index];
+        run.info.reported.push(site.to_string());
+        run.events.push(RunEvent::UpdateAccepted {
+            round,
+            site: site.to_string(),
+        });
+        self.close_if_ready(&mut state, Instant::now())?;
+        drop(state);
+        self.announce();
+        Ok(reports)
     }
 
     /// A permit to hold one update buffer; waits while all slots are taken.
@@ -405,6 +578,9 @@ impl Coordinator {
         };
         let index = Self::run_index(state, &open.run_id)?;
         let min_sites = state.runs[index].info.config.min_sites as usize;
+        if open.secure.is_some() {
+            return self.advance_secure(state, index, now, min_sites);
+        }
         let everyone = open.participants.iter().all(|p| open.done_with(p));
         if open.reports.len() < min_sites || !(everyone || now >= open.deadline) {
             return Ok(false);
@@ -418,16 +594,104 @@ impl Coordinator {
         Ok(true)
     }
 
+    fn advance_secure(
+        &self,
+        state: &mut State,
+        index: usize,
+        now: Instant,
+        min_sites: usize,
+    ) -> Result<bool, CoordinatorError> {
+        // Sites heard from within two long-polls are connected and will ask for the task.
+        let recent = unix_ms() - 2 * self.max_long_poll.as_millis() as i64;
+        let live: BTreeSet<String> = state
+            .sites
+            .values()
+            .filter(|s| s.last_contact_unix_ms >= recent)
+            .map(|s| s.name.clone())
+            .collect();
+        let open = state.round.as_mut().expect("checked by the caller");
+        let deadline = open.deadline;
+        let secure = open.secure.as_mut().expect("checked by the caller");
+        match secure.advance(now, deadline, min_sites, &live) {
+            Progress::Unchanged => Ok(false),
+            Progress::Advanced => Ok(true),
+            Progress::Complete => {
+                let open = state.round.take().expect("checked above");
+                if let Err(e) = self.finish_round(state, index, &open) {
+                    state.round = Some(open);
+                    return Err(e);
+                }
+                Ok(true)
+            }
+            Progress::Failed(reason) => {
+                let round = state.round.take().expect("checked above").round;
+                let mut info = state.runs[index].info.clone();
+                info.state = RunState::Failed;
+                info.reported.clear();
+                info.stop_reason = Some(format!("round {round} failed: {reason}"));
+                tracing::warn!(run = %info.run_id, round, "secure aggregation failed: {reason}");
+                let saved = self.store.put_run(&info);
+                let run = &mut state.runs[index];
+                run.info = info.clone();
+                run.events.push(RunEvent::RunFinished(info));
+                saved.map(|_| true)
+            }
+        }
+    }
+
+    /// The next model, the sample count and the mean metrics of a closed round.
+    fn aggregate(
+        &self,
+        open: &OpenRound,
+        dp: bool,
+    ) -> Result<(Weights, u64, Metrics), CoordinatorError> {
+        let Some(secure) = &open.secure else {
+            let weights = open.aggregator.finish(&open.base, &mut rand::rng());
+            let mean = |f: fn(&Metrics) -> f64| {
+                open.reports
+                    .iter()
+                    .map(|r| f(&r.metrics) * r.samples as f64)
+                    .sum::<f64>()
+                    / open.samples.max(1) as f64
+            };
+            let metrics = Metrics {
+                loss: mean(|m| m.loss),
+                dice: mean(|m| m.dice),
+            };
+            return Ok((weights, open.samples, metrics));
+        };
+        let (sums, weight) = secure.unmask()?;
+        if weight == 0 {
+            return Err(CoordinatorError::SecureAggregation(
+                "the unmasked weights add up to zero".into(),
+            ));
+        }
+        let total = weight as f64;
+        let values = open.base.num_values();
+        let mut next = sums[..values].iter();
+        let mut weights = (*open.base).clone();
+        for tensor in weights.tensors.values_mut() {
+            for (v, sum) in tensor.values.iter_mut().zip(&mut next) {
+                *v = (*v as f64 + sum / total) as f32;
+            }
+        }
+        let metrics = Metrics {
+            loss: sums[values] / total,
+            dice: sums[values + 1] / total,
+        };
+        // Under DP every site weighs 1: the sample count stays with the sites.
+        Ok((weights, if dp { 0 } else { weight }, metrics))
+    }
+
     fn finish_round(
         &self,
         state: &mut State,
         index: usize,
         open: &OpenRound,
     ) -> Result<(), CoordinatorError> {
-        let weights = open.aggregator.finish(&open.base, &mut rand::rng());
-        let samples = open.samples;
         let config = state.runs[index].info.config.clone();
         let privacy = config.privacy.as_ref();
+        let (weights, samples, metrics) = self.aggregate(open, privacy.is_some())?;
         let epsilon_after = |rounds: u32| {
             privacy.map(|p| {
                 // Every site is asked every round: sample rate 1.
@@ -437,17 +701,6 @@ impl Coordinator {
             })
         };
         let epsilon = epsilon_after(open.round);
-        let mean = |f: fn(&Metrics) -> f64| {
-            open.reports
-                .iter()
-                .map(|r| f(&r.metrics) * r.samples as f64)
-                .sum::<f64>()
-                / samples.max(1) as f64
-        };
-        let metrics = Metrics {
-            loss: mean(|m| m.loss),
-            dice: mean(|m| m.dice),
-        };
         let mut sites: Vec<String> = open.reports.iter().map(|r| r.site.clone()).collect();
         sites.sort();
         let manifest = self.store.put_model(
@@ -706,4 +959,13 @@ impl Coordinator {
             });
         Ok(futures::StreamExt::flatten(batches))
     }
+}
+
+/// The secure-aggregation part of a train task for the round in progress.
+fn open_secure_task(open: Option<&OpenRound>) -> Option<SecureTask> {
+    let secure = open?.secure.as_ref()?;
+    Some(SecureTask {
+        threshold: secure.threshold(),
+        noise_std: secure.noise_std,
+    })
 }

@@ -55,8 +55,81 @@ impl Services {
     }
 }
 
+/// Receives an update's data, bounded in size and in time: a site that opens an upload and
+/// stalls must not hold its slot forever.
+async fn receive_update(
+    site: &str,
+    stream: &mut Streaming<pb::UpdateChunk>,
+    total_bytes: u64,
+    limit: u64,
+) -> Result<bytes::Bytes, CoordinatorError> {
+    let receiving = receive_payload(stream, total_bytes, limit);
+    tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
+        .await
+        .map_err(|_| {
+            CoordinatorError::Stream(format!(
+                "upload not finished within {} s",
+                UPLOAD_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(CoordinatorError::from)
+        .inspect_err(|e| tracing::warn!(%site, "update refused: {e}"))
+}
+
+impl Services {
+    /// A masked update is exactly `words` little-endian u64 words; it goes straight into the
+    /// round's masked sum.
+    async fn push_masked_update(
+        &self,
+        site: &str,
+        header: &UpdateHeader,
+        mut stream: Streaming<pb::UpdateChunk>,
+    ) -> Result<Response<pb::PushUpdateResponse>, Status> {
+        let words = self.coordinator.masked_words(site, header)?;
+        let expected = words as u64 * 8;
+        if header.total_bytes != expected {
+            return Err(CoordinatorError::SecureAggregation(format!(
+                "a masked update for this model has {expected} bytes, not {}",
+                header.total_bytes
+            ))
+            .into());
+        }
+        let _slot = self.coordinator.upload_slot().await;
+        let bytes = receive_update(site, &mut stream, expected, expected).await?;
+        let masked: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        drop(bytes);
+        let reports = self
+            .coordinator
+            .accept_masked_update(site, header, &masked)
+            .inspect_err(|e| tracing::warn!(%site, "masked update refused: {e}"))?;
+        Ok(Response::new(pb::PushUpdateResponse {
+            reports_this_round: reports as u32,
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl Federation for Services {
+    async fn secure_aggregation(
+        &self,
+        request: Request<pb::SecAggRequest>,
+    ) -> Result<Response<pb::SecAggReply>, Status> {
+        let site = self.caller(&request, Role::Site)?;
+        let request = alveolus_privacy::wire::Request::try_from(request.into_inner())
+            .map_err(CoordinatorError::from)?;
+        let reply = self
+            .coordinator
+            .secure_step(&site.name, request)
+            .await
+            .inspect_err(
+                |e| tracing::warn!(site = %site.name, "secure aggregation step refused: {e}"),
+            )?;
+        Ok(Response::new(reply.into()))
+    }
+
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -112,6 +185,9 @@ impl Federation for Services {
             .await
             .map_err(CoordinatorError::from)?;
         let header = UpdateHeader::try_from(header).map_err(CoordinatorError::from)?;
+        if header.masked {
+            return self.push_masked_update(&site.name, &header, stream).await;
+        }
         // Refuse stale or duplicate updates before receiving a byte of data.
         let base = self.coordinator.check_update(&site.name, &header)?;
         // An update has the base model's tensors: its size is known up to the header, so a site
@@ -119,18 +195,7 @@ impl Federation for Services {
         let limit = (base.num_values() as u64 * 4 + UPDATE_HEADER_SLACK)
             .min(self.coordinator.max_model_bytes());
         let _slot = self.coordinator.upload_slot().await;
-        let receiving = receive_payload(&mut stream, header.total_bytes, limit);
-        // A site that opens an upload and stalls must not hold its slot forever.
-        let bytes = tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
-            .await
-            .map_err(|_| {
-                CoordinatorError::Stream(format!(
-                    "upload not finished within {} s",
-                    UPLOAD_TIMEOUT.as_secs()
-                ))
-            })?
-            .map_err(CoordinatorError::from)
-            .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
+        let bytes = receive_update(&site.name, &mut stream, header.total_bytes, limit).await?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
         // The raw bytes are no longer needed: free them before folding.
         drop(bytes);

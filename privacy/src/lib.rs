@@ -14,5 +14,6 @@
 pub mod accountant;
 pub mod dp;
 pub mod secagg;
+pub mod wire;
 
 pub use accountant::{AccountantError, PrivacySpent, RdpAccountant, epsilon_after};

@@ -97,7 +97,22 @@ pub struct RunConfig {
     pub privacy: Option<PrivacyConfig>,
     #[serde(default)]
     pub aggregation: AggregationConfig,
+    /// Secure aggregation; None: the coordinator sees each site's update.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggregationConfig>,
 }
+
+/// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// Sites that must survive a round to the end for it to be unmasked; also how many would
+    /// have to collude with the coordinator to unmask one site.
+    pub threshold: u32,
+}
+
+/// Shamir shares over GF(256) are numbered 1..=255: no roster can be larger.
+pub const MAX_SECURE_SITES: u32 = 255;
 
 impl Default for RunConfig {
     fn default() -> Self {
@@ -108,6 +123,7 @@ impl Default for RunConfig {
             training: TrainingConfig::default(),
             privacy: None,
             aggregation: AggregationConfig::default(),
+            secure_aggregation: None,
         }
     }
 }
@@ -223,8 +239,40 @@ impl RunConfig {
                 ));
             }
         }
+        if let Some(secure) = &self.secure_aggregation {
+            if !(2..=MAX_SECURE_SITES).contains(&secure.threshold) {
+                return Err(invalid(
+                    "secure_aggregation.threshold",
+                    format!(
+                        "{} is not between 2 and {MAX_SECURE_SITES}",
+                        secure.threshold
+                    ),
+                ));
+            }
+            // Masked updates can only be summed: no median, no norm to check.
+            if self.aggregation.rule != AggregationRule::FedAvg {
+                return Err(invalid(
+                    "aggregation",
+                    "secure aggregation needs FedAvg aggregation (a median needs every update)",
+                ));
+            }
+            if self.aggregation.norm_bound.is_some() {
+                return Err(invalid(
+                    "aggregation.norm_bound",
+                    "the coordinator cannot check a masked update's norm; use --dp-clip, which sites apply",
+                ));
+            }
+        }
         self.training.validate()
     }
+}
+
+/// What a site must do for a securely aggregated round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureTask {
+    pub threshold: u32,
+    /// Standard deviation of the Gaussian noise the site adds (its share of the DP noise).
+    pub noise_std: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -235,6 +283,7 @@ pub struct TrainTask {
     pub training: TrainingConfig,
     /// L2 norm the site clips its update to (differential privacy).
     pub clip_norm: Option<f64>,
+    pub secure_aggregation: Option<SecureTask>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -258,6 +307,9 @@ pub struct UpdateHeader {
     pub num_samples: u64,
     pub metrics: Metrics,
     pub total_bytes: u64,
+    /// The data is a masked update (secure aggregation): sample count and metrics travel
+    /// masked inside it, and are zero here.
+    pub masked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +318,8 @@ pub enum RunState {
     Running,
     Completed,
     Aborted,
+    /// A round could not finish (e.g. too few sites survived secure aggregation).
+    Failed,
 }
 
 impl RunState {
@@ -274,6 +328,7 @@ impl RunState {
             RunState::Running => "running",
             RunState::Completed => "completed",
             RunState::Aborted => "aborted",
+            RunState::Failed => "failed",
         }
     }
 }
@@ -396,6 +451,9 @@ impl From<RunConfig> for pb::RunConfig {
                 },
                 norm_bound: c.aggregation.norm_bound.unwrap_or(0.0),
             }),
+            secure_aggregation: c.secure_aggregation.map(|s| pb::SecureAggregationConfig {
+                threshold: s.threshold,
+            }),
         }
     }
 }
@@ -441,6 +499,9 @@ impl TryFrom<pb::RunConfig> for RunConfig {
                     norm_bound: positive(a.norm_bound),
                 },
             },
+            secure_aggregation: c.secure_aggregation.map(|s| SecureAggregationConfig {
+                threshold: s.threshold,
+            }),
         };
         c.validate()?;
         Ok(c)
@@ -457,6 +518,10 @@ impl From<Task> for pb::Task {
                 model_version: t.model_version,
                 training: Some(t.training.into()),
                 clip_norm: t.clip_norm.unwrap_or(0.0),
+                secure_aggregation: t.secure_aggregation.map(|s| pb::SecureAggregationTask {
+                    threshold: s.threshold,
+                    noise_std: s.noise_std.unwrap_or(0.0),
+                }),
             }),
         };
         Self { kind: Some(kind) }
@@ -484,6 +549,30 @@ impl TryFrom<pb::Task> for Task {
                         0.0 => None,
                         c if c.is_finite() && c > 0.0 => Some(c),
                         c => return Err(invalid("clip_norm", format!("{c} is not positive"))),
+                    },
+                    secure_aggregation: match t.secure_aggregation {
+                        None => None,
+                        Some(s) => {
+                            if !(2..=MAX_SECURE_SITES).contains(&s.threshold) {
+                                return Err(invalid(
+                                    "secure_aggregation.threshold",
+                                    format!(
+                                        "{} is not between 2 and {MAX_SECURE_SITES}",
+                                        s.threshold
+                                    ),
+                                ));
+                            }
+                            if !(s.noise_std.is_finite() && s.noise_std >= 0.0) {
+                                return Err(invalid(
+                                    "secure_aggregation.noise_std",
+                                    format!("{} is not a non-negative number", s.noise_std),
+                                ));
+                            }
+                            Some(SecureTask {
+                                threshold: s.threshold,
+                                noise_std: positive(s.noise_std),
+                            })
+                        }
                     },
                 }))
             }
@@ -526,8 +615,9 @@ impl From<UpdateHeader> for pb::UpdateHeader {
             round: h.round,
             base_version: h.base_version,
             num_samples: h.num_samples,
-            metrics: Some(h.metrics.into()),
+            metrics: (!h.masked).then(|| h.metrics.into()),
             total_bytes: h.total_bytes,
+            masked: h.masked,
         }
     }
 }
@@ -536,6 +626,23 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     type Error = DomainError;
     fn try_from(h: pb::UpdateHeader) -> Result<Self, DomainError> {
         validate_version(&h.base_version)?;
+        if h.masked {
+            if h.num_samples != 0 || h.metrics.is_some() {
+                return Err(invalid(
+                    "masked",
+                    "a masked update carries its sample count and metrics masked, not in the header",
+                ));
+            }
+            return Ok(Self {
+                run_id: h.run_id,
+                round: h.round,
+                base_version: h.base_version,
+                num_samples: 0,
+                metrics: Metrics::default(),
+                total_bytes: h.total_bytes,
+                masked: true,
+            });
+        }
         if h.num_samples == 0 {
             return Err(invalid(
                 "num_samples",
@@ -552,6 +659,7 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 .ok_or(DomainError::Missing("metrics"))?
                 .try_into()?,
             total_bytes: h.total_bytes,
+            masked: false,
         })
     }
 }
@@ -562,6 +670,7 @@ impl From<RunState> for pb::RunState {
             RunState::Running => pb::RunState::Running,
             RunState::Completed => pb::RunState::Completed,
             RunState::Aborted => pb::RunState::Aborted,
+            RunState::Failed => pb::RunState::Failed,
         }
     }
 }
@@ -618,6 +727,7 @@ impl TryFrom<pb::RunInfo> for RunInfo {
             Ok(pb::RunState::Running) => RunState::Running,
             Ok(pb::RunState::Completed) => RunState::Completed,
             Ok(pb::RunState::Aborted) => RunState::Aborted,
+            Ok(pb::RunState::Failed) => RunState::Failed,
             _ => return Err(invalid("state", format!("unknown run state {}", r.state))),
         };
         Ok(Self {
@@ -780,8 +890,16 @@ mod tests {
                 dice: 0.2,
             }),
             total_bytes: 10,
+            masked: false,
         };
         assert!(UpdateHeader::try_from(good.clone()).is_ok());
+        // A masked update must not show its sample count or metrics.
+        let mut masked = good.clone();
+        masked.masked = true;
+        assert!(UpdateHeader::try_from(masked.clone()).is_err());
+        masked.num_samples = 0;
+        masked.metrics = None;
+        assert!(UpdateHeader::try_from(masked).unwrap().masked);
         let mut bad = good.clone();
         bad.base_version = "xyz".into();
         assert!(UpdateHeader::try_from(bad).is_err());

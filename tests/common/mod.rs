@@ -363,6 +363,7 @@ pub async fn push_update(
             dice: 0.5,
         }),
         total_bytes: bytes.len() as u64,
+        masked: false,
     };
     let messages: Vec<pb::UpdateChunk> = framed(header, &bytes);
     client

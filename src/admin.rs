@@ -97,8 +97,7 @@ fn print_run(info: &RunInfo) {
     println!("  latest model {}", info.latest_version());
 }
 
-pub async fn run_status(kit: &Path, run: &str, json: bool) -> Result<()> {
-    let mut client = admin_client(kit).await?;
+pub async fn get_run_with(client: &mut AdminClient<Channel>, run: &str) -> Result<RunInfo> {
     let info = client
         .get_run(pb::GetRunRequest {
             run_id: run.to_string(),
@@ -106,7 +105,12 @@ pub async fn run_status(kit: &Path, run: &str, json: bool) -> Result<()> {
         .await
         .map_err(status)?
         .into_inner();
-    let info = RunInfo::try_from(info)?;
+    Ok(RunInfo::try_from(info)?)
+}
+
+pub async fn run_status(kit: &Path, run: &str, json: bool) -> Result<()> {
+    let mut client = admin_client(kit).await?;
+    let info = get_run_with(&mut client, run).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

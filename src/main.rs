@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod demo;
 mod progress;
+mod secagg_bench;
 
 use std::path::{Path, PathBuf};
 
@@ -294,6 +295,27 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// What secure aggregation costs against aggregation in the clear: bytes per site and
+    /// round wall time with N simulated sites over mTLS; with --dice, the demo's final Dice
+    /// with DP at the given noise multipliers against no DP.
+    Secagg {
+        /// Numbers of simulated sites, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "3,10,50")]
+        sites: Vec<usize>,
+        /// Rounds measured per setting (medians are printed).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// DP noise multipliers to run the demo at (comma separated); the demo also runs
+        /// without DP as the peer.
+        #[arg(long, value_delimiter = ',')]
+        dice: Option<Vec<f64>>,
+        /// Demo rounds for --dice.
+        #[arg(long, default_value_t = 6)]
+        dice_rounds: u32,
+        /// DP clip norm for --dice.
+        #[arg(long, default_value_t = 1.0)]
+        dp_clip: f64,
+    },
     /// Time a training step (forward, loss, backward, AdamW) on each backend of this build and
     /// in PyTorch on the same batch, and print the medians and ratios.
     Train {
@@ -732,6 +754,25 @@ async fn dispatch(command: Command) -> Result<()> {
                 out.display()
             );
             Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Secagg {
+                    sites,
+                    repeats,
+                    dice,
+                    dice_rounds,
+                    dp_clip,
+                },
+        } => {
+            secagg_bench::run(secagg_bench::SecAggBenchOptions {
+                sites,
+                repeats,
+                dice_noise: dice,
+                dice_rounds,
+                dp_clip,
+            })
+            .await
         }
         Command::Bench {
             command:

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use alveolus_agent::client::{Traffic, push_update as push_masked_update};
 use alveolus_agent::secure;
 use alveolus_models::Weights;
 use alveolus_privacy::wire::{Request, Step};
@@ -71,7 +72,9 @@ async fn play(
     samples: u64,
     fate: Fate,
 ) -> Option<Vec<u64>> {
-    let session = secure::join_round(&mut client, &task, name).await.unwrap();
+    let session = secure::join_round(&mut client, &task, name, &mut Traffic::default())
+        .await
+        .unwrap();
     if fate == Fate::DropsBeforeMasking {
         return None;
     }
@@ -81,11 +84,13 @@ async fn play(
     };
     let words = secure::mask_update(&session, &update, metrics, samples, None).unwrap();
     let (header, bytes) = secure::masked_message(&task, &words);
-    secure::push_masked(&mut client, header, &bytes)
+    push_masked_update(&mut client, header, &bytes, &mut Traffic::default())
         .await
         .unwrap();
     if fate == Fate::Completes {
-        secure::reveal(&mut client, &task, &session).await.unwrap();
+        secure::reveal(&mut client, &task, &session, &mut Traffic::default())
+            .await
+            .unwrap();
     }
     Some(words)
 }
@@ -214,7 +219,7 @@ async fn too_few_survivors_fail_the_round_and_reveal_nothing() {
         let update = site_update(&model, i);
         let fate = fates[i];
         playing.push(tokio::spawn(async move {
-            let session = secure::join_round(&mut client, &task, SITES[i])
+            let session = secure::join_round(&mut client, &task, SITES[i], &mut Traffic::default())
                 .await
                 .unwrap();
             if fate == Fate::DropsBeforeMasking {
@@ -223,12 +228,12 @@ async fn too_few_survivors_fail_the_round_and_reveal_nothing() {
             let words =
                 secure::mask_update(&session, &update, Metrics::default(), 1, None).unwrap();
             let (header, bytes) = secure::masked_message(&task, &words);
-            secure::push_masked(&mut client, header, &bytes)
+            push_masked_update(&mut client, header, &bytes, &mut Traffic::default())
                 .await
                 .unwrap();
             // The coordinator never names the survivors: there is nothing to reveal for.
             Some(
-                secure::reveal(&mut client, &task, &session)
+                secure::reveal(&mut client, &task, &session, &mut Traffic::default())
                     .await
                     .unwrap_err(),
             )
@@ -301,7 +306,8 @@ async fn misaddressed_shares_replayed_and_unmasked_updates_are_refused() {
                     refused.message()
                 );
             }
-            let session = secure::join_round(&mut client, &task, name).await;
+            let session =
+                secure::join_round(&mut client, &task, name, &mut Traffic::default()).await;
             (client, task, session.map(|s| (s, update)))
         }));
     }
@@ -321,10 +327,12 @@ async fn misaddressed_shares_replayed_and_unmasked_updates_are_refused() {
             let words =
                 secure::mask_update(&session, &update, Metrics::default(), 1, None).unwrap();
             let (header, bytes) = secure::masked_message(&task, &words);
-            secure::push_masked(&mut client, header.clone(), &bytes)
+            push_masked_update(&mut client, header.clone(), &bytes, &mut Traffic::default())
                 .await
                 .unwrap();
-            secure::reveal(&mut client, &task, &session).await.unwrap();
+            secure::reveal(&mut client, &task, &session, &mut Traffic::default())
+                .await
+                .unwrap();
             (client, header, bytes)
         }));
     }
@@ -338,7 +346,7 @@ async fn misaddressed_shares_replayed_and_unmasked_updates_are_refused() {
     assert_eq!(info.rounds[0].sites.len(), 2);
     // The masked update of round 1, sent again in round 2, is refused.
     let (mut client, header, bytes) = replay.unwrap();
-    let status = secure::push_masked(&mut client, header, &bytes)
+    let status = push_masked_update(&mut client, header, &bytes, &mut Traffic::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);

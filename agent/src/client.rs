@@ -66,6 +66,33 @@ impl Default for AgentOptions {
     }
 }
 
+/// Protocol bytes (protobuf-encoded messages, before HTTP/2 and TLS framing) of one round's
+/// update and secure-aggregation steps; the model download, the same for every round, is not
+/// counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Streams an update (plain or masked) as header, chunks and digest; returns the number of
+/// reports the round has so far.
+pub async fn push_update(
+    client: &mut FederationClient<Channel>,
+    header: UpdateHeader,
+    bytes: &bytes::Bytes,
+    traffic: &mut Traffic,
+) -> Result<u32, tonic::Status> {
+    use prost::Message;
+    let messages: Vec<pb::UpdateChunk> = framed(header.into(), bytes);
+    traffic.sent += messages.iter().map(|m| m.encoded_len() as u64).sum::<u64>();
+    Ok(client
+        .push_update(futures::stream::iter(messages))
+        .await?
+        .into_inner()
+        .reports_this_round)
+}
+
 /// The coordinator will not change its mind about these: retrying cannot help.
 fn is_fatal(status: &tonic::Status) -> bool {
     matches!(
@@ -173,6 +200,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         // Under secure aggregation the keys are exchanged first, while every site is still
         // waiting for the round, so that training is not held up by the slowest site.
+        let mut traffic = Traffic::default();
         let session = match task.secure_aggregation {
             None => None,
             Some(secure) => {
@@ -181,7 +209,14 @@ impl Agent {
                     threshold = secure.threshold,
                     "exchanging keys for secure aggregation"
                 );
-                match crate::secure::join_round(client, &task, &self.kit.identity.name).await {
+                match crate::secure::join_round(
+                    client,
+                    &task,
+                    &self.kit.identity.name,
+                    &mut traffic,
+                )
+                .await
+                {
                     Ok(session) => Some(session),
                     Err(e) => return skip_round(task.round, e),
                 }
@@ -265,13 +300,19 @@ impl Agent {
                 };
             let (header, bytes) = crate::secure::masked_message(&task, &words);
             self.keep_audit_copy(&header, &bytes)?;
-            match crate::secure::push_masked(client, header, &bytes).await {
+            match push_update(client, header, &bytes, &mut traffic).await {
                 Ok(reports) => tracing::info!(round, reports, "masked update accepted"),
                 Err(s) => return skip_round(round, s.into()),
             }
-            return match crate::secure::reveal(client, &task, &session).await {
+            return match crate::secure::reveal(client, &task, &session, &mut traffic).await {
                 Ok(survivors) => {
-                    tracing::info!(round, survivors, "shares revealed for unmasking the sum");
+                    tracing::info!(
+                        round,
+                        survivors,
+                        sent_bytes = traffic.sent,
+                        received_bytes = traffic.received,
+                        "shares revealed for unmasking the sum"
+                    );
                     Ok(())
                 }
                 Err(e) => skip_round(round, e),
@@ -288,14 +329,9 @@ impl Agent {
             masked: false,
         };
         self.keep_audit_copy(&header, &bytes)?;
-        let messages: Vec<pb::UpdateChunk> = framed(header.into(), &bytes);
-        match client.push_update(futures::stream::iter(messages)).await {
-            Ok(response) => {
-                tracing::info!(
-                    round,
-                    reports = response.into_inner().reports_this_round,
-                    "update accepted"
-                );
+        match push_update(client, header, &bytes, &mut traffic).await {
+            Ok(reports) => {
+                tracing::info!(round, reports, sent_bytes = traffic.sent, "update accepted");
                 Ok(())
             }
             // The round moved on without us (deadline) or we already reported: wait for the next.

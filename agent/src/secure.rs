@@ -7,11 +7,13 @@ use alveolus_privacy::secagg::{self, SiteSession};
 use alveolus_privacy::wire::{Reply, Request, Step};
 use alveolus_proto::domain::{Metrics, TrainTask, UpdateHeader};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::transfer::framed;
 use alveolus_proto::weights::Weights;
 use bytes::Bytes;
+use prost::Message;
 use rand::SeedableRng;
 use tonic::transport::Channel;
+
+use crate::client::Traffic;
 
 /// How long the coordinator may hold one step waiting for its phase to close.
 const STEP_WAIT_SECONDS: u32 = 20;
@@ -37,6 +39,7 @@ async fn step(
     client: &mut FederationClient<Channel>,
     task: &TrainTask,
     step: Step,
+    traffic: &mut Traffic,
 ) -> Result<Reply, SecureError> {
     let request: pb::SecAggRequest = Request {
         run_id: task.run_id.clone(),
@@ -46,10 +49,12 @@ async fn step(
     }
     .into();
     loop {
+        traffic.sent += request.encoded_len() as u64;
         let reply = client
             .secure_aggregation(request.clone())
             .await?
             .into_inner();
+        traffic.received += reply.encoded_len() as u64;
         let reply = Reply::try_from(reply).map_err(|e| SecureError::Protocol(e.to_string()))?;
         if reply != Reply::Pending {
             return Ok(reply);
@@ -67,6 +72,7 @@ pub async fn join_round(
     client: &mut FederationClient<Channel>,
     task: &TrainTask,
     site: &str,
+    traffic: &mut Traffic,
 ) -> Result<SiteSession, SecureError> {
     let context = secagg::RoundContext {
         run_id: task.run_id.clone(),
@@ -75,7 +81,7 @@ pub async fn join_round(
     // A CSPRNG that may live across awaits (the thread-local one may not).
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut session = SiteSession::new(context, site, &mut rng);
-    let roster = match step(client, task, Step::Keys(session.public_keys())).await? {
+    let roster = match step(client, task, Step::Keys(session.public_keys()), traffic).await? {
         Reply::Roster(roster) => roster,
         other => return Err(unexpected(&other, "the roster")),
     };
@@ -88,7 +94,7 @@ pub async fn join_round(
         )));
     }
     let shares = session.share_keys(roster, &mut rng)?;
-    match step(client, task, Step::Shares(shares)).await? {
+    match step(client, task, Step::Shares(shares), traffic).await? {
         Reply::Inbox { sharers, envelopes } => session.receive_shares(&sharers, &envelopes)?,
         other => return Err(unexpected(&other, "the shares for this site")),
     }
@@ -142,32 +148,19 @@ pub fn masked_message(task: &TrainTask, words: &[u64]) -> (UpdateHeader, Bytes) 
     (header, bytes)
 }
 
-/// Phase 3: sends the masked update; returns the reports the round has so far.
-pub async fn push_masked(
-    client: &mut FederationClient<Channel>,
-    header: UpdateHeader,
-    bytes: &Bytes,
-) -> Result<u32, tonic::Status> {
-    let messages: Vec<pb::UpdateChunk> = framed(header.into(), bytes);
-    Ok(client
-        .push_update(futures::stream::iter(messages))
-        .await?
-        .into_inner()
-        .reports_this_round)
-}
-
 /// Phase 4: waits for the survivors and reveals this site's shares for them.
 pub async fn reveal(
     client: &mut FederationClient<Channel>,
     task: &TrainTask,
     session: &SiteSession,
+    traffic: &mut Traffic,
 ) -> Result<usize, SecureError> {
-    let survivors = match step(client, task, Step::AwaitSurvivors).await? {
+    let survivors = match step(client, task, Step::AwaitSurvivors, traffic).await? {
         Reply::Survivors(survivors) => survivors,
         other => return Err(unexpected(&other, "the survivors")),
     };
     let shares = session.reveal(&survivors)?;
-    match step(client, task, Step::Reveal(shares)).await? {
+    match step(client, task, Step::Reveal(shares), traffic).await? {
         Reply::Revealed => Ok(survivors.len()),
         other => Err(unexpected(&other, "an acknowledgement")),
     }

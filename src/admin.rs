@@ -4,7 +4,7 @@ use std::path::Path;
 
 use alveolus_agent::client::receive_model;
 use alveolus_models::Weights;
-use alveolus_proto::domain::{RunConfig, RunEvent, RunInfo, SiteInfo};
+use alveolus_proto::domain::{RunConfig, RunEvent, RunInfo, RunState, SiteInfo};
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::pb::{self, admin_client::AdminClient, federation_client::FederationClient};
@@ -74,6 +74,12 @@ fn print_run(info: &RunInfo) {
             info.rounds.last().and_then(|r| r.epsilon).unwrap_or(0.0)
         );
     }
+    if let Some(secure) = &info.config.secure_aggregation {
+        println!(
+            "  secure aggregation: the coordinator sees only sums; threshold {} sites",
+            secure.threshold
+        );
+    }
     for r in &info.rounds {
         println!(
             "  round {:>3}  sites {}  samples {:>5}  loss {:.4}  train dice {:.3}  model {}{}",
@@ -89,7 +95,12 @@ fn print_run(info: &RunInfo) {
         );
     }
     if let Some(reason) = &info.stop_reason {
-        println!("  stopped early: {reason}");
+        let how = if info.state == RunState::Failed {
+            "failed"
+        } else {
+            "stopped early"
+        };
+        println!("  {how}: {reason}");
     }
     if !info.reported.is_empty() {
         println!("  reported this round: {}", info.reported.join(", "));

@@ -320,7 +320,13 @@ pub async fn run(
             }
             RunEvent::RunFinished(info) => {
                 if info.state != RunState::Completed {
-                    bail!("the run ended {}", info.state.as_str());
+                    bail!(
+                        "the run ended {}{}",
+                        info.state.as_str(),
+                        info.stop_reason
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    );
                 }
                 break;
             }

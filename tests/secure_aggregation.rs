@@ -198,6 +198,7 @@ async fn five_sites_with_two_dropouts_give_fedavg_and_no_site_is_seen() {
     .unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(manifest["samples"], 26, "{manifest}");
+    assert_eq!(manifest["secure_aggregation"]["threshold"], 3, "{manifest}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -237,11 +237,9 @@ impl Coordinator {
         let config = &run.info.config;
         let deadline = Duration::from_secs(config.deadline_seconds.into());
         let secure = config.secure_aggregation.map(|s| {
-            // Any `threshold` survivors together add at least the run's noise variance.
-            let noise_std = config
-                .privacy
-                .as_ref()
-                .map(|p| p.noise_multiplier * p.clip_norm / f64::from(s.threshold).sqrt());
+            let noise_std = config.privacy.as_ref().map(|p| {
+                alveolus_privacy::dp::noise_share_std(p.noise_multiplier, p.clip_norm, s.threshold)
+            });
             let context = RoundContext {
                 run_id: run.info.run_id.clone(),
                 round,
@@ -410,9 +408,7 @@ impl Coordinator {
             let secure = state.round.as_ref()?.secure.as_ref()?;
             Some(match &request.step {
                 Step::Keys(_) => secure.roster_for(site)?.map(Reply::Roster),
-                Step::Shares(_) => secure
-                    .inbox_for(site)?
-                    .map(|(sharers, envelopes)| Reply::Inbox { sharers, envelopes }),
+                Step::Shares(_) => secure.inbox_for(site)?,
                 Step::AwaitSurvivors => secure.survivors_for(site)?.map(Reply::Survivors),
                 Step::Reveal(_) => Ok(Reply::Revealed),
             })
@@ -717,6 +713,7 @@ impl Coordinator {
                 created_unix_ms: unix_ms(),
                 aggregation: Some(config.aggregation),
                 privacy: config.privacy.clone(),
+                secure_aggregation: config.secure_aggregation,
                 epsilon,
             },
         )?;
@@ -843,6 +840,7 @@ impl Coordinator {
                 created_unix_ms: started,
                 aggregation: Some(config.aggregation),
                 privacy: config.privacy.clone(),
+                secure_aggregation: config.secure_aggregation,
                 epsilon: None,
             },
         )?;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use alveolus_privacy::secagg::{
     self, Envelope, PublicKeys, RevealedShare, Roster, RoundContext, SharesMessage, Unmasking,
 };
+use alveolus_privacy::wire::Reply;
 
 use crate::error::CoordinatorError;
 
@@ -204,18 +205,15 @@ impl SecureRound {
         Ok(())
     }
 
-    pub fn inbox_for(
-        &self,
-        site: &str,
-    ) -> Option<Result<(Vec<String>, Vec<Envelope>), CoordinatorError>> {
+    pub fn inbox_for(&self, site: &str) -> Option<Result<Reply, CoordinatorError>> {
         if self.phase <= Phase::Shares {
             return None;
         }
         Some(if self.commitments.contains_key(site) {
-            Ok((
-                self.commitments.keys().cloned().collect(),
-                self.mailboxes.get(site).cloned().unwrap_or_default(),
-            ))
+            Ok(Reply::Inbox {
+                sharers: self.commitments.keys().cloned().collect(),
+                envelopes: self.mailboxes.get(site).cloned().unwrap_or_default(),
+            })
         } else {
             Err(refuse(format!(
                 "site `{site}` did not share its keys in time for round {}",

@@ -11,7 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use alveolus_proto::domain::{
-    AggregationConfig, Metrics, PrivacyConfig, RunInfo, SiteInfo, validate_version,
+    AggregationConfig, Metrics, PrivacyConfig, RunInfo, SecureAggregationConfig, SiteInfo,
+    validate_version,
 };
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
@@ -41,6 +42,9 @@ pub struct Manifest {
     /// The run's differential-privacy settings; None: no DP guarantee.
     #[serde(default)]
     pub privacy: Option<PrivacyConfig>,
+    /// Secure aggregation's settings; None: the coordinator saw each site's update.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggregationConfig>,
     /// ε the run had spent when this model was made, at `privacy.delta`.
     #[serde(default)]
     pub epsilon: Option<f64>,

@@ -46,6 +46,12 @@ pub fn add_gaussian_noise(values: &mut [f64], std: f64, rng: &mut impl Rng) {
     }
 }
 
+/// Under secure aggregation the sites add the noise: each adds N(0, σ²) with this σ, so that
+/// any `threshold` of them together add at least the run's N(0, (z·C)²).
+pub fn noise_share_std(noise_multiplier: f64, clip_norm: f64, threshold: u32) -> f64 {
+    noise_multiplier * clip_norm / f64::from(threshold).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +106,19 @@ mod tests {
         // Tails as a Gaussian's: about 4.55 % beyond two standard deviations.
         let beyond = values.iter().filter(|v| v.abs() > 2.0 * z * c).count() as f64 / n;
         assert!((beyond - 0.0455).abs() < 0.003, "{beyond}");
+    }
+
+    #[test]
+    fn threshold_many_noise_shares_add_up_to_the_runs_noise() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        let (z, c, t) = (1.1, 0.5, 5);
+        let share = noise_share_std(z, c, t);
+        let mut sums = vec![0.0; 100_000];
+        for _ in 0..t {
+            add_gaussian_noise(&mut sums, share, &mut rng);
+        }
+        let n = sums.len() as f64;
+        let std = (sums.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
+        assert!((std - z * c).abs() < 0.01 * z * c, "{std} vs {}", z * c);
     }
 }

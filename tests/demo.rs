@@ -70,7 +70,7 @@ fn private_demo_masks_updates_reports_epsilon_and_still_learns() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("demo");
     let output = Command::new(env!("CARGO_BIN_EXE_alveolus"))
-        .args(["demo", "--out", dir.to_str().unwrap(), "--rounds", "5"])
+        .args(["demo", "--out", dir.to_str().unwrap(), "--rounds", "6"])
         .args([
             "--secure-aggregation",
             "--dp-clip",
@@ -92,7 +92,7 @@ fn private_demo_masks_updates_reports_epsilon_and_still_learns() {
         serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["secure_aggregation"], true);
     let rounds = report["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 5);
+    assert_eq!(rounds.len(), 6);
     let mut previous = 0.0;
     for round in rounds {
         assert_eq!(round["sites"], 3);

@@ -393,11 +393,20 @@ fn secure_aggregation_settings_are_checked_before_connecting() {
         alveolus(&args)
     };
     let (ok, text) = start(&["--secure-aggregation", "--aggregation", "median"]);
-    assert!(!ok && text.contains("secure aggregation needs FedAvg"), "{text}");
+    assert!(
+        !ok && text.contains("secure aggregation needs FedAvg"),
+        "{text}"
+    );
     let (ok, text) = start(&["--secure-aggregation", "--norm-bound", "3"]);
-    assert!(!ok && text.contains("cannot check a masked update's norm"), "{text}");
+    assert!(
+        !ok && text.contains("cannot check a masked update's norm"),
+        "{text}"
+    );
     let (ok, text) = start(&["--secure-aggregation", "--threshold", "1"]);
-    assert!(!ok && text.contains("threshold") && text.contains("between 2 and 255"), "{text}");
+    assert!(
+        !ok && text.contains("threshold") && text.contains("between 2 and 255"),
+        "{text}"
+    );
     let (ok, text) = start(&["--threshold", "3"]);
     assert!(!ok && text.contains("--secure-aggregation"), "{text}");
 }

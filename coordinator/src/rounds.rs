@@ -52,7 +52,8 @@ struct OpenRound {
     reports: Vec<Report>,
     /// Sites whose update was refused for its norm: not asked again this round, not waited for.
     refused: BTreeSet<String>,
-    aggregator: Aggregator,
+    /// Rounds in the clear only: a secure round's sum is in `secure`.
+    aggregator: Option<Aggregator>,
     /// Σ of the reports' sample counts.
     samples: u64,
     /// Present when the run uses secure aggregation: the masked sum and the protocol's phases.
@@ -261,7 +262,9 @@ impl Coordinator {
             participants: BTreeSet::new(),
             reports: Vec::new(),
             refused: BTreeSet::new(),
-            aggregator: Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref()),
+            aggregator: secure
+                .is_none()
+                .then(|| Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref())),
             samples: 0,
             secure,
             base: Arc::new(base),
@@ -520,7 +523,10 @@ impl Coordinator {
             });
         }
         let open = state.round.as_mut().expect("checked above");
-        open.aggregator.add(update, header.num_samples);
+        open.aggregator
+            .as_mut()
+            .expect("admits refuses plain updates in secure rounds")
+            .add(update, header.num_samples);
         open.samples += header.num_samples;
         open.participants.insert(site.to_string());
         open.reports.push(Report {
@@ -642,7 +648,8 @@ impl Coordinator {
         dp: bool,
     ) -> Result<(Weights, u64, Metrics), CoordinatorError> {
         let Some(secure) = &open.secure else {
-            let weights = open.aggregator.finish(&open.base, &mut rand::rng());
+            let aggregator = open.aggregator.as_ref().expect("a round in the clear");
+            let weights = aggregator.finish(&open.base, &mut rand::rng());
             let mean = |f: fn(&Metrics) -> f64| {
                 open.reports
                     .iter()

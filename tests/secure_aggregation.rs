@@ -309,6 +309,18 @@ async fn misaddressed_shares_replayed_and_unmasked_updates_are_refused() {
             }
             let session =
                 secure::join_round(&mut client, &task, name, &mut Traffic::default()).await;
+            if i == 0 {
+                // A site that already sent keys is not handed the round again.
+                let next = client
+                    .next_task(pb::NextTaskRequest { wait_seconds: 1 })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(matches!(
+                    alveolus_proto::domain::Task::try_from(next).unwrap(),
+                    alveolus_proto::domain::Task::Wait { .. }
+                ));
+            }
             (client, task, session.map(|s| (s, update)))
         }));
     }

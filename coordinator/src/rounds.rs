@@ -307,7 +307,7 @@ impl Coordinator {
         let mut state = self.lock();
         Self::touch(&mut state, site);
         let open = state.round.as_mut()?;
-        if open.done_with(site) || open.secure.as_ref().is_some_and(|s| !s.takes_new_sites()) {
+        if open.done_with(site) || open.secure.as_ref().is_some_and(|s| !s.takes(site)) {
             return None;
         }
         open.participants.insert(site.to_string());

@@ -100,9 +100,10 @@ impl SecureRound {
         self.sum.len()
     }
 
-    /// Sites can only join while keys are being collected.
-    pub fn takes_new_sites(&self) -> bool {
-        self.phase == Phase::Keys
+    /// Whether `site` may be handed the round's task: only while keys are being collected,
+    /// and only once (a reconnected agent with new keys would be refused anyway).
+    pub fn takes(&self, site: &str) -> bool {
+        self.phase == Phase::Keys && !self.keys.contains_key(site)
     }
 
     pub fn add_keys(&mut self, site: &str, keys: PublicKeys) -> Result<(), CoordinatorError> {

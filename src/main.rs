@@ -665,15 +665,7 @@ async fn dispatch(command: Command) -> Result<()> {
             } else {
                 demo::DemoData::MedSeg(data)
             };
-            let privacy =
-                dp_clip
-                    .zip(dp_noise)
-                    .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
-                        clip_norm,
-                        noise_multiplier,
-                        delta: 1e-5,
-                        epsilon_budget: None,
-                    });
+            let privacy = privacy_config(dp_clip, dp_noise, 1e-5, None);
             demo::run(&out, rounds, data, privacy, secure_aggregation).await
         }
         Command::Privacy {
@@ -952,15 +944,7 @@ async fn run_command(command: RunCommand) -> Result<()> {
             secure_aggregation,
             threshold,
         } => {
-            let privacy =
-                dp_clip
-                    .zip(dp_noise)
-                    .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
-                        clip_norm,
-                        noise_multiplier,
-                        delta: dp_delta,
-                        epsilon_budget: dp_epsilon_budget,
-                    });
+            let privacy = privacy_config(dp_clip, dp_noise, dp_delta, dp_epsilon_budget);
             let config = RunConfig {
                 rounds,
                 min_sites,
@@ -1008,17 +992,12 @@ async fn run_command(command: RunCommand) -> Result<()> {
                 );
             }
             if let Some(p) = privacy {
-                let planned = alveolus_privacy::epsilon_after(
-                    1.0,
-                    p.noise_multiplier,
-                    rounds.into(),
-                    p.delta,
-                )?;
+                let planned = alveolus_privacy::run_epsilon(&p, rounds);
                 println!(
                     "  differential privacy: clip {}, noise {}; all {rounds} rounds would spend epsilon {:.4} at delta {}{}",
                     p.clip_norm,
                     p.noise_multiplier,
-                    planned.epsilon,
+                    planned,
                     p.delta,
                     p.epsilon_budget
                         .map(|b| format!(" (budget {b})"))
@@ -1036,4 +1015,20 @@ async fn run_command(command: RunCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The DP settings of `--dp-clip` and `--dp-noise` (clap makes each require the other).
+fn privacy_config(
+    clip: Option<f64>,
+    noise: Option<f64>,
+    delta: f64,
+    epsilon_budget: Option<f64>,
+) -> Option<PrivacyConfig> {
+    clip.zip(noise)
+        .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
+            clip_norm,
+            noise_multiplier,
+            delta,
+            epsilon_budget,
+        })
 }

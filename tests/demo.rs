@@ -4,27 +4,42 @@
 use std::process::Command;
 use std::time::Instant;
 
-#[test]
-fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
-    if std::env::var_os("ALVEOLUS_SLOW_TESTS").is_none() {
+fn slow_tests_enabled() -> bool {
+    let enabled = std::env::var_os("ALVEOLUS_SLOW_TESTS").is_some();
+    if !enabled {
         eprintln!("skipped: set ALVEOLUS_SLOW_TESTS=1 to run the demo");
-        return;
     }
+    enabled
+}
+
+/// Runs `alveolus demo` with `args` into a fresh folder; returns its stdout, the folder (kept
+/// alive by the guard) and the seconds it took. A failed demo fails the test with its output.
+fn run_demo(args: &[&str]) -> (String, std::path::PathBuf, tempfile::TempDir, f64) {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("demo");
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_alveolus"))
         .args(["demo", "--out", dir.to_str().unwrap()])
+        .args(args)
         .output()
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     println!("{stdout}");
+    (stdout, dir, out, seconds)
+}
+
+#[test]
+fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
+    if !slow_tests_enabled() {
+        return;
+    }
+    let (stdout, dir, _out, seconds) = run_demo(&[]);
     assert!(seconds < 300.0, "the demo took {seconds:.0} s");
 
     let report: serde_json::Value =
@@ -63,30 +78,18 @@ fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
 /// noise, and ε is reported every round.
 #[test]
 fn private_demo_masks_updates_reports_epsilon_and_still_learns() {
-    if std::env::var_os("ALVEOLUS_SLOW_TESTS").is_none() {
-        eprintln!("skipped: set ALVEOLUS_SLOW_TESTS=1 to run the demo");
+    if !slow_tests_enabled() {
         return;
     }
-    let out = tempfile::tempdir().unwrap();
-    let dir = out.path().join("demo");
-    let output = Command::new(env!("CARGO_BIN_EXE_alveolus"))
-        .args(["demo", "--out", dir.to_str().unwrap(), "--rounds", "6"])
-        .args([
-            "--secure-aggregation",
-            "--dp-clip",
-            "10",
-            "--dp-noise",
-            "0.001",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    println!("{stdout}");
+    let (stdout, dir, _out, _) = run_demo(&[
+        "--rounds",
+        "6",
+        "--secure-aggregation",
+        "--dp-clip",
+        "10",
+        "--dp-noise",
+        "0.001",
+    ]);
     assert!(stdout.contains("coordinator sees only the sum"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();

@@ -48,9 +48,12 @@ fn plain_words(update: &Weights, samples: u64) -> Vec<u64> {
     let values = update
         .tensors
         .values()
-        .flat_map(|t| t.values.iter().copied())
-        .chain([0.5f32, 0.25]);
-    alveolus_privacy::secagg::quantize(values, samples).0
+        .flat_map(|t| t.values.iter().copied());
+    let metrics = Metrics {
+        loss: 0.5,
+        dice: 0.25,
+    };
+    alveolus_privacy::secagg::quantize_update(values, metrics, samples).0
 }
 
 /// How far a site goes in the round.

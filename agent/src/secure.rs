@@ -111,17 +111,17 @@ pub fn mask_update(
     noise_std: Option<f64>,
 ) -> Result<Vec<u64>, SecureError> {
     let mut rng = rand::rng();
-    let mut noise = move || match noise_std {
-        Some(std) => (std * alveolus_privacy::dp::standard_normal(&mut rng)) as f32,
-        None => 0.0,
-    };
     let values = update
         .tensors
         .values()
         .flat_map(|t| t.values.iter().copied())
-        .map(|v| v + noise())
-        .chain([metrics.loss as f32, metrics.dice as f32]);
-    let (mut words, clipped) = secagg::quantize(values, weight);
+        .map(|v| {
+            let noise = noise_std.map_or(0.0, |std| {
+                alveolus_privacy::dp::gaussian_noise(std, &mut rng)
+            });
+            v + noise as f32
+        });
+    let (mut words, clipped) = secagg::quantize_update(values, metrics, weight);
     if clipped > 0 {
         tracing::warn!(
             clipped,

@@ -9,7 +9,7 @@
 //!   price of looking at all values of a coordinate at once.
 
 use alveolus_proto::domain::{AggregationRule, PrivacyConfig};
-use alveolus_proto::weights::{Tensor, Weights};
+use alveolus_proto::weights::Weights;
 use rand::Rng;
 
 pub enum Aggregator {
@@ -75,58 +75,46 @@ impl Aggregator {
     /// The next global model, with the base's metadata. `rng` draws DP noise (a CSPRNG in
     /// production, seeded in tests).
     pub fn finish(&self, base: &Weights, rng: &mut impl Rng) -> Weights {
-        let tensors = match self {
+        match self {
             Self::Mean {
                 sums,
                 total_weight,
                 noise_std,
             } => {
                 let denominator = total_weight.max(1.0);
-                base.tensors
-                    .iter()
-                    .zip(sums)
-                    .map(|((name, t), (_, sum))| {
-                        let mut sum = sum.clone();
-                        if let Some(std) = noise_std {
-                            alveolus_privacy::dp::add_gaussian_noise(&mut sum, *std, rng);
-                        }
-                        let values = t
-                            .values
-                            .iter()
-                            .zip(&sum)
-                            .map(|(b, s)| (*b as f64 + s / denominator) as f32)
-                            .collect();
-                        (
-                            name.clone(),
-                            Tensor::new(t.shape.clone(), values).expect("base shape"),
-                        )
-                    })
-                    .collect()
+                let means = sums.iter().flat_map(|(_, sum)| sum).map(|&s| {
+                    let noise =
+                        noise_std.map_or(0.0, |std| alveolus_privacy::dp::gaussian_noise(std, rng));
+                    (s + noise) / denominator
+                });
+                shifted(base, means)
             }
-            Self::Robust { rule, updates } => base
-                .tensors
-                .iter()
-                .map(|(name, t)| {
-                    let mut column = Vec::with_capacity(updates.len());
-                    let values = (0..t.values.len())
-                        .map(|i| {
-                            column.clear();
-                            column.extend(updates.iter().map(|u| u.tensors[name].values[i]));
-                            t.values[i] + robust_centre(*rule, &mut column)
-                        })
-                        .collect();
-                    (
-                        name.clone(),
-                        Tensor::new(t.shape.clone(), values).expect("base shape"),
-                    )
-                })
-                .collect(),
-        };
-        Weights {
-            tensors,
-            metadata: base.metadata.clone(),
+            Self::Robust { rule, updates } => {
+                let mut column = Vec::with_capacity(updates.len());
+                let centres = base
+                    .tensors
+                    .iter()
+                    .flat_map(|(name, t)| (0..t.values.len()).map(move |i| (name, i)))
+                    .map(|(name, i)| {
+                        column.clear();
+                        column.extend(updates.iter().map(|u| u.tensors[name].values[i]));
+                        robust_centre(*rule, &mut column) as f64
+                    });
+                shifted(base, centres)
+            }
         }
     }
+}
+
+/// `base` plus `deltas` (one per value, in tensor-name order), with the base's metadata.
+pub fn shifted(base: &Weights, mut deltas: impl Iterator<Item = f64>) -> Weights {
+    let mut next = base.clone();
+    for tensor in next.tensors.values_mut() {
+        for (v, delta) in tensor.values.iter_mut().zip(&mut deltas) {
+            *v = (*v as f64 + delta) as f32;
+        }
+    }
+    next
 }
 
 /// The median or trimmed mean of one coordinate's values (reordered in place).
@@ -150,6 +138,7 @@ fn robust_centre(rule: AggregationRule, values: &mut [f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alveolus_proto::weights::Tensor;
     use rand::SeedableRng;
 
     fn weights(values: &[f32]) -> Weights {

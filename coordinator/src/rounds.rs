@@ -54,27 +54,31 @@ struct OpenRound {
     refused: BTreeSet<String>,
     /// Rounds in the clear only: a secure round's sum is in `secure`.
     aggregator: Option<Aggregator>,
-    /// Σ of the reports' sample counts.
-    samples: u64,
     /// Present when the run uses secure aggregation: the masked sum and the protocol's phases.
     secure: Option<SecureRound>,
 }
 
 impl OpenRound {
-    /// Whether an update with `header` from `site` belongs to this round.
-    fn admits(&self, site: &str, header: &UpdateHeader) -> Result<(), CoordinatorError> {
-        if header.run_id != self.run_id {
+    /// Whether a message about `run_id`'s round `round` is about this round.
+    fn is_round(&self, run_id: &str, round: u32) -> Result<(), CoordinatorError> {
+        if run_id != self.run_id {
             return Err(CoordinatorError::WrongRun {
-                got: header.run_id.clone(),
+                got: run_id.to_string(),
                 expected: self.run_id.clone(),
             });
         }
-        if header.round != self.round {
+        if round != self.round {
             return Err(CoordinatorError::WrongRound {
-                got: header.round,
+                got: round,
                 expected: self.round,
             });
         }
+        Ok(())
+    }
+
+    /// Whether an update with `header` from `site` belongs to this round.
+    fn admits(&self, site: &str, header: &UpdateHeader) -> Result<(), CoordinatorError> {
+        self.is_round(&header.run_id, header.round)?;
         if header.base_version != self.base_version {
             return Err(CoordinatorError::WrongBase {
                 got: header.base_version.clone(),
@@ -238,21 +242,11 @@ impl Coordinator {
         let config = &run.info.config;
         let deadline = Duration::from_secs(config.deadline_seconds.into());
         let secure = config.secure_aggregation.map(|s| {
-            let noise_std = config.privacy.as_ref().map(|p| {
-                alveolus_privacy::dp::noise_share_std(p.noise_multiplier, p.clip_norm, s.threshold)
-            });
             let context = RoundContext {
                 run_id: run.info.run_id.clone(),
                 round,
             };
-            // The values, then weight x loss, weight x Dice, and the weight.
-            SecureRound::new(
-                context,
-                s.threshold,
-                noise_std,
-                base.num_values() + 3,
-                deadline,
-            )
+            SecureRound::new(context, s.threshold, base.num_values(), deadline)
         });
         state.round = Some(OpenRound {
             run_id: run.info.run_id.clone(),
@@ -265,7 +259,6 @@ impl Coordinator {
             aggregator: secure
                 .is_none()
                 .then(|| Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref())),
-            samples: 0,
             secure,
             base: Arc::new(base),
         });
@@ -319,7 +312,7 @@ impl Coordinator {
             model_version: version,
             training: run.info.config.training.clone(),
             clip_norm: run.info.config.privacy.as_ref().map(|p| p.clip_norm),
-            secure_aggregation: open_secure_task(state.round.as_ref()),
+            secure_aggregation: secure_task(&run.info.config),
         }))
     }
 
@@ -359,18 +352,7 @@ impl Coordinator {
     ) -> Result<Reply, CoordinatorError> {
         let round_of = |state: &mut State| -> Result<(), CoordinatorError> {
             let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
-            if request.run_id != open.run_id {
-                return Err(CoordinatorError::WrongRun {
-                    got: request.run_id.clone(),
-                    expected: open.run_id.clone(),
-                });
-            }
-            if request.round != open.round {
-                return Err(CoordinatorError::WrongRound {
-                    got: request.round,
-                    expected: open.round,
-                });
-            }
+            open.is_round(&request.run_id, request.round)?;
             if open.secure.is_none() {
                 return Err(CoordinatorError::SecureAggregation(format!(
                     "round {} is not securely aggregated",
@@ -435,18 +417,14 @@ impl Coordinator {
         Ok(open.base.clone())
     }
 
-    /// Words a masked update for the round in progress must have.
-    pub fn masked_words(
-        &self,
-        site: &str,
-        header: &UpdateHeader,
-    ) -> Result<usize, CoordinatorError> {
+    /// Bytes a masked update for the round in progress must have.
+    pub fn masked_bytes(&self, site: &str, header: &UpdateHeader) -> Result<u64, CoordinatorError> {
         let state = self.lock();
         let open = state.round.as_ref().ok_or(CoordinatorError::NoActiveRun)?;
         open.admits(site, header)?;
         let secure = open.secure.as_ref().expect("admits checked it is secure");
         secure.admits_masked(site)?;
-        Ok(secure.words())
+        Ok(secure.masked_bytes())
     }
 
     /// Adds a masked update (secure aggregation) to the round's masked sum.
@@ -454,21 +432,36 @@ impl Coordinator {
         &self,
         site: &str,
         header: &UpdateHeader,
-        words: &[u64],
+        bytes: &[u8],
     ) -> Result<usize, CoordinatorError> {
         let mut state = self.lock();
         let open = state.round.as_mut().ok_or(CoordinatorError::NoActiveRun)?;
         open.admits(site, header)?;
         let secure = open.secure.as_mut().expect("admits checked it is secure");
-        secure.add_masked(site, words)?;
+        secure.add_masked(site, bytes)?;
+        let index = Self::run_index(&state, &header.run_id)?;
+        // The sample count and metrics are inside the masked sum.
+        self.record_report(state, index, site, 0, Metrics::default())
+    }
+
+    /// Records an update that went into the round's aggregate, and closes the round if that
+    /// was the last one it waited for. Returns the number of reports so far.
+    fn record_report(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        index: usize,
+        site: &str,
+        samples: u64,
+        metrics: Metrics,
+    ) -> Result<usize, CoordinatorError> {
+        let open = state.round.as_mut().expect("the caller checked the round");
         open.participants.insert(site.to_string());
         open.reports.push(Report {
             site: site.to_string(),
-            samples: 0,
-            metrics: Metrics::default(),
+            samples,
+            metrics,
         });
-        let (reports, round, run_id) = (open.reports.len(), open.round, open.run_id.clone());
-        let index = Self::run_index(&state, &run_id)?;
+        let (reports, round) = (open.reports.len(), open.round);
         let run = &mut state.runs[index];
         run.info.reported.push(site.to_string());
         run.events.push(RunEvent::UpdateAccepted {
@@ -527,26 +520,8 @@ impl Coordinator {
             .as_mut()
             .expect("admits refuses plain updates in secure rounds")
             .add(update, header.num_samples);
-        open.samples += header.num_samples;
-        open.participants.insert(site.to_string());
-        open.reports.push(Report {
-            site: site.to_string(),
-            samples: header.num_samples,
-            metrics: header.metrics,
-        });
-        let reports = open.reports.len();
-        let round = open.round;
-        let run = &mut state.runs[index];
-        run.info.reported.push(site.to_string());
-        run.events.push(RunEvent::UpdateAccepted {
-            round,
-            site: site.to_string(),
-        });
-        tracing::info!(%site, round, samples = header.num_samples, "update accepted");
-        self.close_if_ready(&mut state, Instant::now())?;
-        drop(state);
-        self.announce();
-        Ok(reports)
+        tracing::info!(%site, round = open.round, samples = header.num_samples, "update accepted");
+        self.record_report(state, index, site, header.num_samples, header.metrics)
     }
 
     /// The largest update norm a run accepts: its DP clip norm (agents clip; a larger update
@@ -580,11 +555,24 @@ impl Coordinator {
         };
         let index = Self::run_index(state, &open.run_id)?;
         let min_sites = state.runs[index].info.config.min_sites as usize;
-        if open.secure.is_some() {
-            return self.advance_secure(state, index, now, min_sites);
-        }
-        let everyone = open.participants.iter().all(|p| open.done_with(p));
-        if open.reports.len() < min_sites || !(everyone || now >= open.deadline) {
+        let round = open.round;
+        let ready = if open.secure.is_some() {
+            match self.advance_secure(state, now, min_sites) {
+                Progress::Unchanged => return Ok(false),
+                Progress::Advanced => return Ok(true),
+                Progress::Complete => true,
+                Progress::Failed(reason) => {
+                    tracing::warn!(round, "secure aggregation failed: {reason}");
+                    let reason = format!("round {round} failed: {reason}");
+                    self.end_run(state, index, RunState::Failed, Some(reason))?;
+                    return Ok(true);
+                }
+            }
+        } else {
+            let everyone = open.participants.iter().all(|p| open.done_with(p));
+            open.reports.len() >= min_sites && (everyone || now >= open.deadline)
+        };
+        if !ready {
             return Ok(false);
         }
         let open = state.round.take().expect("checked above");
@@ -596,49 +584,56 @@ impl Coordinator {
         Ok(true)
     }
 
-    fn advance_secure(
-        &self,
-        state: &mut State,
-        index: usize,
-        now: Instant,
-        min_sites: usize,
-    ) -> Result<bool, CoordinatorError> {
-        // Sites heard from within two long-polls are connected and will ask for the task.
-        let recent = unix_ms() - 2 * self.max_long_poll.as_millis() as i64;
-        let live: BTreeSet<String> = state
-            .sites
-            .values()
-            .filter(|s| s.last_contact_unix_ms >= recent)
-            .map(|s| s.name.clone())
-            .collect();
+    /// Moves the open secure round's phases on.
+    fn advance_secure(&self, state: &mut State, now: Instant, min_sites: usize) -> Progress {
+        let open = state.round.as_ref().expect("checked by the caller");
+        let secure = open.secure.as_ref().expect("checked by the caller");
+        // Only the key phase waits for the sites that are live: those heard from within two
+        // long-polls are connected and will ask for the task.
+        let live: BTreeSet<String> = if secure.collecting_keys() {
+            let recent = unix_ms() - 2 * self.max_long_poll.as_millis() as i64;
+            state
+                .sites
+                .values()
+                .filter(|s| s.last_contact_unix_ms >= recent)
+                .map(|s| s.name.clone())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let open = state.round.as_mut().expect("checked by the caller");
         let deadline = open.deadline;
         let secure = open.secure.as_mut().expect("checked by the caller");
-        match secure.advance(now, deadline, min_sites, &live) {
-            Progress::Unchanged => Ok(false),
-            Progress::Advanced => Ok(true),
-            Progress::Complete => {
-                let open = state.round.take().expect("checked above");
-                if let Err(e) = self.finish_round(state, index, &open) {
-                    state.round = Some(open);
-                    return Err(e);
-                }
-                Ok(true)
-            }
-            Progress::Failed(reason) => {
-                let round = state.round.take().expect("checked above").round;
-                let mut info = state.runs[index].info.clone();
-                info.state = RunState::Failed;
-                info.reported.clear();
-                info.stop_reason = Some(format!("round {round} failed: {reason}"));
-                tracing::warn!(run = %info.run_id, round, "secure aggregation failed: {reason}");
-                let saved = self.store.put_run(&info);
-                let run = &mut state.runs[index];
-                run.info = info.clone();
-                run.events.push(RunEvent::RunFinished(info));
-                saved.map(|_| true)
-            }
+        secure.advance(now, deadline, min_sites, &live)
+    }
+
+    /// Ends run `index` as `end` (aborted, failed), durably, with `reason` for its status, and
+    /// drops its open round.
+    fn end_run(
+        &self,
+        state: &mut State,
+        index: usize,
+        end: RunState,
+        reason: Option<String>,
+    ) -> Result<RunInfo, CoordinatorError> {
+        let mut info = state.runs[index].info.clone();
+        info.state = end;
+        info.reported.clear();
+        if reason.is_some() {
+            info.stop_reason = reason;
         }
+        self.store.put_run(&info)?;
+        if state
+            .round
+            .as_ref()
+            .is_some_and(|r| r.run_id == info.run_id)
+        {
+            state.round = None;
+        }
+        let run = &mut state.runs[index];
+        run.info = info.clone();
+        run.events.push(RunEvent::RunFinished(info.clone()));
+        Ok(info)
     }
 
     /// The next model, the sample count and the mean metrics of a closed round.
@@ -650,40 +645,34 @@ impl Coordinator {
         let Some(secure) = &open.secure else {
             let aggregator = open.aggregator.as_ref().expect("a round in the clear");
             let weights = aggregator.finish(&open.base, &mut rand::rng());
+            let samples: u64 = open.reports.iter().map(|r| r.samples).sum();
             let mean = |f: fn(&Metrics) -> f64| {
                 open.reports
                     .iter()
                     .map(|r| f(&r.metrics) * r.samples as f64)
                     .sum::<f64>()
-                    / open.samples.max(1) as f64
+                    / samples.max(1) as f64
             };
             let metrics = Metrics {
                 loss: mean(|m| m.loss),
                 dice: mean(|m| m.dice),
             };
-            return Ok((weights, open.samples, metrics));
+            return Ok((weights, samples, metrics));
         };
-        let (sums, weight) = secure.unmask()?;
-        if weight == 0 {
+        let sum = secure.unmask()?;
+        if sum.weight == 0 {
             return Err(CoordinatorError::SecureAggregation(
                 "the unmasked weights add up to zero".into(),
             ));
         }
-        let total = weight as f64;
-        let values = open.base.num_values();
-        let mut next = sums[..values].iter();
-        let mut weights = (*open.base).clone();
-        for tensor in weights.tensors.values_mut() {
-            for (v, sum) in tensor.values.iter_mut().zip(&mut next) {
-                *v = (*v as f64 + sum / total) as f32;
-            }
-        }
+        let total = sum.weight as f64;
+        let weights = crate::aggregate::shifted(&open.base, sum.values.iter().map(|s| s / total));
         let metrics = Metrics {
-            loss: sums[values] / total,
-            dice: sums[values + 1] / total,
+            loss: sum.weighted_metrics.loss / total,
+            dice: sum.weighted_metrics.dice / total,
         };
         // Under DP every site weighs 1: the sample count stays with the sites.
-        Ok((weights, if dp { 0 } else { weight }, metrics))
+        Ok((weights, if dp { 0 } else { sum.weight }, metrics))
     }
 
     fn finish_round(
@@ -695,14 +684,7 @@ impl Coordinator {
         let config = state.runs[index].info.config.clone();
         let privacy = config.privacy.as_ref();
         let (weights, samples, metrics) = self.aggregate(open, privacy.is_some())?;
-        let epsilon_after = |rounds: u32| {
-            privacy.map(|p| {
-                // Every site is asked every round: sample rate 1.
-                alveolus_privacy::epsilon_after(1.0, p.noise_multiplier, rounds.into(), p.delta)
-                    .map(|spent| spent.epsilon)
-                    .unwrap_or(f64::INFINITY)
-            })
-        };
+        let epsilon_after = |rounds: u32| privacy.map(|p| alveolus_privacy::run_epsilon(p, rounds));
         let epsilon = epsilon_after(open.round);
         let mut sites: Vec<String> = open.reports.iter().map(|r| r.site.clone()).collect();
         sites.sort();
@@ -799,9 +781,7 @@ impl Coordinator {
         if let Some(p) = &config.privacy
             && let Some(budget) = p.epsilon_budget
         {
-            let first = alveolus_privacy::epsilon_after(1.0, p.noise_multiplier, 1, p.delta)
-                .map(|s| s.epsilon)
-                .unwrap_or(f64::INFINITY);
+            let first = alveolus_privacy::run_epsilon(p, 1);
             if first > budget {
                 return Err(CoordinatorError::Domain(DomainError::Invalid {
                     field: "epsilon_budget",
@@ -889,20 +869,7 @@ impl Coordinator {
         if state.runs[index].info.state != RunState::Running {
             return Ok(state.runs[index].info.clone());
         }
-        let mut info = state.runs[index].info.clone();
-        info.state = RunState::Aborted;
-        info.reported.clear();
-        self.store.put_run(&info)?;
-        if state
-            .round
-            .as_ref()
-            .is_some_and(|r| r.run_id == info.run_id)
-        {
-            state.round = None;
-        }
-        let run = &mut state.runs[index];
-        run.info = info.clone();
-        run.events.push(RunEvent::RunFinished(info.clone()));
+        let info = self.end_run(&mut state, index, RunState::Aborted, None)?;
         drop(state);
         tracing::info!(run = %info.run_id, "run aborted");
         self.announce();
@@ -966,11 +933,14 @@ impl Coordinator {
     }
 }
 
-/// The secure-aggregation part of a train task for the round in progress.
-fn open_secure_task(open: Option<&OpenRound>) -> Option<SecureTask> {
-    let secure = open?.secure.as_ref()?;
+/// The secure-aggregation part of a run's train tasks: the threshold, and each site's share
+/// of the DP noise.
+fn secure_task(config: &RunConfig) -> Option<SecureTask> {
+    let secure = config.secure_aggregation?;
     Some(SecureTask {
-        threshold: secure.threshold(),
-        noise_std: secure.noise_std,
+        threshold: secure.threshold,
+        noise_std: config.privacy.as_ref().map(|p| {
+            alveolus_privacy::dp::noise_share_std(p.noise_multiplier, p.clip_norm, secure.threshold)
+        }),
     })
 }

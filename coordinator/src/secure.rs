@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use alveolus_privacy::secagg::{
-    self, Envelope, PublicKeys, RevealedShare, Roster, RoundContext, SharesMessage, Unmasking,
+    self, Envelope, PublicKeys, RevealedShare, Roster, RoundContext, SharesMessage, UnmaskedSum,
+    Unmasking,
 };
 use alveolus_privacy::wire::Reply;
 
@@ -43,14 +44,12 @@ pub enum Progress {
 pub struct SecureRound {
     ctx: RoundContext,
     threshold: usize,
-    /// Each site's share of the DP noise (standard deviation), sent with the task.
-    pub noise_std: Option<f64>,
     phase: Phase,
     /// How long the keys, shares and reveal phases wait for stragglers.
     window: Duration,
     phase_deadline: Instant,
+    /// Every site's keys; from the shares phase on, the roster.
     keys: BTreeMap<String, PublicKeys>,
-    roster: Option<Roster>,
     /// Ciphertexts waiting for their recipient, by recipient.
     mailboxes: BTreeMap<String, Vec<Envelope>>,
     /// The sharers and their self-mask seed commitments.
@@ -66,44 +65,54 @@ fn refuse(message: impl Into<String>) -> CoordinatorError {
 }
 
 impl SecureRound {
-    pub fn new(
-        ctx: RoundContext,
-        threshold: u32,
-        noise_std: Option<f64>,
-        words: usize,
-        deadline: Duration,
-    ) -> Self {
+    /// A round of a model of `values` values.
+    pub fn new(ctx: RoundContext, threshold: u32, values: usize, deadline: Duration) -> Self {
         let window = (deadline / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         Self {
             ctx,
             threshold: threshold as usize,
-            noise_std,
             phase: Phase::Keys,
             window,
             phase_deadline: Instant::now() + window,
             keys: BTreeMap::new(),
-            roster: None,
             mailboxes: BTreeMap::new(),
             commitments: BTreeMap::new(),
-            sum: vec![0; words],
+            sum: vec![0; secagg::masked_len(values)],
             survivors: BTreeSet::new(),
             revealed: BTreeMap::new(),
         }
     }
 
-    pub fn threshold(&self) -> u32 {
-        self.threshold as u32
+    /// Bytes a masked update must have: its words (see `secagg::masked_len`), 8 bytes each.
+    pub fn masked_bytes(&self) -> u64 {
+        self.sum.len() as u64 * 8
     }
 
-    /// Words a masked update must have: the model's values, loss, Dice and the weight.
-    pub fn words(&self) -> usize {
-        self.sum.len()
+    /// Whether the round still takes keys (and so new sites).
+    pub fn collecting_keys(&self) -> bool {
+        self.phase == Phase::Keys
     }
 
     /// Whether `site` may be handed the round's task: only while keys are being collected,
     /// and only once (a reconnected agent with new keys would be refused anyway).
     pub fn takes(&self, site: &str) -> bool {
-        self.phase == Phase::Keys && !self.keys.contains_key(site)
+        self.collecting_keys() && !self.keys.contains_key(site)
+    }
+
+    /// The roster: every site that sent keys before the key phase closed.
+    fn roster(&self) -> Roster {
+        Roster {
+            threshold: self.threshold,
+            sites: self.keys.clone(),
+        }
+    }
+
+    /// The Failed outcome of a phase that ended with `got` of `of` sites, below the threshold.
+    fn below_threshold(&self, what: &str, got: usize, of: usize) -> Progress {
+        Progress::Failed(format!(
+            "only {got} of {of} {what}, fewer than the threshold {}; nothing was revealed",
+            self.threshold
+        ))
     }
 
     pub fn add_keys(&mut self, site: &str, keys: PublicKeys) -> Result<(), CoordinatorError> {
@@ -138,9 +147,11 @@ impl SecureRound {
     }
 
     pub fn roster_for(&self, site: &str) -> Option<Result<Roster, CoordinatorError>> {
-        let roster = self.roster.as_ref()?;
-        Some(if roster.sites.contains_key(site) {
-            Ok(roster.clone())
+        if self.collecting_keys() {
+            return None;
+        }
+        Some(if self.keys.contains_key(site) {
+            Ok(self.roster())
         } else {
             Err(refuse(format!(
                 "site `{site}` is not on round {}'s roster",
@@ -163,8 +174,8 @@ impl SecureRound {
                 self.ctx.round
             )));
         }
-        let roster = self.roster.as_ref().expect("the shares phase has a roster");
-        if !roster.sites.contains_key(site) {
+        let roster = &self.keys;
+        if !roster.contains_key(site) {
             return Err(refuse(format!("site `{site}` is not on the roster")));
         }
         let mut addressed = BTreeSet::new();
@@ -175,7 +186,7 @@ impl SecureRound {
                     envelope.from
                 )));
             }
-            if envelope.to == site || !roster.sites.contains_key(&envelope.to) {
+            if envelope.to == site || !roster.contains_key(&envelope.to) {
                 return Err(refuse(format!(
                     "a share from `{site}` is addressed to `{}`, which is not another site on the roster",
                     envelope.to
@@ -188,11 +199,11 @@ impl SecureRound {
                 )));
             }
         }
-        if addressed.len() != roster.sites.len() - 1 {
+        if addressed.len() != roster.len() - 1 {
             return Err(refuse(format!(
                 "site `{site}` sent {} shares; the roster needs {}",
                 addressed.len(),
-                roster.sites.len() - 1
+                roster.len() - 1
             )));
         }
         for envelope in message.envelopes {
@@ -245,9 +256,11 @@ impl SecureRound {
         Ok(())
     }
 
-    pub fn add_masked(&mut self, site: &str, words: &[u64]) -> Result<(), CoordinatorError> {
+    /// Adds a masked update, sent as little-endian words, to the masked sum.
+    pub fn add_masked(&mut self, site: &str, bytes: &[u8]) -> Result<(), CoordinatorError> {
         self.admits_masked(site)?;
-        secagg::add_masked(&mut self.sum, words).map_err(|e| refuse(e.to_string()))?;
+        secagg::add_masked(&mut self.sum, secagg::words_le(bytes))
+            .map_err(|e| refuse(e.to_string()))?;
         self.survivors.insert(site.to_string());
         Ok(())
     }
@@ -309,10 +322,6 @@ impl SecureRound {
                             secagg::MAX_SITES
                         ));
                     }
-                    self.roster = Some(Roster {
-                        threshold: self.threshold,
-                        sites: self.keys.clone(),
-                    });
                     self.phase = Phase::Shares;
                     self.phase_deadline = now + self.window;
                 }
@@ -322,35 +331,32 @@ impl SecureRound {
                         return progress;
                     }
                     if self.commitments.len() < self.threshold {
-                        return Progress::Failed(format!(
-                            "only {} of {} sites shared their keys, fewer than the threshold {}; nothing was revealed",
+                        return self.below_threshold(
+                            "sites shared their keys",
                             self.commitments.len(),
                             self.keys.len(),
-                            self.threshold
-                        ));
+                        );
                     }
                     self.phase = Phase::Masked;
                 }
                 Phase::Masked => {
-                    let all = self.survivors.len() == self.commitments.len();
-                    let late = now >= round_deadline;
-                    if !(all || (late && self.survivors.len() >= quorum)) {
-                        if (all || late) && self.survivors.len() < self.threshold {
+                    let (survivors, sharers) = (self.survivors.len(), self.commitments.len());
+                    if survivors == sharers {
+                        if survivors < quorum {
+                            // Everyone who could report has, and it is not enough.
                             return Progress::Failed(format!(
-                                "only {} of {} sites sent a masked update, fewer than the threshold {}; nothing was revealed",
-                                self.survivors.len(),
-                                self.commitments.len(),
-                                self.threshold
+                                "only {survivors} sites sent a masked update; the round needs {quorum}"
                             ));
                         }
+                    } else if now < round_deadline || survivors < quorum {
+                        if now >= round_deadline && survivors < self.threshold {
+                            return self.below_threshold(
+                                "sites sent a masked update",
+                                survivors,
+                                sharers,
+                            );
+                        }
                         return progress;
-                    }
-                    if self.survivors.len() < quorum {
-                        // Everyone who could report has, and it is not enough.
-                        return Progress::Failed(format!(
-                            "only {} sites sent a masked update; the round needs {quorum}",
-                            self.survivors.len()
-                        ));
                     }
                     self.phase = Phase::Reveal;
                     self.phase_deadline = now + self.window;
@@ -361,12 +367,11 @@ impl SecureRound {
                         return Progress::Complete;
                     }
                     if timed_out {
-                        return Progress::Failed(format!(
-                            "only {} of {} surviving sites revealed their shares, fewer than the threshold {}; nothing was revealed",
+                        return self.below_threshold(
+                            "surviving sites revealed their shares",
                             self.revealed.len(),
                             self.survivors.len(),
-                            self.threshold
-                        ));
+                        );
                     }
                     return progress;
                 }
@@ -375,20 +380,20 @@ impl SecureRound {
         }
     }
 
-    /// The unmasked sum: Σ weight·values, then Σ weight·loss, Σ weight·Dice, and Σ weight.
-    pub fn unmask(&self) -> Result<(Vec<f64>, u64), CoordinatorError> {
-        let roster = self.roster.as_ref().expect("a complete round has a roster");
+    /// The sum of the survivors' updates, weights and weighted metrics.
+    pub fn unmask(&self) -> Result<UnmaskedSum, CoordinatorError> {
+        let roster = self.roster();
         let mut sum = self.sum.clone();
         Unmasking {
             ctx: &self.ctx,
-            roster,
+            roster: &roster,
             commitments: &self.commitments,
             survivors: &self.survivors,
             revealed: &self.revealed,
         }
         .unmask(&mut sum)
         .map_err(|e| refuse(format!("unmasking failed: {e}")))?;
-        Ok(secagg::dequantize(&sum))
+        Ok(secagg::dequantize_update(&sum))
     }
 
     pub fn survivors(&self) -> &BTreeSet<String> {

@@ -77,16 +77,15 @@ async fn receive_update(
 }
 
 impl Services {
-    /// A masked update is exactly `words` little-endian u64 words; it goes straight into the
-    /// round's masked sum.
+    /// A masked update is exactly the round's number of little-endian u64 words; they are
+    /// added straight from the received bytes into the round's masked sum.
     async fn push_masked_update(
         &self,
         site: &str,
         header: &UpdateHeader,
         mut stream: Streaming<pb::UpdateChunk>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
-        let words = self.coordinator.masked_words(site, header)?;
-        let expected = words as u64 * 8;
+        let expected = self.coordinator.masked_bytes(site, header)?;
         if header.total_bytes != expected {
             return Err(CoordinatorError::SecureAggregation(format!(
                 "a masked update for this model has {expected} bytes, not {}",
@@ -96,14 +95,9 @@ impl Services {
         }
         let _slot = self.coordinator.upload_slot().await;
         let bytes = receive_update(site, &mut stream, expected, expected).await?;
-        let masked: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-            .collect();
-        drop(bytes);
         let reports = self
             .coordinator
-            .accept_masked_update(site, header, &masked)
+            .accept_masked_update(site, header, &bytes)
             .inspect_err(|e| tracing::warn!(%site, "masked update refused: {e}"))?;
         Ok(Response::new(pb::PushUpdateResponse {
             reports_this_round: reports as u32,

@@ -111,6 +111,15 @@ pub fn epsilon_after(
     accountant.epsilon(delta)
 }
 
+/// ε a run with `privacy` has spent after `rounds` rounds. Every site takes part in every
+/// round: sample rate 1. Settings the accountant cannot take (a run validated them) count as
+/// an unbounded ε.
+pub fn run_epsilon(privacy: &alveolus_proto::domain::PrivacyConfig, rounds: u32) -> f64 {
+    epsilon_after(1.0, privacy.noise_multiplier, rounds.into(), privacy.delta)
+        .map(|spent| spent.epsilon)
+        .unwrap_or(f64::INFINITY)
+}
+
 /// RDP of one sampled Gaussian mechanism at `order`.
 fn sampled_gaussian_rdp(q: f64, sigma: f64, order: f64) -> f64 {
     if q == 0.0 {

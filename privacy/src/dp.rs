@@ -39,11 +39,9 @@ pub fn standard_normal(rng: &mut impl Rng) -> f64 {
     (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
 }
 
-/// Adds N(0, `std`²) independently to every value.
-pub fn add_gaussian_noise(values: &mut [f64], std: f64, rng: &mut impl Rng) {
-    for v in values {
-        *v += std * standard_normal(rng);
-    }
+/// One draw of N(0, `std`²).
+pub fn gaussian_noise(std: f64, rng: &mut impl Rng) -> f64 {
+    std * standard_normal(rng)
 }
 
 /// Under secure aggregation the sites add the noise: each adds N(0, σ²) with this σ, so that
@@ -96,7 +94,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let (z, c) = (1.3, 0.7);
         let mut values = vec![0.0; 200_000];
-        add_gaussian_noise(&mut values, z * c, &mut rng);
+        for v in &mut values {
+            *v += gaussian_noise(z * c, &mut rng);
+        }
         let n = values.len() as f64;
         let mean = values.iter().sum::<f64>() / n;
         let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
@@ -115,7 +115,9 @@ mod tests {
         let share = noise_share_std(z, c, t);
         let mut sums = vec![0.0; 100_000];
         for _ in 0..t {
-            add_gaussian_noise(&mut sums, share, &mut rng);
+            for v in &mut sums {
+                *v += gaussian_noise(share, &mut rng);
+            }
         }
         let n = sums.len() as f64;
         let std = (sums.iter().map(|v| v * v).sum::<f64>() / n).sqrt();

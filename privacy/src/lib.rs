@@ -16,4 +16,4 @@ pub mod dp;
 pub mod secagg;
 pub mod wire;
 
-pub use accountant::{AccountantError, PrivacySpent, RdpAccountant, epsilon_after};
+pub use accountant::{AccountantError, PrivacySpent, RdpAccountant, epsilon_after, run_epsilon};

@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use alveolus_proto::domain::Metrics;
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20poly1305::aead::{Aead, Payload};
@@ -282,6 +283,46 @@ pub fn quantize(values: impl Iterator<Item = f32>, weight: u64) -> (Vec<u64>, us
         .collect();
     words.push(weight);
     (words, clipped)
+}
+
+/// Words of a masked update for a model of `values` values: the values, then weight × loss,
+/// weight × Dice and the weight (see [`quantize_update`]).
+pub fn masked_len(values: usize) -> usize {
+    values + 3
+}
+
+/// A site's update and metrics as the words it masks: the layout both ends agree on.
+pub fn quantize_update(
+    values: impl Iterator<Item = f32>,
+    metrics: Metrics,
+    weight: u64,
+) -> (Vec<u64>, usize) {
+    quantize(
+        values.chain([metrics.loss as f32, metrics.dice as f32]),
+        weight,
+    )
+}
+
+/// What an unmasked sum of [`quantize_update`] words says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnmaskedSum {
+    /// Σ weight × value, per model value.
+    pub values: Vec<f64>,
+    /// Σ weight × loss and Σ weight × Dice.
+    pub weighted_metrics: Metrics,
+    /// Σ weight.
+    pub weight: u64,
+}
+
+pub fn dequantize_update(sum: &[u64]) -> UnmaskedSum {
+    let (mut values, weight) = dequantize(sum);
+    let dice = values.pop().expect("a sum has its metric words");
+    let loss = values.pop().expect("a sum has its metric words");
+    UnmaskedSum {
+        values,
+        weighted_metrics: Metrics { loss, dice },
+        weight,
+    }
 }
 
 /// The weighted sum of the values (as reals) and the total weight, from an unmasked sum.
@@ -686,8 +727,12 @@ impl Unmasking<'_> {
     }
 }
 
-/// Adds a masked update into the running sum, word by word mod 2^64.
-pub fn add_masked(sum: &mut [u64], masked: &[u64]) -> Result<(), SecAggError> {
+/// Adds a masked update into the running sum, word by word mod 2^64. Taking an iterator lets
+/// the coordinator add words straight from the received bytes.
+pub fn add_masked(
+    sum: &mut [u64],
+    masked: impl ExactSizeIterator<Item = u64>,
+) -> Result<(), SecAggError> {
     if sum.len() != masked.len() {
         return Err(SecAggError::Length {
             got: masked.len(),
@@ -695,9 +740,16 @@ pub fn add_masked(sum: &mut [u64], masked: &[u64]) -> Result<(), SecAggError> {
         });
     }
     for (s, m) in sum.iter_mut().zip(masked) {
-        *s = s.wrapping_add(*m);
+        *s = s.wrapping_add(m);
     }
     Ok(())
+}
+
+/// The words of a masked update sent as little-endian bytes.
+pub fn words_le(bytes: &[u8]) -> impl ExactSizeIterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
 }
 
 #[cfg(test)]
@@ -794,7 +846,7 @@ mod tests {
             let ones: u32 = words.iter().map(|w| w.count_ones()).sum();
             let fraction = ones as f64 / (64.0 * words.len() as f64);
             assert!((fraction - 0.5).abs() < 0.01, "{fraction}");
-            add_masked(&mut sum, &words).unwrap();
+            add_masked(&mut sum, words.iter().copied()).unwrap();
         }
         let survivors: BTreeSet<String> = names[..3].iter().cloned().collect();
         let survivor_list: Vec<String> = survivors.iter().cloned().collect();

@@ -144,28 +144,13 @@ pub struct PrivacyConfig {
 
 impl PrivacyConfig {
     pub fn validate(&self) -> Result<(), DomainError> {
-        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
-            return Err(invalid(
-                "clip_norm",
-                format!("{} is not a positive number", self.clip_norm),
-            ));
-        }
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
-            return Err(invalid(
-                "noise_multiplier",
-                format!("{} is not a non-negative number", self.noise_multiplier),
-            ));
-        }
+        require_positive("clip_norm", self.clip_norm)?;
+        require_non_negative("noise_multiplier", self.noise_multiplier)?;
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(invalid("delta", format!("{} is not in (0, 1)", self.delta)));
         }
-        if let Some(budget) = self.epsilon_budget
-            && !(budget.is_finite() && budget > 0.0)
-        {
-            return Err(invalid(
-                "epsilon_budget",
-                format!("{budget} is not a positive number"),
-            ));
+        if let Some(budget) = self.epsilon_budget {
+            require_positive("epsilon_budget", budget)?;
         }
         Ok(())
     }
@@ -204,13 +189,8 @@ impl AggregationConfig {
                 format!("{trim_fraction} is not in [0, 0.5)"),
             ));
         }
-        if let Some(bound) = self.norm_bound
-            && !(bound.is_finite() && bound > 0.0)
-        {
-            return Err(invalid(
-                "norm_bound",
-                format!("{bound} is not a positive number"),
-            ));
+        if let Some(bound) = self.norm_bound {
+            require_positive("norm_bound", bound)?;
         }
         Ok(())
     }
@@ -240,15 +220,7 @@ impl RunConfig {
             }
         }
         if let Some(secure) = &self.secure_aggregation {
-            if !(2..=MAX_SECURE_SITES).contains(&secure.threshold) {
-                return Err(invalid(
-                    "secure_aggregation.threshold",
-                    format!(
-                        "{} is not between 2 and {MAX_SECURE_SITES}",
-                        secure.threshold
-                    ),
-                ));
-            }
+            check_threshold(secure.threshold)?;
             // Masked updates can only be summed: no median, no norm to check.
             if self.aggregation.rule != AggregationRule::FedAvg {
                 return Err(invalid(
@@ -458,6 +430,37 @@ impl From<RunConfig> for pb::RunConfig {
     }
 }
 
+fn require_positive(field: &'static str, value: f64) -> Result<(), DomainError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} is not a positive number")))
+    }
+}
+
+fn require_non_negative(field: &'static str, value: f64) -> Result<(), DomainError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value} is not a non-negative number"),
+        ))
+    }
+}
+
+/// Secure aggregation needs at least two sites to hide one, and GF(256) shares allow 255.
+fn check_threshold(threshold: u32) -> Result<(), DomainError> {
+    if (2..=MAX_SECURE_SITES).contains(&threshold) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "secure_aggregation.threshold",
+            format!("{threshold} is not between 2 and {MAX_SECURE_SITES}"),
+        ))
+    }
+}
+
 /// Protobuf's "unset" for an optional positive number.
 fn positive(value: f64) -> Option<f64> {
     (value != 0.0).then_some(value)
@@ -553,21 +556,8 @@ impl TryFrom<pb::Task> for Task {
                     secure_aggregation: match t.secure_aggregation {
                         None => None,
                         Some(s) => {
-                            if !(2..=MAX_SECURE_SITES).contains(&s.threshold) {
-                                return Err(invalid(
-                                    "secure_aggregation.threshold",
-                                    format!(
-                                        "{} is not between 2 and {MAX_SECURE_SITES}",
-                                        s.threshold
-                                    ),
-                                ));
-                            }
-                            if !(s.noise_std.is_finite() && s.noise_std >= 0.0) {
-                                return Err(invalid(
-                                    "secure_aggregation.noise_std",
-                                    format!("{} is not a non-negative number", s.noise_std),
-                                ));
-                            }
+                            check_threshold(s.threshold)?;
+                            require_non_negative("secure_aggregation.noise_std", s.noise_std)?;
                             Some(SecureTask {
                                 threshold: s.threshold,
                                 noise_std: positive(s.noise_std),

@@ -132,16 +132,26 @@ fn pytorch_step(
     device: &str,
     options: &BenchOptions,
 ) -> Result<f64> {
-    let output = Command::new(python)
-        .arg(scripts.join("bench_train.py"))
-        .arg(model)
-        .arg(batch)
-        .args([
+    pytorch_median_ms(
+        python,
+        &scripts.join("bench_train.py"),
+        &[
+            model.display().to_string(),
+            batch.display().to_string(),
             device.to_string(),
             options.threads.to_string(),
             options.steps.to_string(),
             options.warmup.to_string(),
-        ])
+        ],
+    )
+}
+
+/// Runs a PyTorch peer script with `args` and returns the median milliseconds it reports (one
+/// JSON line with `median_ms`).
+pub fn pytorch_median_ms(python: &Path, script: &Path, args: &[String]) -> Result<f64> {
+    let output = Command::new(python)
+        .arg(script)
+        .args(args)
         .output()
         .with_context(|| {
             format!(

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use alveolus_agent::SliceDataset;
-use alveolus_agent::data::dataset::Purpose;
-use alveolus_agent::data::synth::{SynthDataset, write_dataset};
-use alveolus_agent::evaluate::evaluate;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
+use alveolus_imaging::SliceDataset;
+use alveolus_imaging::dataset::Purpose;
+use alveolus_imaging::evaluate::evaluate;
+use alveolus_imaging::synth::{SynthDataset, write_dataset};
 use alveolus_models::{Device, ModelSpec, Weights};
 use alveolus_proto::domain::{
     PrivacyConfig, RunConfig, RunEvent, RunState, SecureAggregationConfig, TrainingConfig,
@@ -173,7 +173,8 @@ fn prepare_data(out: &Path, data: DemoData) -> Result<SliceDataset> {
             synth(&validation_dir, 100, 1)?;
         }
     }
-    let validation = SliceDataset::load(&validation_dir, Purpose::Evaluation, false)?.slices;
+    let validation =
+        alveolus_imaging::dataset::load(&validation_dir, Purpose::Evaluation, false)?.slices;
     println!(
         "validation: {} held-out slices no site trains on",
         validation.len()

@@ -6,16 +6,20 @@ mod bench;
 mod demo;
 mod progress;
 mod secagg_bench;
+mod segment;
+mod segment_bench;
 
 use std::path::{Path, PathBuf};
 
-use alveolus_agent::data::dataset::Purpose;
-use alveolus_agent::data::synth::{SynthDataset, write_dataset};
-use alveolus_agent::data::validate::validate;
-use alveolus_agent::evaluate::evaluate;
-use alveolus_agent::{AgentOptions, SliceDataset};
+use alveolus_agent::AgentOptions;
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision, revoke};
+use alveolus_imaging::SliceDataset;
+use alveolus_imaging::add_case::{NewCase, add_case};
+use alveolus_imaging::dataset::{CaseReport, Purpose, Split};
+use alveolus_imaging::evaluate::{add_hausdorff, evaluate};
+use alveolus_imaging::synth::{SynthDataset, write_dataset};
+use alveolus_imaging::validate::validate;
 use alveolus_models::augment::AugmentConfig;
 use alveolus_models::metrics::DiceReport;
 use alveolus_models::spec::Norm;
@@ -172,6 +176,9 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Draft the lungs and the COVID-19 lesions of new scans with a model: labels on the scan's
+    /// own grid (NIfTI, and a DICOM SEG for DICOM series), volumes and involvement, a preview.
+    Segment(segment::SegmentArgs),
     /// Differential-privacy planning.
     Privacy {
         #[command(subcommand)]
@@ -291,10 +298,55 @@ enum DataCommand {
         #[arg(long, default_value_t = 32)]
         slices: usize,
     },
+    /// Add a case (a corrected segmentation, say) to a dataset.toml after checking it as
+    /// `validate` does; agents train on it from their next round.
+    AddCase {
+        /// The dataset description to add to.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// A new case id.
+        #[arg(long)]
+        id: String,
+        /// The scan: a DICOM series folder or file, or a NIfTI file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Its labels: a NIfTI label map or a DICOM SEG (as 3D Slicer writes them).
+        #[arg(long)]
+        labels: PathBuf,
+        /// train, validation or test.
+        #[arg(long, default_value = "train")]
+        split: Split,
+    },
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Segment a synthetic chest CT series (wall time, planes per second, peak memory), and time
+    /// the model's inference over its planes against PyTorch's over the same planes.
+    Segment {
+        /// Pixels a side of each plane.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Planes (1 mm apart).
+        #[arg(long, default_value_t = 300)]
+        slices: usize,
+        /// Network preset: tiny, small or default.
+        #[arg(long, default_value = "small")]
+        model: String,
+        #[arg(long, default_value_t = alveolus_models::infer::DEFAULT_BATCH)]
+        batch_size: usize,
+        /// CPU threads for every backend and for PyTorch.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed passes over the planes (medians are printed).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Time only our backend (PyTorch needs Python with torch).
+        #[arg(long)]
+        without_pytorch: bool,
+    },
     /// What secure aggregation costs against aggregation in the clear: bytes per site and
     /// round wall time with N simulated sites over mTLS; with --dice, the demo's final Dice
     /// with DP at the given noise multipliers against no DP.
@@ -538,7 +590,8 @@ async fn dispatch(command: Command) -> Result<()> {
                     kit.identity.role
                 );
             }
-            let data = load_data(&data, Purpose::Training, skip_bad_cases)?;
+            let (data, notes) = alveolus_agent::SiteData::load(&data, skip_bad_cases)?;
+            print_notes(&notes.skipped, &notes.warned);
             let options = AgentOptions {
                 device,
                 audit_dir,
@@ -631,6 +684,7 @@ async fn dispatch(command: Command) -> Result<()> {
             println!("model written to {}", out.display());
             Ok(())
         }
+        Command::Segment(args) => segment::run(args).await,
         Command::Evaluate {
             model,
             data,
@@ -641,9 +695,15 @@ async fn dispatch(command: Command) -> Result<()> {
             let dataset = load_data(&data, Purpose::Evaluation, false)?;
             let resolved = device.resolve()?;
             eprintln!("evaluating {} slices on {resolved}", dataset.len());
-            let report =
-                tokio::task::spawn_blocking(move || evaluate(&weights, &dataset, &resolved.device))
-                    .await??;
+            let report = tokio::task::spawn_blocking(move || {
+                let mut report = evaluate(&weights, &dataset, &resolved.device)?;
+                let volumes = add_hausdorff(&mut report, &weights, &data, &resolved.device)?;
+                if volumes > 0 {
+                    eprintln!("HD95 over {volumes} labelled volumes");
+                }
+                anyhow::Ok(report)
+            })
+            .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -747,6 +807,42 @@ async fn dispatch(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Data {
+            command:
+                DataCommand::AddCase {
+                    dataset,
+                    id,
+                    image,
+                    labels,
+                    split,
+                },
+        } => {
+            let case = NewCase {
+                id,
+                image,
+                labels,
+                split,
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                add_case(&dataset, &case).map(|r| (r, dataset, case))
+            })
+            .await?;
+            let (report, dataset, case) = report?;
+            for problem in &report.problems {
+                eprintln!("warning: {}", problem.message);
+            }
+            let summary = report.summary.as_ref();
+            println!(
+                "added case {} ({} split{}) to {}; agents train on it from their next round",
+                case.id,
+                case.split,
+                summary
+                    .map(|s| format!(", {} labelled slices", s.labelled_slices))
+                    .unwrap_or_default(),
+                dataset.display()
+            );
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Secagg {
@@ -791,6 +887,33 @@ async fn dispatch(command: Command) -> Result<()> {
             })
             .await?
         }
+        Command::Bench {
+            command:
+                BenchCommand::Segment {
+                    size,
+                    slices,
+                    model,
+                    batch_size,
+                    threads,
+                    repeats,
+                    device,
+                    without_pytorch,
+                },
+        } => {
+            tokio::task::spawn_blocking(move || {
+                segment_bench::run(segment_bench::SegmentBenchOptions {
+                    size,
+                    slices,
+                    model,
+                    batch_size,
+                    threads,
+                    repeats,
+                    device,
+                    without_pytorch,
+                })
+            })
+            .await?
+        }
     }
 }
 
@@ -823,19 +946,24 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 /// A dataset's usable slices; what was skipped or looks odd is printed here, on the site's
 /// own terminal.
 fn load_data(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> anyhow::Result<SliceDataset> {
-    let loaded = SliceDataset::load(path, purpose, skip_bad_cases)?;
-    for case in &loaded.skipped {
+    let loaded = alveolus_imaging::dataset::load(path, purpose, skip_bad_cases)?;
+    print_notes(&loaded.skipped, &loaded.warned);
+    Ok(loaded.slices)
+}
+
+/// Cases a load left out, and warnings about those it used.
+fn print_notes(skipped: &[CaseReport], warned: &[CaseReport]) {
+    for case in skipped {
         eprintln!("skipped case {} (errors):", case.id);
         for problem in &case.problems {
             eprintln!("  {}", problem.message);
         }
     }
-    for case in &loaded.warned {
+    for case in warned {
         for problem in &case.problems {
             eprintln!("warning: case {}: {}", case.id, problem.message);
         }
     }
-    Ok(loaded.slices)
 }
 
 /// Agents and `train` learn from slice folders, which only a 2D network can use.
@@ -850,19 +978,22 @@ fn slices_only(spec: &ModelSpec) -> Result<()> {
 }
 
 fn print_report(prefix: &str, report: &DiceReport) {
+    let hd95 = |d: Option<f64>| d.map(|d| format!("  hd95 {d:.1} mm")).unwrap_or_default();
     for class in &report.per_class {
         println!(
-            "{prefix}{:<14} dice {}  iou {}",
+            "{prefix}{:<14} dice {}  iou {}{}",
             class.class,
             fmt_opt(class.dice),
-            fmt_opt(class.iou)
+            fmt_opt(class.iou),
+            hd95(class.hd95_mm)
         );
     }
     println!(
-        "{prefix}{:<14} dice {}  iou {}",
+        "{prefix}{:<14} dice {}  iou {}{}",
         "infection",
         fmt_opt(report.infection),
-        fmt_opt(report.infection_iou)
+        fmt_opt(report.infection_iou),
+        hd95(report.infection_hd95_mm)
     );
 }
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use alveolus_agent::data::dicom_write::{SeriesTags, write_series};
-use alveolus_agent::data::{nifti, synth};
+use alveolus_imaging::dicom_write::{SeriesTags, write_series};
+use alveolus_imaging::{nifti, synth};
 use alveolus_proto::domain::RunState;
 use common::*;
 use rustls::pki_types::pem::PemObject;

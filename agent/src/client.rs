@@ -20,7 +20,7 @@ use alveolus_proto::{PROTOCOL_VERSION, sha256_hex};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::slices::SliceDataset;
+use crate::site_data::SiteData;
 
 /// Largest model the agent accepts (a coordinator cannot make it reserve more).
 const MAX_MODEL_BYTES: u64 = 4 << 30;
@@ -104,12 +104,12 @@ fn is_fatal(status: &tonic::Status) -> bool {
 /// Runs until `shutdown` completes or the coordinator refuses this agent for good.
 pub async fn run_agent(
     kit: ClientKit,
-    data: SliceDataset,
+    data: SiteData,
     options: AgentOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let resolved = options.device.resolve()?;
-    tracing::info!(site = %kit.identity.name, slices = data.len(), "training on {resolved}");
+    tracing::info!(site = %kit.identity.name, slices = data.slices().len(), "training on {resolved}");
     let mut agent = Agent {
         kit,
         data,
@@ -128,7 +128,7 @@ pub async fn run_agent(
 
 struct Agent {
     kit: ClientKit,
-    data: SliceDataset,
+    data: SiteData,
     options: AgentOptions,
     device: alveolus_models::Device,
     /// Slices resized for the last model size seen, kept across rounds.
@@ -193,6 +193,36 @@ impl Agent {
         }
     }
 
+    /// Picks up a changed dataset (a case added since the last round). Reading it is file work:
+    /// on a multi-threaded runtime the other tasks move to other threads meanwhile.
+    fn refresh_data(&mut self) {
+        let multi_threaded = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let refreshed = if multi_threaded {
+            tokio::task::block_in_place(|| self.data.refresh())
+        } else {
+            self.data.refresh()
+        };
+        match refreshed {
+            None => {}
+            Some(Ok(notes)) => {
+                self.prepared = None;
+                tracing::info!(
+                    slices = self.data.slices().len(),
+                    skipped = notes.skipped.len(),
+                    "the dataset changed; training on it as it is now"
+                );
+                for case in &notes.skipped {
+                    tracing::warn!(case = %case.id, "case skipped for errors");
+                }
+            }
+            Some(Err(e)) => tracing::warn!(
+                slices = self.data.slices().len(),
+                "the dataset changed but cannot be loaded; training on what was loaded before: {e}"
+            ),
+        }
+    }
+
     async fn train_round(
         &mut self,
         client: &mut FederationClient<Channel>,
@@ -225,10 +255,11 @@ impl Agent {
         tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
         let global = pull_model(client, &task.model_version).await?;
         let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
+        self.refresh_data();
         let slices = match &self.prepared {
             Some((size, slices)) if *size == spec.image_size => slices.clone(),
             _ => {
-                let slices = std::sync::Arc::new(self.data.at_size(spec.image_size));
+                let slices = std::sync::Arc::new(self.data.slices().at_size(spec.image_size));
                 self.prepared = Some((spec.image_size, slices.clone()));
                 slices
             }

@@ -1,13 +1,12 @@
-//! The Alveolus site agent: reads the site's own labelled CT, trains the global model on it, and
-//! sends back only the weight update, its sample count and aggregate metrics.
+//! The Alveolus site agent, the site's federation client: it dials out, pulls the global model,
+//! trains it on the site's own labelled CT (read by `alveolus-imaging`), and sends back only the
+//! weight update, its sample count and aggregate metrics.
 //!
 //! The agent only ever dials out. It never depends on the coordinator crate.
 
 pub mod client;
-pub mod data;
-pub mod evaluate;
 pub mod secure;
-pub mod slices;
+pub mod site_data;
 
 pub use client::{AgentError, AgentOptions, run_agent};
-pub use slices::SliceDataset;
+pub use site_data::SiteData;

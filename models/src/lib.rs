@@ -8,6 +8,7 @@ pub mod augment;
 pub mod bench;
 pub mod device;
 pub mod hausdorff;
+pub mod infer;
 pub mod loss;
 pub mod metrics;
 pub mod pytorch;
@@ -20,6 +21,7 @@ pub use alveolus_proto::weights::{Tensor as NamedTensor, Weights};
 /// The burn device type, re-exported so that users of this crate need not depend on burn.
 pub use burn::tensor::Device;
 pub use device::{DeviceChoice, DeviceError, ResolvedDevice};
+pub use infer::Inference;
 pub use metrics::SegmentationCounts;
 pub use spec::{ModelSpec, SpecError};
 pub use train::{LabelledSlice, Progress, Schedule, TrainOptions, TrainOutcome};

@@ -23,6 +23,10 @@ pub struct ClassScore {
     pub class: String,
     pub dice: Option<f64>,
     pub iou: Option<f64>,
+    /// 95th-percentile Hausdorff distance in mm, the mean over the volumes where both the
+    /// prediction and the labels have the class; only for data that are volumes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hd95_mm: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,6 +37,9 @@ pub struct DiceReport {
     pub infection: Option<f64>,
     /// Intersection over union of the same merged infection mask.
     pub infection_iou: Option<f64>,
+    /// HD95 in mm of the merged infection mask, as `ClassScore::hd95_mm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub infection_hd95_mm: Option<f64>,
 }
 
 fn dice(intersection: u64, a: u64, b: u64) -> Option<f64> {
@@ -131,10 +138,12 @@ impl SegmentationCounts {
                         .map_or_else(|| format!("class{c}"), |n| n.to_string()),
                     dice: self.class_dice(c),
                     iou: self.class_iou(c),
+                    hd95_mm: None,
                 })
                 .collect(),
             infection: self.infection_dice(),
             infection_iou: self.infection_iou(),
+            infection_hd95_mm: None,
         }
     }
 }

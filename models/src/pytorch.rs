@@ -9,13 +9,16 @@ pub const MODULE: &str = include_str!("../python/alveolus_unet.py");
 pub const RUN_MODEL: &str = include_str!("../python/run_model.py");
 /// `bench_train.py`: times PyTorch training steps of the same network.
 pub const BENCH_TRAIN: &str = include_str!("../python/bench_train.py");
+/// `bench_segment.py`: times PyTorch inference of the same network over a scan's planes.
+pub const BENCH_SEGMENT: &str = include_str!("../python/bench_segment.py");
 
-/// Writes the three scripts into `dir`, which must exist.
+/// Writes the scripts into `dir`, which must exist.
 pub fn write_scripts(dir: &Path) -> std::io::Result<()> {
     for (name, text) in [
         ("alveolus_unet.py", MODULE),
         ("run_model.py", RUN_MODEL),
         ("bench_train.py", BENCH_TRAIN),
+        ("bench_segment.py", BENCH_SEGMENT),
     ] {
         std::fs::write(dir.join(name), text)?;
     }

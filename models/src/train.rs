@@ -259,7 +259,7 @@ fn batch(
 }
 
 /// Class per pixel from logits `[batch, classes, H, W]`.
-fn argmax_labels(logits: Tensor<4>) -> Vec<u8> {
+pub(crate) fn argmax_labels(logits: Tensor<4>) -> Vec<u8> {
     labels(logits.argmax(1))
 }
 
@@ -329,25 +329,6 @@ pub fn train(
         dice: counts.infection_dice().unwrap_or(1.0),
         samples: slices.len(),
     })
-}
-
-/// Predicted class per pixel for each image (`image_size^2` values in [0, 1]).
-pub fn predict(
-    model: &UNet2d,
-    spec: &ModelSpec,
-    images: &[&[f32]],
-    device: &Device,
-) -> Vec<Vec<u8>> {
-    let n = spec.image_size;
-    let model = model.valid();
-    let mut out = Vec::with_capacity(images.len());
-    for chunk in images.chunks(8) {
-        let data: Vec<f32> = chunk.iter().flat_map(|i| i.iter().copied()).collect();
-        let x = Tensor::from_data(TensorData::new(data, [chunk.len(), 1, n, n]), device);
-        let labels = argmax_labels(model.forward(x));
-        out.extend(labels.chunks(n * n).map(<[u8]>::to_vec));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,15 +1,8 @@
 //! Labelled 2D slices, the form a 2D model trains on: 8-bit windowed intensities and dataset
 //! labels (0 background, 1 ground-glass opacity, 2 consolidation, 3 lung) at each slice's own
-//! size, from any dataset format (`crate::data`), and their resizing to the model's input.
-//! PNG slice sets (`images/NAME.png` with `masks/NAME.png`, as in the MedSeg and Zenodo sets)
-//! are read here too.
-
-use std::path::Path;
+//! size, whatever format they came from, and their resizing to the model's input.
 
 use alveolus_models::LabelledSlice;
-
-use crate::data::ReadError;
-use crate::data::dataset::{DatasetError, Loaded, Purpose, load};
 
 /// One grey image and its labels at their original size.
 #[derive(Debug, Clone)]
@@ -28,41 +21,7 @@ pub struct SliceDataset {
     pub slices: Vec<Slice>,
 }
 
-/// Reads a PNG as 8-bit grey (the first channel of colour images).
-pub fn read_gray_png(path: &Path) -> Result<(usize, usize, Vec<u8>), ReadError> {
-    let png_err = |message: String| ReadError::new(path, format!("not a readable PNG: {message}"));
-    let file = std::fs::File::open(path).map_err(|e| ReadError::new(path, e.to_string()))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().map_err(|e| png_err(e.to_string()))?;
-    let mut buffer = vec![0; reader.output_buffer_size()];
-    let info = reader
-        .next_frame(&mut buffer)
-        .map_err(|e| png_err(e.to_string()))?;
-    let channels = info.color_type.samples();
-    let (width, height) = (info.width as usize, info.height as usize);
-    let gray = buffer[..info.buffer_size()]
-        .chunks_exact(channels)
-        .map(|px| px[0])
-        .collect::<Vec<u8>>();
-    if gray.len() != width * height {
-        return Err(png_err("unexpected pixel layout".into()));
-    }
-    Ok((width, height, gray))
-}
-
 impl SliceDataset {
-    /// Reads a dataset (see [`DatasetSpec::open`] for what `path` may be) for `purpose`.
-    /// Cases with errors make it fail, naming each, unless `skip_bad_cases`; then they are
-    /// left out and listed in what is returned. Never skips silently.
-    pub fn load(
-        path: &Path,
-        purpose: Purpose,
-        skip_bad_cases: bool,
-    ) -> Result<Loaded, DatasetError> {
-        load(path, purpose, skip_bad_cases)
-    }
-
     pub fn len(&self) -> usize {
         self.slices.len()
     }

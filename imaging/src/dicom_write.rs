@@ -14,8 +14,8 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
 
-use super::volume::{cross, dot};
-use super::{Geometry, Volume};
+use crate::volume::{cross, dot};
+use crate::{Geometry, Volume};
 
 /// Stored pixel = HU - this; written as Rescale Intercept so that HU -1024 is stored as 0.
 const RESCALE_INTERCEPT: i32 = -1024;
@@ -57,6 +57,8 @@ pub struct SeriesTags {
     pub series_number: u32,
     /// Manufacturer (LO) of the "scanner".
     pub manufacturer: String,
+    /// Modality (CS): `CT`, or another to make a series that is not CT.
+    pub modality: String,
 }
 
 impl SeriesTags {
@@ -81,6 +83,7 @@ impl SeriesTags {
             series_description: "Synthetic chest phantom".into(),
             series_number: 1,
             manufacturer: "Alveolus".into(),
+            modality: "CT".into(),
         }
     }
 }
@@ -170,7 +173,11 @@ pub fn file_order(slices: usize) -> Vec<usize> {
     even.chain(odd).collect()
 }
 
-fn element(tag: Tag, vr: VR, value: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {
+pub(crate) fn element(
+    tag: Tag,
+    vr: VR,
+    value: impl Into<PrimitiveValue>,
+) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, vr, value.into())
 }
 
@@ -202,7 +209,7 @@ fn shared_elements(
             VR::SH,
             series.accession_number.as_str(),
         ),
-        element(tags::MODALITY, VR::CS, "CT"),
+        element(tags::MODALITY, VR::CS, series.modality.as_str()),
         element(tags::MANUFACTURER, VR::LO, series.manufacturer.as_str()),
         element(
             tags::INSTITUTION_NAME,
@@ -294,7 +301,7 @@ fn shared_elements(
 }
 
 /// A DS value: at most 16 characters, so as many decimals as fit.
-fn decimal(value: f64) -> String {
+pub(crate) fn decimal(value: f64) -> String {
     for precision in (0..=10).rev() {
         let mut s = format!("{value:.precision$}");
         if s.contains('.') {
@@ -311,7 +318,7 @@ fn decimal(value: f64) -> String {
     format!("{value:.6e}")
 }
 
-fn decimals(values: &[f64]) -> PrimitiveValue {
+pub(crate) fn decimals(values: &[f64]) -> PrimitiveValue {
     PrimitiveValue::Strs(values.iter().map(|&v| decimal(v)).collect())
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::dataset::{CaseReport, DatasetError, DatasetSpec, LABEL_NAMES, Severity, check_case};
+use crate::dataset::{CaseReport, DatasetError, DatasetSpec, LABEL_NAMES, Severity, check_case};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ValidationReport {

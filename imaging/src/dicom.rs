@@ -9,8 +9,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 
-use super::ReadError;
-use super::volume::{Geometry, Volume, cross, dot};
+use crate::ReadError;
+use crate::volume::{Geometry, Volume, cross, dot};
 
 /// Modalities whose objects hold no CT voxels; a series folder may hold them (a SEG beside its
 /// series) and they are not part of the image.
@@ -32,6 +32,32 @@ pub struct CtImage {
     pub modality: Option<String>,
     /// Series Instance UID, to check that a segmentation was drawn on this series.
     pub series_uid: String,
+    /// The slices as stored, for outputs that refer back to them.
+    pub stack: SeriesStack,
+}
+
+/// A series' slices as stored, for outputs that refer back to them (a DICOM SEG names each
+/// source image and places each frame where its image is).
+#[derive(Debug, Clone)]
+pub struct SeriesStack {
+    /// The stored grid: x along Image Orientation's row direction (across a slice's columns),
+    /// y along its column direction, z through the slices in the order of their position along
+    /// the normal. The canonical volume is this grid with axes permuted and reversed.
+    pub grid: Geometry,
+    /// The image in each plane of `grid`, in order.
+    pub instances: Vec<Instance>,
+    /// Frame of Reference UID of the series (of its first image where they differ).
+    pub frame_of_reference_uid: Option<String>,
+}
+
+/// One stored image of a series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub path: PathBuf,
+    pub sop_class_uid: Option<String>,
+    pub sop_instance_uid: Option<String>,
+    /// Image Position (Patient) as the file says it.
+    pub position: Option<[f64; 3]>,
 }
 
 /// What one file says about its place in the series, read without its pixels.
@@ -49,6 +75,9 @@ pub(crate) struct SliceHeader {
     pub pixel_spacing: Option<[f64; 2]>,
     pub slice_thickness: Option<f64>,
     pub frames: usize,
+    pub sop_class_uid: Option<String>,
+    pub sop_instance_uid: Option<String>,
+    pub frame_of_reference_uid: Option<String>,
 }
 
 pub(crate) fn open_header(path: &Path) -> Result<DefaultDicomObject, ReadError> {
@@ -141,6 +170,9 @@ pub(crate) fn read_slice_header(
             .and_then(|e| e.to_float64().ok())
             .filter(|v| v.is_finite() && *v > 0.0),
         frames: uint(obj, tags::NUMBER_OF_FRAMES, path, "Number of Frames")?.unwrap_or(1),
+        sop_class_uid: text(obj, tags::SOP_CLASS_UID),
+        sop_instance_uid: text(obj, tags::SOP_INSTANCE_UID),
+        frame_of_reference_uid: text(obj, tags::FRAME_OF_REFERENCE_UID),
     })
 }
 
@@ -215,12 +247,26 @@ pub fn read_series(path: &Path) -> Result<CtImage, ReadError> {
         }
         voxels.extend(slice);
     }
+    let stack = SeriesStack {
+        grid: geometry.clone(),
+        instances: order
+            .iter()
+            .map(|&i| Instance {
+                path: headers[i].path.clone(),
+                sop_class_uid: headers[i].sop_class_uid.clone(),
+                sop_instance_uid: headers[i].sop_instance_uid.clone(),
+                position: headers[i].position,
+            })
+            .collect(),
+        frame_of_reference_uid: headers[0].frame_of_reference_uid.clone(),
+    };
     let volume = Volume::new(geometry, voxels).map_err(|e| ReadError::new(path, e))?;
     Ok(CtImage {
         volume: volume.into_canonical(),
         padding_hu,
         modality: headers[0].modality.clone(),
         series_uid,
+        stack,
     })
 }
 

@@ -124,6 +124,29 @@ impl Geometry {
         (source, flip)
     }
 
+    /// This grid with its axes permuted and reversed into the canonical orientation.
+    pub fn canonical(&self) -> Geometry {
+        let (source, flip) = self.canonical_plan();
+        let size = source.map(|s| self.size[s]);
+        let spacing = source.map(|s| self.spacing[s]);
+        let mut direction = [[0.0; 3]; 3];
+        // The new first voxel is the old voxel at the far end of every reversed axis.
+        let mut first = [0.0; 3];
+        for k in 0..3 {
+            let d = self.direction[source[k]];
+            direction[k] = if flip[k] { d.map(|c| -c) } else { d };
+            if flip[k] {
+                first[source[k]] = (self.size[source[k]] - 1) as f64;
+            }
+        }
+        Geometry {
+            size,
+            spacing,
+            origin: self.position(first),
+            direction,
+        }
+    }
+
     pub fn is_canonical(&self) -> bool {
         self.canonical_plan() == ([0, 1, 2], [false; 3])
     }
@@ -157,21 +180,10 @@ impl<T: Copy> Volume<T> {
         if source == [0, 1, 2] && flip == [false; 3] {
             return self;
         }
-        let old = &self.geometry;
-        let size = source.map(|s| old.size[s]);
-        let spacing = source.map(|s| old.spacing[s]);
-        let mut direction = [[0.0; 3]; 3];
-        // The new first voxel is the old voxel at the far end of every reversed axis.
-        let mut first = [0.0; 3];
-        for k in 0..3 {
-            let d = old.direction[source[k]];
-            direction[k] = if flip[k] { d.map(|c| -c) } else { d };
-            if flip[k] {
-                first[source[k]] = (old.size[source[k]] - 1) as f64;
-            }
-        }
-        let origin = old.position(first);
-        let stride = [1, old.size[0], old.size[0] * old.size[1]];
+        let geometry = self.geometry.canonical();
+        let old = self.geometry.size;
+        let stride = [1, old[0], old[0] * old[1]];
+        let size = geometry.size;
         let mut voxels = Vec::with_capacity(self.voxels.len());
         for z in 0..size[2] {
             for y in 0..size[1] {
@@ -190,15 +202,42 @@ impl<T: Copy> Volume<T> {
                 }
             }
         }
-        Self {
-            geometry: Geometry {
-                size,
-                spacing,
-                origin,
-                direction,
-            },
-            voxels,
+        Self { geometry, voxels }
+    }
+
+    /// The voxels of this canonical volume laid out on `grid`, a grid whose canonical form is
+    /// this volume's (a file's own grid: the same voxels, axes permuted and reversed). Writers
+    /// use it so that what they write overlays the file it came from voxel for voxel.
+    pub fn on_grid(&self, grid: &Geometry) -> Result<Self, String> {
+        if !grid.canonical().same_grid(&self.geometry) {
+            return Err(format!(
+                "a {:?} grid at {:.2?} is not a reordering of this {:?} grid at {:.2?}",
+                grid.size, grid.origin, self.geometry.size, self.geometry.origin
+            ));
         }
+        let (source, flip) = grid.canonical_plan();
+        let canonical = self.geometry.size;
+        let stride = [1, canonical[0], canonical[0] * canonical[1]];
+        let size = grid.size;
+        let mut voxels = Vec::with_capacity(self.voxels.len());
+        for z in 0..size[2] {
+            for y in 0..size[1] {
+                for x in 0..size[0] {
+                    let file_index = [x, y, z];
+                    let mut offset = 0;
+                    for k in 0..3 {
+                        let i = file_index[source[k]];
+                        let c = if flip[k] { canonical[k] - 1 - i } else { i };
+                        offset += c * stride[k];
+                    }
+                    voxels.push(self.voxels[offset]);
+                }
+            }
+        }
+        Ok(Self {
+            geometry: grid.clone(),
+            voxels,
+        })
     }
 }
 
@@ -277,6 +316,22 @@ mod tests {
                 .expect("every position exists in the canonical grid");
             assert_eq!(c.voxels[found], *value);
         }
+    }
+
+    #[test]
+    fn a_canonical_volume_goes_back_onto_its_file_grid_exactly() {
+        let file = grid(
+            [4, 3, 2],
+            [[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]],
+        );
+        let v = Volume::new(file.clone(), (0..24).collect::<Vec<u32>>()).unwrap();
+        let canonical = v.clone().into_canonical();
+        assert_eq!(canonical.on_grid(&file).unwrap(), v);
+        let elsewhere = Geometry {
+            origin: [0.0; 3],
+            ..file
+        };
+        assert!(canonical.on_grid(&elsewhere).is_err());
     }
 
     #[test]

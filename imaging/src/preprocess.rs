@@ -5,9 +5,17 @@
 
 use rand::Rng;
 
-use super::dataset::Intensity;
-use super::volume::Volume;
 use crate::slices::Slice;
+use crate::volume::Volume;
+
+/// What the voxels of an image measure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Intensity {
+    /// Hounsfield units, with the scanner's padding value (outside the field of view) if any.
+    Hounsfield { padding: Option<f32> },
+    /// Already windowed to 0..255 by whoever exported the slices (PNG sets).
+    Windowed8Bit,
+}
 
 /// Air in HU: what padding outside the scanner's field of view is taken to be.
 const AIR_HU: f32 = -1000.0;
@@ -230,7 +238,7 @@ pub fn sample_patches(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::volume::Geometry;
+    use crate::volume::Geometry;
     use rand::SeedableRng;
 
     fn volume<T: Copy>(size: [usize; 3], spacing: [f64; 3], voxels: Vec<T>) -> Volume<T> {

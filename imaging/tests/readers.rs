@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use alveolus_agent::data::dataset::{CaseSpec, DatasetSpec, Severity, Split, check_case};
-use alveolus_agent::data::dicom::read_series;
-use alveolus_agent::data::{nifti, seg};
+use alveolus_imaging::dataset::{CaseSpec, DatasetSpec, Severity, Split, check_case};
+use alveolus_imaging::dicom::read_series;
+use alveolus_imaging::{nifti, seg};
 
 fn data(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -308,9 +308,9 @@ fn fractional_seg_is_cut_at_one_half() {
 
 #[test]
 fn a_series_with_a_missing_slice_is_refused() {
-    use alveolus_agent::data::dicom_write::{SeriesTags, write_series};
+    use alveolus_imaging::dicom_write::{SeriesTags, write_series};
     let dir = tempfile::tempdir().unwrap();
-    let case = alveolus_agent::data::synth::chest_ct(1, [16, 16, 6], [20.0, 20.0, 5.0]);
+    let case = alveolus_imaging::synth::chest_ct(1, [16, 16, 6], [20.0, 20.0, 5.0]);
     let files = write_series(dir.path(), &case.image, &SeriesTags::synthetic(1), "s").unwrap();
     let whole = read_series(dir.path()).unwrap();
     assert_eq!(whole.volume.geometry.size, [16, 16, 6]);

@@ -27,12 +27,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::ReadError;
-use super::dicom::{CtImage, read_series};
-use super::preprocess::{Window, labelled_planes};
-use super::volume::{Geometry, Volume};
-use super::{nifti, seg};
-use crate::slices::{Slice, SliceDataset, read_gray_png};
+use crate::ReadError;
+use crate::png_slices::read_png_plane;
+use crate::preprocess::{Intensity, Window, labelled_planes};
+use crate::scan::{Scan, Source, has_extension, is_dicom_file, is_nifti, read_scan};
+use crate::slices::{Slice, SliceDataset};
+use crate::volume::Volume;
+use crate::{nifti, seg};
 
 /// The file a dataset folder is described by.
 pub const DESCRIPTION_FILE: &str = "dataset.toml";
@@ -162,6 +163,20 @@ impl std::fmt::Display for Split {
     }
 }
 
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "validation" => Ok(Split::Validation),
+            "test" => Ok(Split::Test),
+            other => Err(format!(
+                "`{other}` is not a split: train, validation or test"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unlisted {
@@ -287,11 +302,23 @@ pub struct CaseSpec {
     pub split: Split,
 }
 
+/// What a dataset was made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A `dataset.toml`.
+    Description,
+    /// A folder of PNG slices (`images/`, `masks/`).
+    PngFolder,
+    /// One image (a DICOM series folder or file, a NIfTI file), as a dataset of one case.
+    Single,
+}
+
 /// A dataset, resolved: paths absolute, label map and window checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetSpec {
     /// What the site pointed at (a description file or a folder/file taken as a dataset).
     pub source: PathBuf,
+    pub kind: SourceKind,
     pub cases: Vec<CaseSpec>,
     pub labels: LabelMap,
     pub window: Window,
@@ -330,6 +357,7 @@ impl DatasetSpec {
     fn single(path: &Path) -> Self {
         Self {
             source: path.to_path_buf(),
+            kind: SourceKind::Single,
             cases: vec![CaseSpec {
                 id: path
                     .file_name()
@@ -382,6 +410,7 @@ impl DatasetSpec {
             .collect();
         Ok(Self {
             source: dir.to_path_buf(),
+            kind: SourceKind::PngFolder,
             cases,
             labels: LabelMap::default(),
             window: Window::LUNG,
@@ -427,42 +456,12 @@ impl DatasetSpec {
         }
         Ok(Self {
             source: path.to_path_buf(),
+            kind: SourceKind::Description,
             cases,
             labels,
             window,
         })
     }
-}
-
-fn has_extension(path: &Path, extension: &str) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case(extension))
-}
-
-fn is_nifti(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    name.ends_with(".nii") || name.ends_with(".nii.gz")
-}
-
-/// Part-10 files carry "DICM" after a 128-byte preamble, whatever their name.
-fn is_dicom_file(path: &Path) -> bool {
-    use std::io::Read;
-    let mut head = [0u8; 132];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|_| &head[128..] == b"DICM")
-}
-
-/// What the voxels of an image measure.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Intensity {
-    /// Hounsfield units, with the scanner's padding value (outside the field of view) if any.
-    Hounsfield { padding: Option<f32> },
-    /// Already windowed to 0..255 by whoever exported the slices (PNG sets).
-    Windowed8Bit,
 }
 
 /// A case read from disk, before any check.
@@ -541,7 +540,16 @@ impl CaseReport {
 
 /// Reads a case's image and labels, each in its own format.
 pub fn read_case(case: &CaseSpec) -> Result<CaseData, ReadError> {
-    let (image, intensity, modality, series_uid) = read_image(&case.image)?;
+    let Scan {
+        image,
+        intensity,
+        modality,
+        source,
+    } = read_scan(&case.image)?;
+    let series_uid = match source {
+        Source::Dicom { series_uid, .. } => Some(series_uid),
+        Source::Nifti { .. } | Source::Png => None,
+    };
     let labels = match &case.labels {
         None => None,
         Some(path) if is_nifti(path) => Some(nifti::read_labels(path)?),
@@ -559,59 +567,6 @@ pub fn read_case(case: &CaseSpec) -> Result<CaseData, ReadError> {
         modality,
         labels,
     })
-}
-
-type ImageParts = (Volume<f32>, Intensity, Option<String>, Option<String>);
-
-fn read_image(path: &Path) -> Result<ImageParts, ReadError> {
-    if !path.exists() {
-        return Err(ReadError::new(path, "no such file or folder"));
-    }
-    if is_nifti(path) {
-        return Ok((
-            nifti::read_image(path)?,
-            Intensity::Hounsfield { padding: None },
-            None,
-            None,
-        ));
-    }
-    if has_extension(path, "png") {
-        return Ok((read_png_plane(path)?, Intensity::Windowed8Bit, None, None));
-    }
-    let CtImage {
-        volume,
-        padding_hu,
-        modality,
-        series_uid,
-    } = read_series(path)?;
-    Ok((
-        volume,
-        Intensity::Hounsfield {
-            padding: padding_hu,
-        },
-        modality,
-        Some(series_uid),
-    ))
-}
-
-/// A grey PNG as a one-plane volume (images as intensities, label files as values).
-fn read_png_plane<T: From<u8> + Copy>(path: &Path) -> Result<Volume<T>, ReadError> {
-    let (width, height, values) = read_gray_png(path)?;
-    Volume::new(
-        plane_geometry(width, height),
-        values.into_iter().map(T::from).collect(),
-    )
-    .map_err(|e| ReadError::new(path, e))
-}
-
-/// A PNG slice has no geometry: one plane, 1 mm pixels, at the origin.
-fn plane_geometry(width: usize, height: usize) -> Geometry {
-    Geometry {
-        size: [width, height, 1],
-        spacing: [1.0, 1.0, 1.0],
-        origin: [0.0; 3],
-        direction: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-    }
 }
 
 /// Reads and checks one case; with `keep_slices`, also returns its training slices (windowed,
@@ -719,7 +674,7 @@ pub fn check_case(
     }
     report.summary = Some(summary);
     let slices = match (keep_slices && report.usable(), mapped) {
-        (true, Some(mapped)) => Some(super::preprocess::training_slices(
+        (true, Some(mapped)) => Some(crate::preprocess::training_slices(
             &case.id,
             &data.image,
             data.intensity,
@@ -729,6 +684,36 @@ pub fn check_case(
         _ => None,
     };
     (report, slices)
+}
+
+/// A case read with its labels mapped to dataset labels (on the image's grid); `None` for a
+/// case without labels. Any problem that would make the case unusable is an error naming it.
+pub fn read_mapped_case(
+    spec: &DatasetSpec,
+    case: &CaseSpec,
+) -> Result<Option<(CaseData, Volume<u8>)>, DatasetError> {
+    let error = |message: String| DatasetError::Description {
+        path: case.image.clone(),
+        message: format!("case {}: {message}", case.id),
+    };
+    let data = read_case(case).map_err(|e| error(e.to_string()))?;
+    let Some(labels) = &data.labels else {
+        return Ok(None);
+    };
+    if !labels.geometry.same_grid(&data.image.geometry) {
+        return Err(error("labels are on another grid".into()));
+    }
+    let mut problems = Vec::new();
+    let mapped = map_labels(&spec.labels, labels, &mut problems).ok_or_else(|| {
+        error(
+            problems
+                .into_iter()
+                .map(|p| p.message)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(Some((data, mapped)))
 }
 
 fn map_labels(

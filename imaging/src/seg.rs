@@ -8,9 +8,9 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::ReadError;
-use super::dicom::{floats, open_full_object, text, uint};
-use super::volume::{Geometry, Volume, dot};
+use crate::ReadError;
+use crate::dicom::{floats, open_full_object, text, uint};
+use crate::volume::{Geometry, Volume, dot};
 
 /// How far (in voxels) a frame's pixel centre may sit from a voxel centre of the series.
 const GRID_TOLERANCE_VOXELS: f64 = 0.05;

@@ -9,9 +9,9 @@
 use std::io;
 use std::path::Path;
 
-use super::dicom_write::{SeriesTags, write_series};
-use super::nifti;
-use super::{Geometry, Volume};
+use crate::dicom_write::{SeriesTags, write_series};
+use crate::nifti;
+use crate::{Geometry, Volume};
 
 /// What `alveolus data synth` makes: how many cases, and their grid.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,7 +18,7 @@ use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 
-use super::{Geometry, ReadError, Volume};
+use crate::{Geometry, ReadError, Volume};
 
 /// NIfTI-1's `sizeof_hdr`; also how the byte order is told apart.
 const HEADER_SIZE: usize = 348;
@@ -33,13 +33,21 @@ const NIFTI_XFORM_SCANNER_ANAT: i16 = 1;
 /// Reads a NIfTI-1 image (any supported voxel type, scaling applied) as floats on a canonical
 /// grid. Non-finite voxel values are refused: nothing downstream can use them.
 pub fn read_image(path: &Path) -> Result<Volume<f32>, ReadError> {
-    read_volume(path, |value| {
+    Ok(read_image_and_grid(path)?.0)
+}
+
+/// [`read_image`], and the grid of the file itself (its own axis order), on which outputs go
+/// to overlay the file voxel for voxel.
+pub fn read_image_and_grid(path: &Path) -> Result<(Volume<f32>, Geometry), ReadError> {
+    let volume = read_volume(path, |value| {
         let value = value as f32;
         value
             .is_finite()
             .then_some(value)
             .ok_or_else(|| "is not a finite number (or does not fit a 32-bit float)".to_string())
-    })
+    })?;
+    let grid = volume.geometry.clone();
+    Ok((volume.into_canonical(), grid))
 }
 
 /// Reads a NIfTI-1 label map on a canonical grid. Every voxel (after scaling) must be a whole
@@ -52,6 +60,7 @@ pub fn read_labels(path: &Path) -> Result<Volume<u16>, ReadError> {
             Err("is not a label (labels are whole numbers from 0 to 65535)".to_string())
         }
     })
+    .map(Volume::into_canonical)
 }
 
 /// A voxel type [`write`] can store; the NIfTI datatype follows from the Rust type (int16 for
@@ -540,6 +549,7 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// The file's voxels on the file's own grid.
 fn read_volume<T: Copy>(
     path: &Path,
     convert: impl Fn(f64) -> Result<T, String>,
@@ -563,8 +573,7 @@ fn read_volume<T: Copy>(
     }
     let geometry = Geometry::from_lps_affine(header.size, lps)
         .map_err(|e| fail(format!("the {}: {e}", header.affine_source)))?;
-    let volume = Volume::new(geometry, voxels).map_err(fail)?;
-    Ok(volume.into_canonical())
+    Volume::new(geometry, voxels).map_err(fail)
 }
 
 /// Turns voxel bytes into values (scaling applied); on failure, the voxel's index, its value

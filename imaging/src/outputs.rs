@@ -1,0 +1,552 @@
+//! `alveolus segment`'s files: for each scan a folder with the label volume on the scan's own
+//! grid (`labels.nii.gz`, and `lungs.nii.gz` for the right/left split), a DICOM SEG of a DICOM
+//! series (`seg.dcm`), `report.json` and `preview.png`; for a PNG slice folder, a PNG mask per
+//! slice. Every file names the model version (the sha256 of the model file) and its round.
+//!
+//! A folder is written whole or not at all: everything goes into a hidden sibling folder first,
+//! which takes the folder's name only when complete. An existing folder with results is refused
+//! unless the caller forces it, and then replaced only by a complete new one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use alveolus_models::Inference;
+use serde::Serialize;
+
+use crate::ReadError;
+use crate::dataset::{DatasetError, DatasetSpec, SourceKind};
+use crate::nifti;
+use crate::preprocess::{Intensity, Window, windowed};
+use crate::preview::{PreviewText, Tile, lesion_percent, volume_tiles, write_montage};
+use crate::quantify::{Quantities, quantify};
+use crate::scan::{Scan, Source, read_scan};
+use crate::seg_write::{Algorithm, write_seg};
+use crate::segment::{SegmentError, SegmentOptions, Segmentation, segment};
+use crate::volume::{Geometry, Volume};
+
+/// Which model made a segmentation: what every output says about it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// sha256 of the model file, as the coordinator names versions.
+    pub version: String,
+    /// The federated round that made it, from the manifest beside the file (`model pull`
+    /// writes it); `None` for a model without one (a local `train`).
+    pub round: Option<u32>,
+    pub run: Option<String>,
+    pub classes: usize,
+    pub image_size: usize,
+}
+
+/// The parts of a checkpoint manifest a site reads.
+#[derive(serde::Deserialize)]
+struct ManifestFields {
+    sha256: String,
+    round: u32,
+    run_id: String,
+}
+
+impl ModelInfo {
+    /// The version of the model file at `path` (whose bytes are `bytes`), with the round and
+    /// run from `path` with the extension `.json` where that manifest is of this very file.
+    pub fn of_file(path: &Path, bytes: &[u8], classes: usize, image_size: usize) -> Self {
+        let version = alveolus_proto::sha256_hex(bytes);
+        let manifest = std::fs::read(path.with_extension("json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ManifestFields>(&b).ok())
+            .filter(|m| m.sha256 == version);
+        Self {
+            version,
+            round: manifest.as_ref().map(|m| m.round),
+            run: manifest.map(|m| m.run_id),
+            classes,
+            image_size,
+        }
+    }
+
+    /// `model 1a2b3c4d5e6f, round 12` (or `no federated round`).
+    pub fn describe(&self) -> String {
+        let short = &self.version[..12.min(self.version.len())];
+        match self.round {
+            Some(round) => format!("model {short}, round {round}"),
+            None => format!("model {short}, no federated round (no manifest beside it)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(
+        "{}: already holds results; choose another folder or pass --force to replace them",
+        .0.display()
+    )]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Segment(#[from] SegmentError),
+    #[error("{}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+}
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
+    move |source| OutputError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `report.json`: what was found and with what.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub alveolus_version: &'static str,
+    pub model: ModelInfo,
+    /// `DICOM`, `NIfTI` or `PNG`.
+    pub input_format: &'static str,
+    /// Voxels along x, y, z of the canonical grid (x to the patient's left, y posterior, z up).
+    pub shape: [usize; 3],
+    #[serde(flatten)]
+    pub quantities: Quantities,
+    /// What the label values of the label files mean.
+    pub labels: [(u8, &'static str); 4],
+    /// The files written beside this report.
+    pub files: Vec<String>,
+    /// Why no DICOM SEG was written for a DICOM input, if none was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seg_skipped: Option<String>,
+}
+
+pub const LABEL_MEANINGS: [(u8, &str); 4] = [
+    (0, "background"),
+    (1, "ground-glass opacity"),
+    (2, "consolidation"),
+    (3, "lung without lesion"),
+];
+
+/// What was written for one scan, or for a PNG slice folder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Summary {
+    Scan(Box<Report>),
+    Slices(Vec<SliceReport>),
+}
+
+/// What became of one scan (or one PNG slice folder) of the input.
+#[derive(Debug)]
+pub struct CaseOutcome {
+    /// The case id for datasets; `None` for a single scan or a PNG slice folder.
+    pub id: Option<String>,
+    pub folder: PathBuf,
+    pub result: Result<Summary, OutputError>,
+}
+
+/// Segments everything `input` holds (anything `data validate` reads: a DICOM series folder or
+/// file, a NIfTI file, a PNG slice folder, or a dataset description, whose cases each get a
+/// folder of their own named by id) into `out`. `progress` hears the case being worked on and
+/// the planes done of how many.
+pub fn segment_input(
+    model: &Inference,
+    info: &ModelInfo,
+    input: &Path,
+    out: &Path,
+    options: &SegmentOptions,
+    force: bool,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Vec<CaseOutcome>, OutputError> {
+    let spec = DatasetSpec::open(input)?;
+    refuse_results(out, force)?;
+    match spec.kind {
+        SourceKind::Single => {
+            let result = commit(out, |staging| {
+                segment_scan(
+                    model,
+                    info,
+                    &spec.cases[0].image,
+                    staging,
+                    options,
+                    &mut |d, t| progress("", d, t),
+                )
+            })
+            .map(|r| Summary::Scan(Box::new(r)));
+            Ok(vec![CaseOutcome {
+                id: None,
+                folder: out.to_path_buf(),
+                result,
+            }])
+        }
+        SourceKind::PngFolder => {
+            let result = commit(out, |staging| {
+                segment_png_folder(model, info, &spec, staging, options, &mut progress)
+            })
+            .map(Summary::Slices);
+            Ok(vec![CaseOutcome {
+                id: None,
+                folder: out.to_path_buf(),
+                result,
+            }])
+        }
+        SourceKind::Description => {
+            std::fs::create_dir_all(out).map_err(write_err(out))?;
+            let options = SegmentOptions {
+                window: spec.window,
+                ..options.clone()
+            };
+            let mut outcomes = Vec::new();
+            for case in &spec.cases {
+                let folder = out.join(folder_name(&case.id));
+                let result = if folder.exists() && !force && has_entries(&folder) {
+                    Err(OutputError::Exists(folder.clone()))
+                } else {
+                    commit(&folder, |staging| {
+                        segment_scan(model, info, &case.image, staging, &options, &mut |d, t| {
+                            progress(&case.id, d, t)
+                        })
+                    })
+                    .map(|r| Summary::Scan(Box::new(r)))
+                };
+                outcomes.push(CaseOutcome {
+                    id: Some(case.id.clone()),
+                    folder,
+                    result,
+                });
+            }
+            Ok(outcomes)
+        }
+    }
+}
+
+/// A case id as a folder name: anything but letters, digits, `.`, `-` and `_` becomes `_`.
+fn folder_name(id: &str) -> String {
+    let name: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with('.') || name.is_empty() {
+        format!("_{name}")
+    } else {
+        name
+    }
+}
+
+fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+fn refuse_results(out: &Path, force: bool) -> Result<(), OutputError> {
+    if out.is_file() || (!force && out.is_dir() && has_entries(out)) {
+        return Err(OutputError::Exists(out.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Runs `write` into a fresh hidden folder beside `folder` and, if it succeeds, puts that
+/// folder in `folder`'s place (replacing what was there); if it fails, removes it.
+fn commit<T>(
+    folder: &Path,
+    write: impl FnOnce(&Path) -> Result<T, OutputError>,
+) -> Result<T, OutputError> {
+    let parent = folder
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+    let name = folder
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(write_err(&staging))?;
+    let value = match write(&staging) {
+        Ok(value) => value,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    if folder.exists() {
+        let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
+        std::fs::rename(folder, &old).map_err(write_err(folder))?;
+        std::fs::rename(&staging, folder).map_err(write_err(folder))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&staging, folder).map_err(write_err(folder))?;
+    }
+    Ok(value)
+}
+
+/// One scan into `dir`: labels, lungs, SEG (DICOM input), preview and report.
+fn segment_scan(
+    model: &Inference,
+    info: &ModelInfo,
+    path: &Path,
+    dir: &Path,
+    options: &SegmentOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report, OutputError> {
+    let scan = read_scan(path)?;
+    if let Some(modality) = scan.modality.as_deref().filter(|m| *m != "CT") {
+        return Err(OutputError::Read(ReadError::new(
+            path,
+            format!("modality is {modality}, not CT: the model segments CT"),
+        )));
+    }
+    let segmentation = segment(model, &scan.image, scan.intensity, options, progress)?;
+    let quantities = quantify(&segmentation);
+    let mut files = Vec::new();
+    let mut seg_skipped = None;
+    let format = match &scan.source {
+        Source::Dicom { series_uid, stack } => {
+            // The grid dcm2niix writes a series on: the stored grid with its rows reversed.
+            let grid = rows_reversed(&stack.grid);
+            write_label_files(dir, &segmentation, &grid, &mut files)?;
+            let parameters = seg_parameters(info, &segmentation);
+            let algorithm = Algorithm {
+                model_version: &info.version,
+                parameters: &parameters,
+            };
+            let seg_path = dir.join("seg.dcm");
+            match write_seg(
+                &seg_path,
+                &segmentation.labels,
+                stack,
+                series_uid,
+                &algorithm,
+            ) {
+                Ok(()) => files.push("seg.dcm".into()),
+                Err(crate::seg_write::SegWriteError::MissingReference(what)) => {
+                    seg_skipped = Some(format!(
+                        "the series has no {what}, which a DICOM SEG must refer to"
+                    ));
+                }
+                Err(crate::seg_write::SegWriteError::Io(e)) => {
+                    return Err(write_err(&seg_path)(e));
+                }
+            }
+            "DICOM"
+        }
+        Source::Nifti { grid } => {
+            write_label_files(dir, &segmentation, grid, &mut files)?;
+            "NIfTI"
+        }
+        Source::Png => {
+            let labels_path = dir.join("labels.png");
+            write_png_labels(&labels_path, &segmentation.labels)
+                .map_err(write_err(&labels_path))?;
+            files.push("labels.png".into());
+            "PNG"
+        }
+    };
+    let tiles = volume_tiles(&scan.image, scan.intensity, &options.window, &segmentation);
+    let preview = dir.join("preview.png");
+    write_montage(
+        &preview,
+        &tiles,
+        &PreviewText {
+            model: &info.describe(),
+            oriented: !matches!(scan.source, Source::Png),
+        },
+    )
+    .map_err(write_err(&preview))?;
+    files.push("preview.png".into());
+    files.push("report.json".into());
+    let report = Report {
+        alveolus_version: env!("CARGO_PKG_VERSION"),
+        model: info.clone(),
+        input_format: format,
+        shape: scan.image.geometry.size,
+        quantities,
+        labels: LABEL_MEANINGS,
+        files,
+        seg_skipped,
+    };
+    write_json(&dir.join("report.json"), &report)?;
+    Ok(report)
+}
+
+/// Free text for the SEG's Algorithm Parameters.
+fn seg_parameters(info: &ModelInfo, segmentation: &Segmentation) -> String {
+    format!(
+        "model sha256 {}; round {}; run {}; classes {}; input {} px; lung mask {}",
+        info.version,
+        info.round.map_or("none".into(), |r| r.to_string()),
+        info.run.as_deref().unwrap_or("none"),
+        info.classes,
+        info.image_size,
+        match segmentation.lung_method {
+            Some(crate::segment::LungMethod::Model) => "model",
+            Some(crate::segment::LungMethod::Hu) => "hu",
+            None => "none",
+        }
+    )
+}
+
+/// `grid` with its second axis reversed (same voxels, rows in the opposite order).
+pub fn rows_reversed(grid: &Geometry) -> Geometry {
+    let mut reversed = grid.clone();
+    reversed.origin = grid.position([0.0, (grid.size[1] - 1) as f64, 0.0]);
+    reversed.direction[1] = grid.direction[1].map(|c| -c);
+    reversed
+}
+
+fn write_label_files(
+    dir: &Path,
+    segmentation: &Segmentation,
+    grid: &Geometry,
+    files: &mut Vec<String>,
+) -> Result<(), OutputError> {
+    let mut volumes = vec![("labels.nii.gz", &segmentation.labels)];
+    if let Some(lungs) = &segmentation.lungs {
+        volumes.push(("lungs.nii.gz", lungs));
+    }
+    for (name, volume) in volumes {
+        let path = dir.join(name);
+        let on_grid = volume
+            .on_grid(grid)
+            .map_err(|e| write_err(&path)(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        nifti::write(&path, &on_grid).map_err(write_err(&path))?;
+        files.push(name.into());
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
+    let json =
+        serde_json::to_vec_pretty(value).map_err(|e| write_err(path)(io::Error::other(e)))?;
+    std::fs::write(path, json).map_err(write_err(path))
+}
+
+/// A one-plane label volume as an 8-bit grey PNG of label values (as PNG slice sets store
+/// masks).
+fn write_png_labels(path: &Path, labels: &Volume<u8>) -> io::Result<()> {
+    let [width, height, _] = labels.geometry.size;
+    let file = std::fs::File::create(path)?;
+    let mut encoder = png::Encoder::new(io::BufWriter::new(file), width as u32, height as u32);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(io::Error::other)?;
+    writer
+        .write_image_data(labels.plane(0))
+        .map_err(io::Error::other)?;
+    writer.finish().map_err(io::Error::other)
+}
+
+/// A slice of a PNG folder, as its report lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SliceReport {
+    pub name: String,
+    pub width: usize,
+    pub height: usize,
+    pub ggo_pixels: usize,
+    pub consolidation_pixels: usize,
+    /// Lesion pixels over lung pixels, where the model predicts the lung.
+    pub involvement_percent: Option<f64>,
+    pub lesion_percent_of_slice: f64,
+}
+
+/// `report.json` of a PNG slice folder: no physical sizes, so pixel counts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct PngFolderReport {
+    alveolus_version: &'static str,
+    model: ModelInfo,
+    input_format: &'static str,
+    slices: Vec<SliceReport>,
+    labels: [(u8, &'static str); 4],
+    files: Vec<String>,
+}
+
+/// Every slice of a PNG folder, masks into `dir/masks/NAME.png` (the layout of a PNG slice
+/// set, so that `dir` with the images is a dataset again).
+fn segment_png_folder(
+    model: &Inference,
+    info: &ModelInfo,
+    spec: &DatasetSpec,
+    dir: &Path,
+    options: &SegmentOptions,
+    progress: &mut impl FnMut(&str, usize, usize),
+) -> Result<Vec<SliceReport>, OutputError> {
+    let masks = dir.join("masks");
+    std::fs::create_dir_all(&masks).map_err(write_err(&masks))?;
+    let mut slices = Vec::new();
+    let mut kept: Vec<(String, Scan, Segmentation, f64)> = Vec::new();
+    let total = spec.cases.len();
+    for (k, case) in spec.cases.iter().enumerate() {
+        let scan = read_scan(&case.image)?;
+        let segmentation = segment(model, &scan.image, scan.intensity, options, &mut |_, _| {})?;
+        let name = case
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("{}.png", case.id));
+        let path = masks.join(&name);
+        write_png_labels(&path, &segmentation.labels).map_err(write_err(&path))?;
+        let q = quantify(&segmentation);
+        let count = |label| {
+            segmentation
+                .labels
+                .voxels
+                .iter()
+                .filter(|&&l| l == label)
+                .count()
+        };
+        let percent = lesion_percent(&segmentation.labels.voxels);
+        let [width, height, _] = scan.image.geometry.size;
+        slices.push(SliceReport {
+            name: name.clone(),
+            width,
+            height,
+            ggo_pixels: count(crate::segment::GROUND_GLASS),
+            consolidation_pixels: count(crate::segment::CONSOLIDATION),
+            involvement_percent: q.total.involvement_percent,
+            lesion_percent_of_slice: percent,
+        });
+        // Only the slices the preview may show are kept in memory.
+        kept.push((name, scan, segmentation, percent));
+        kept.sort_by(|a, b| b.3.total_cmp(&a.3));
+        kept.truncate(6);
+        progress(&case.id, k + 1, total);
+    }
+    let tiles: Vec<Tile> = kept
+        .iter()
+        .map(|(name, scan, segmentation, percent)| {
+            let [width, height, _] = scan.image.geometry.size;
+            Tile {
+                grey: windowed(scan.image.plane(0), Intensity::Windowed8Bit, &Window::LUNG),
+                labels: segmentation.labels.plane(0),
+                lungs: segmentation.lungs.as_ref().map(|l| l.plane(0)),
+                width,
+                height,
+                aspect: height as f64 / width as f64,
+                caption: format!("{name}  lesion {percent:.1}%"),
+            }
+        })
+        .collect();
+    let preview = dir.join("preview.png");
+    write_montage(
+        &preview,
+        &tiles,
+        &PreviewText {
+            model: &info.describe(),
+            oriented: false,
+        },
+    )
+    .map_err(write_err(&preview))?;
+    write_json(
+        &dir.join("report.json"),
+        &PngFolderReport {
+            alveolus_version: env!("CARGO_PKG_VERSION"),
+            model: info.clone(),
+            input_format: "PNG",
+            slices: slices.clone(),
+            labels: LABEL_MEANINGS,
+            files: vec!["masks/".into(), "preview.png".into(), "report.json".into()],
+        },
+    )?;
+    Ok(slices)
+}

@@ -6,8 +6,6 @@
 //! Memory beyond the scan: one byte per voxel for the labels and one for the lungs, the HU lung
 //! algorithm's one byte per voxel while it runs, and one batch of planes at the model's size.
 
-use std::collections::VecDeque;
-
 use alveolus_models::Inference;
 
 use crate::lung::{self, LungError};
@@ -150,7 +148,7 @@ pub fn segment(
                 Intensity::Windowed8Bit => None,
             };
             let mut sides = lung::lungs_from_hu(image, padding)?;
-            attach_lesions(&mut sides, &labels);
+            attach_lesions(&mut sides, &labels, image);
             Some(sides)
         }
     };
@@ -266,12 +264,27 @@ impl Upsampler {
     }
 }
 
-/// Gives each lesion region that touches a lung to that lung: lesions at the pleura are denser
-/// than the HU threshold and would otherwise fall outside the mask.
-fn attach_lesions(sides: &mut Volume<u8>, labels: &Volume<u8>) {
+/// How far from the HU lung mask a lesion may reach and still be given to the lung: dense
+/// lesions at the pleura (consolidation is as dense as the chest wall) lie outside the mask.
+pub const MAX_ATTACHED_MM: f64 = 20.0;
+
+/// Gives the lesion voxels that touch a lung, and are denser than the lung mask's threshold
+/// (which is why they fell outside it), to that lung, up to [`MAX_ATTACHED_MM`] deep.
+fn attach_lesions(sides: &mut Volume<u8>, labels: &Volume<u8>, image: &Volume<f32>) {
     let [nx, ny, nz] = sides.geometry.size;
     let plane = nx * ny;
-    let is_lesion = |i: usize| matches!(labels.voxels[i], GROUND_GLASS | CONSOLIDATION);
+    let finest = sides
+        .geometry
+        .spacing
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let steps = (MAX_ATTACHED_MM / finest.max(1e-3)).ceil() as usize;
+    let attachable = |sides: &[u8], i: usize| {
+        sides[i] == 0
+            && matches!(labels.voxels[i], GROUND_GLASS | CONSOLIDATION)
+            && image.voxels[i] >= lung::AIR_HU
+    };
     let neighbours = |i: usize| {
         let (x, y, z) = (i % nx, (i / nx) % ny, i / plane);
         [
@@ -283,23 +296,30 @@ fn attach_lesions(sides: &mut Volume<u8>, labels: &Volume<u8>) {
             (z + 1 < nz).then(|| i + plane),
         ]
     };
-    let mut queue: VecDeque<usize> = (0..sides.voxels.len())
+    let mut front: Vec<usize> = (0..sides.voxels.len())
         .filter(|&i| {
             sides.voxels[i] != 0
                 && neighbours(i)
                     .into_iter()
                     .flatten()
-                    .any(|j| sides.voxels[j] == 0 && is_lesion(j))
+                    .any(|j| attachable(&sides.voxels, j))
         })
         .collect();
-    while let Some(i) = queue.pop_front() {
-        let side = sides.voxels[i];
-        for j in neighbours(i).into_iter().flatten() {
-            if sides.voxels[j] == 0 && is_lesion(j) {
-                sides.voxels[j] = side;
-                queue.push_back(j);
+    for _ in 0..steps {
+        let mut next = Vec::new();
+        for &i in &front {
+            let side = sides.voxels[i];
+            for j in neighbours(i).into_iter().flatten() {
+                if attachable(&sides.voxels, j) {
+                    sides.voxels[j] = side;
+                    next.push(j);
+                }
             }
         }
+        if next.is_empty() {
+            break;
+        }
+        front = next;
     }
 }
 
@@ -326,7 +346,7 @@ mod tests {
     }
 
     #[test]
-    fn lesions_touching_a_lung_join_it() {
+    fn dense_lesions_touching_a_lung_join_it() {
         let geometry = crate::Geometry {
             size: [6, 1, 1],
             spacing: [1.0; 3],
@@ -338,10 +358,15 @@ mod tests {
             voxels: vec![1, 1, 0, 0, 0, 0],
         };
         let labels = Volume {
-            geometry,
-            voxels: vec![3, 3, 2, 1, 0, 1],
+            geometry: geometry.clone(),
+            voxels: vec![3, 3, 2, 1, 1, 1],
         };
-        attach_lesions(&mut sides, &labels);
+        // The lesion at index 4 is air-dark: the lung mask would have had it if it were lung.
+        let image = Volume {
+            geometry,
+            voxels: vec![-850.0, -850.0, 30.0, -300.0, -900.0, 30.0],
+        };
+        attach_lesions(&mut sides, &labels, &image);
         assert_eq!(sides.voxels, vec![1, 1, 1, 1, 0, 0]);
     }
 }

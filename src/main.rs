@@ -323,30 +323,7 @@ enum DataCommand {
 enum BenchCommand {
     /// Segment a synthetic chest CT series (wall time, planes per second, peak memory), and time
     /// the model's inference over its planes against PyTorch's over the same planes.
-    Segment {
-        /// Pixels a side of each plane.
-        #[arg(long, default_value_t = 512)]
-        size: usize,
-        /// Planes (1 mm apart).
-        #[arg(long, default_value_t = 300)]
-        slices: usize,
-        /// Network preset: tiny, small or default.
-        #[arg(long, default_value = "small")]
-        model: String,
-        #[arg(long, default_value_t = alveolus_models::infer::DEFAULT_BATCH)]
-        batch_size: usize,
-        /// CPU threads for every backend and for PyTorch.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Timed passes over the planes (medians are printed).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
-        /// Time only our backend (PyTorch needs Python with torch).
-        #[arg(long)]
-        without_pytorch: bool,
-    },
+    Segment(segment_bench::SegmentBenchOptions),
     /// What secure aggregation costs against aggregation in the clear: bytes per site and
     /// round wall time with N simulated sites over mTLS; with --dice, the demo's final Dice
     /// with DP at the given noise multipliers against no DP.
@@ -888,32 +865,8 @@ async fn dispatch(command: Command) -> Result<()> {
             .await?
         }
         Command::Bench {
-            command:
-                BenchCommand::Segment {
-                    size,
-                    slices,
-                    model,
-                    batch_size,
-                    threads,
-                    repeats,
-                    device,
-                    without_pytorch,
-                },
-        } => {
-            tokio::task::spawn_blocking(move || {
-                segment_bench::run(segment_bench::SegmentBenchOptions {
-                    size,
-                    slices,
-                    model,
-                    batch_size,
-                    threads,
-                    repeats,
-                    device,
-                    without_pytorch,
-                })
-            })
-            .await?
-        }
+            command: BenchCommand::Segment(options),
+        } => tokio::task::spawn_blocking(move || segment_bench::run(options)).await?,
     }
 }
 

@@ -16,16 +16,32 @@ use alveolus_models::bench::median;
 use alveolus_models::train::{initial_weights, load_model};
 use alveolus_models::{DeviceChoice, Inference, ModelSpec, NamedTensor, Weights, pytorch};
 use anyhow::{Context, Result, bail};
+use clap::Args;
 
+#[derive(Args)]
 pub struct SegmentBenchOptions {
-    pub size: usize,
-    pub slices: usize,
-    pub model: String,
-    pub batch_size: usize,
-    pub threads: usize,
-    pub repeats: usize,
-    pub device: DeviceChoice,
-    pub without_pytorch: bool,
+    /// Pixels a side of each plane.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Planes (1 mm apart).
+    #[arg(long, default_value_t = 300)]
+    slices: usize,
+    /// Network preset: tiny, small or default.
+    #[arg(long, default_value = "small")]
+    model: String,
+    #[arg(long, default_value_t = alveolus_models::infer::DEFAULT_BATCH)]
+    batch_size: usize,
+    /// CPU threads for every backend and for PyTorch.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed passes over the planes (medians are printed).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Time only our backend (PyTorch needs Python with torch).
+    #[arg(long)]
+    without_pytorch: bool,
 }
 
 pub fn run(options: SegmentBenchOptions) -> Result<()> {
@@ -61,7 +77,7 @@ pub fn run(options: SegmentBenchOptions) -> Result<()> {
     // The whole command, as a site runs it.
     let out = scratch.path().join("out");
     let started = Instant::now();
-    let status = Command::new(std::env::current_exe()?)
+    let output = Command::new(std::env::current_exe()?)
         .args(["segment", "--model"])
         .arg(&model_path)
         .arg("--input")
@@ -72,12 +88,15 @@ pub fn run(options: SegmentBenchOptions) -> Result<()> {
         .args(["--batch-size", &options.batch_size.to_string()])
         .env("RAYON_NUM_THREADS", options.threads.to_string())
         .env("OMP_NUM_THREADS", options.threads.to_string())
-        .stdout(std::process::Stdio::null())
-        .status()
+        .output()
         .context("cannot run `alveolus segment`")?;
     let wall = started.elapsed().as_secs_f64();
-    if !status.success() {
-        bail!("`alveolus segment` failed ({status})");
+    if !output.status.success() {
+        bail!(
+            "`alveolus segment` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let peak_mb = children_peak_rss_kb() as f64 / 1024.0;
     println!(

@@ -32,6 +32,21 @@ fn alveolus(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `alveolus segment --model M --input I --out O` and `extra`.
+fn segment(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "segment",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    alveolus(&args)
+}
+
 fn slow_tests_enabled(what: &str) -> bool {
     let enabled = std::env::var_os("ALVEOLUS_SLOW_TESTS").is_some();
     if !enabled {
@@ -51,7 +66,18 @@ struct Case {
 }
 
 fn synthetic_case(dir: &Path, seed: u64) -> Case {
-    let case = synth::chest_ct(seed, [64, 64, 16], [5.5, 5.5, 9.0]);
+    oriented_case(
+        dir,
+        seed,
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    )
+}
+
+/// A synthetic case whose stored axes point along `direction` (rows, columns, slices in LPS).
+fn oriented_case(dir: &Path, seed: u64, direction: [[f64; 3]; 3]) -> Case {
+    let mut case = synth::chest_ct(seed, [64, 64, 16], [5.5, 5.5, 9.0]);
+    case.image.geometry.direction = direction;
+    case.labels.geometry.direction = direction;
     let mut tags = SeriesTags::synthetic(seed);
     tags.patient_name = PATIENT_NAME.into();
     tags.patient_id = PATIENT_ID.into();
@@ -109,15 +135,7 @@ fn a_dicom_series_gets_labels_a_seg_a_report_and_a_preview_that_overlay_it() {
     let case = synthetic_case(dir.path(), 1);
     let model = model(dir.path(), tiny(3));
     let out = dir.path().join("out");
-    let (ok, stdout, stderr) = alveolus(&[
-        "segment",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        case.series.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = segment(&model, &case.series, &out, &[]);
     assert!(ok, "{stdout}{stderr}");
     let version = sha256_of(&model);
     assert!(
@@ -169,25 +187,47 @@ fn a_dicom_series_gets_labels_a_seg_a_report_and_a_preview_that_overlay_it() {
     }
 
     // A second run into the same folder is refused; with --force it replaces it.
-    let args = [
-        "segment",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        case.series.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let (ok, stdout, stderr) = alveolus(&args);
+    let (ok, stdout, stderr) = segment(&model, &case.series, &out, &[]);
     assert!(
         !ok && stderr.contains("already holds results") && stderr.contains("--force"),
         "{stdout}{stderr}"
     );
-    let mut forced = args.to_vec();
-    forced.push("--force");
-    let (ok, stdout, stderr) = alveolus(&forced);
+    let (ok, stdout, stderr) = segment(&model, &case.series, &out, &["--force"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(out.join("seg.dcm").is_file());
+}
+
+#[test]
+fn outputs_overlay_series_stored_in_any_orientation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(dir.path(), tiny(3));
+    // Coronal slices with reversed rows, and axial slices stored feet first with mirrored columns.
+    let orientations = [
+        [[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]],
+        [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]],
+    ];
+    for (k, direction) in orientations.into_iter().enumerate() {
+        let case = oriented_case(dir.path(), 30 + k as u64, direction);
+        let out = dir.path().join(format!("out-{k}"));
+        let (ok, stdout, stderr) = segment(&model, &case.series, &out, &[]);
+        assert!(ok, "{stdout}{stderr}");
+        let image = read_series(&case.series).unwrap();
+        let from_seg = seg::read_seg(
+            &out.join("seg.dcm"),
+            &image.volume.geometry,
+            &image.series_uid,
+        )
+        .unwrap();
+        let labels = nifti::read_labels(&out.join("labels.nii.gz")).unwrap();
+        assert!(
+            labels.geometry.same_grid(&image.volume.geometry),
+            "{direction:?}"
+        );
+        assert_eq!(from_seg.voxels, labels.voxels, "{direction:?}");
+        if slow_tests_enabled("the reference-tool checks") {
+            check_with_reference_tools(&out, &case.series);
+        }
+    }
 }
 
 #[test]
@@ -196,16 +236,7 @@ fn a_nifti_scan_gets_labels_with_its_own_affine_and_no_seg() {
     let case = synthetic_case(dir.path(), 2);
     let model = model(dir.path(), tiny(3));
     let out = dir.path().join("out");
-    let (ok, stdout, stderr) = alveolus(&[
-        "segment",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        case.nifti.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let (ok, stdout, stderr) = segment(&model, &case.nifti, &out, &["--json"]);
     assert!(ok, "{stdout}{stderr}");
     let json_start = stdout.find('[').expect("a JSON array of reports");
     let reports: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
@@ -232,15 +263,7 @@ fn a_png_slice_folder_gets_a_mask_per_slice() {
     }
     let model = model(dir.path(), tiny(3));
     let out = dir.path().join("out");
-    let (ok, stdout, stderr) = alveolus(&[
-        "segment",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        slices.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = segment(&model, &slices, &out, &[]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("3 slices"), "{stdout}");
     for name in ["000.png", "001.png", "002.png"] {
@@ -273,15 +296,7 @@ fn a_dataset_gets_a_folder_per_case() {
     assert!(ok, "{stdout}{stderr}");
     let model = model(dir.path(), tiny(4));
     let out = dir.path().join("out");
-    let (ok, stdout, stderr) = alveolus(&[
-        "segment",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        synth.join("dataset.toml").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = segment(&model, &synth.join("dataset.toml"), &out, &[]);
     assert!(ok, "{stdout}{stderr}");
     for case in ["case-000", "case-001"] {
         let report: serde_json::Value =
@@ -294,22 +309,64 @@ fn a_dataset_gets_a_folder_per_case() {
 }
 
 #[test]
+fn evaluate_reports_hd95_in_mm_on_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = dir.path().join("synth");
+    let (ok, stdout, stderr) = alveolus(&[
+        "data",
+        "synth",
+        "--out",
+        synth.to_str().unwrap(),
+        "--cases",
+        "1",
+        "--size",
+        "48",
+        "--slices",
+        "8",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let model = model(dir.path(), tiny(4));
+    let data = synth.join("dataset-nifti.toml");
+    let (ok, stdout, stderr) = alveolus(&[
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stderr.contains("HD95 over 1 labelled volumes"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let lung = report["per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["class"] == "lung")
+        .expect("a four-class model reports the lung");
+    let hd95 = lung["hd95_mm"].as_f64().expect("HD95 of the lung, in mm");
+    // The volume is 350 mm across: any distance between two masks in it is below its diagonal.
+    assert!(hd95 > 0.0 && hd95 < 350.0 * 3f64.sqrt(), "{hd95}");
+    // PNG slices are no volumes: no HD95.
+    let slices = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/medseg");
+    let (ok, stdout, stderr) = alveolus(&[
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        slices.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(!stdout.contains("hd95"), "{stdout}");
+}
+
+#[test]
 fn segment_refuses_what_it_cannot_do_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let case = synthetic_case(dir.path(), 3);
     let out = dir.path().join("out");
     let run = |model: &Path, input: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "segment",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (ok, stdout, stderr) = alveolus(&args);
+        let (ok, stdout, stderr) = segment(model, input, &out, extra);
         assert!(!ok, "refused: {stdout}{stderr}");
         assert!(!out.exists(), "nothing written half-way");
         stderr

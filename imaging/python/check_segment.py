@@ -24,6 +24,9 @@ def fail(message):
 
 def volumes_match(out, report):
     labels = nibabel.load(os.path.join(out, "labels.nii.gz"))
+    description = labels.header["descrip"].item().decode()
+    if report["model"]["version"] not in description:
+        fail(f"labels.nii.gz does not name the model version: {description!r}")
     values = np.asarray(labels.dataobj)
     voxel_ml = float(np.prod(labels.header.get_zooms()[:3])) / 1000.0
     # NIfTI stores spacing as float32: agreement to 1e-5 is exact for our purpose.

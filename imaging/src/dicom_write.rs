@@ -188,9 +188,6 @@ fn shared_elements(
     rows: u16,
     columns: u16,
 ) -> Vec<DataElement<InMemDicomObject>> {
-    let strs = |values: &[&str]| {
-        PrimitiveValue::Strs(values.iter().map(|s| s.to_string()).collect::<C<String>>())
-    };
     let [dx, dy] = [g.direction[0], g.direction[1]];
     vec![
         // UTF-8, so that any name a caller puts in the tags is written as given.
@@ -298,6 +295,11 @@ fn shared_elements(
         element(tags::RESCALE_SLOPE, VR::DS, "1"),
         element(tags::RESCALE_TYPE, VR::LO, "HU"),
     ]
+}
+
+/// A multi-valued string value (`ORIGINAL\PRIMARY\AXIAL`).
+pub(crate) fn strs(values: &[&str]) -> PrimitiveValue {
+    PrimitiveValue::Strs(values.iter().map(|s| s.to_string()).collect::<C<String>>())
 }
 
 /// A DS value: at most 16 characters, so as many decimals as fit.

@@ -89,10 +89,10 @@ pub fn add_hausdorff(
             dims: [size[2], size[1], size[0]],
             spacing: [sz, sy, sx],
         };
-        for class in 1..classes {
+        for (class, sum) in sums.iter_mut().enumerate().take(classes).skip(1) {
             if let Some(d) = hausdorff95(&predicted.voxels, &truth, grid, |l| l as usize == class) {
-                sums[class].0 += d;
-                sums[class].1 += 1;
+                sum.0 += d;
+                sum.1 += 1;
             }
         }
         // Infection: the lesion classes together (class 1 of a two-class model).

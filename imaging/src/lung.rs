@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 
-use crate::volume::Volume;
+use crate::volume::{Volume, face_neighbours, plane_neighbours};
 
 /// Voxels below this are air-like (step 1): Hu et al.'s typical optimal threshold, which keeps
 /// most ground-glass opacity inside the lung.
@@ -130,11 +130,13 @@ pub fn lungs_from_hu(image: &Volume<f32>, padding: Option<f32>) -> Result<Volume
     // Step 4: airways.
     remove_airways(image, &mut state, &mut queue);
 
-    let mask: Vec<u8> = state.iter().map(|&s| u8::from(s == LUNG)).collect();
-    drop(state);
+    // The working volume becomes the mask: no second byte per voxel.
+    for s in state.iter_mut() {
+        *s = u8::from(*s == LUNG);
+    }
     Ok(split_lungs(Volume {
         geometry: image.geometry.clone(),
-        voxels: mask,
+        voxels: state,
     }))
 }
 
@@ -207,14 +209,7 @@ fn remove_airways(image: &Volume<f32>, state: &mut [u8], queue: &mut VecDeque<u3
             seen[start] = true;
             while let Some(p) = stack.pop() {
                 pixels.push(p);
-                let (x, y) = (p % nx, p / nx);
-                let neighbours = [
-                    (x > 0).then(|| p - 1),
-                    (x + 1 < nx).then(|| p + 1),
-                    (y > 0).then(|| p - nx),
-                    (y + 1 < ny).then(|| p + nx),
-                ];
-                for q in neighbours.into_iter().flatten() {
+                for q in plane_neighbours(p, nx, ny).into_iter().flatten() {
                     if !seen[q] && state[offset + q] == LUNG && hu[offset + q] < AIRWAY_HU {
                         seen[q] = true;
                         stack.push(q);
@@ -371,14 +366,7 @@ fn fill_plane_holes(plane: &mut [u8], nx: usize, ny: usize, side: u8) {
         }
     }
     while let Some(p) = stack.pop() {
-        let (x, y) = (p % nx, p / nx);
-        let neighbours = [
-            (x > 0).then(|| p - 1),
-            (x + 1 < nx).then(|| p + 1),
-            (y > 0).then(|| p - nx),
-            (y + 1 < ny).then(|| p + nx),
-        ];
-        for q in neighbours.into_iter().flatten() {
+        for q in plane_neighbours(p, nx, ny).into_iter().flatten() {
             if !outside[q] && plane[q] != side {
                 outside[q] = true;
                 stack.push(q);
@@ -413,23 +401,11 @@ pub(crate) fn flood(
     if !take(seed) {
         return 0;
     }
-    let [nx, ny, nz] = size;
-    let plane = nx * ny;
     queue.clear();
     queue.push_back(seed as u32);
     let mut count = 1;
     while let Some(i) = queue.pop_front() {
-        let i = i as usize;
-        let (x, y, z) = (i % nx, (i / nx) % ny, i / plane);
-        let neighbours = [
-            (x > 0).then(|| i - 1),
-            (x + 1 < nx).then(|| i + 1),
-            (y > 0).then(|| i - nx),
-            (y + 1 < ny).then(|| i + nx),
-            (z > 0).then(|| i - plane),
-            (z + 1 < nz).then(|| i + plane),
-        ];
-        for j in neighbours.into_iter().flatten() {
+        for j in face_neighbours(i as usize, size).into_iter().flatten() {
             if take(j) {
                 queue.push_back(j as u32);
                 count += 1;

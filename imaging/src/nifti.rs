@@ -104,25 +104,50 @@ mod encode {
 /// to NIfTI's RAS; units are millimetres. A volume that NIfTI cannot describe (an axis over
 /// 32767 voxels, a non-finite geometry) is refused with `InvalidInput`.
 pub fn write<T: NiftiVoxel>(path: &Path, volume: &Volume<T>) -> io::Result<()> {
+    write_described(path, volume, "Alveolus")
+}
+
+/// [`write`] with `description` in the header's `descrip` field (ASCII, cut to 79 bytes), which
+/// viewers show as the file's description.
+pub fn write_described<T: NiftiVoxel>(
+    path: &Path,
+    volume: &Volume<T>,
+    description: &str,
+) -> io::Result<()> {
     let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let bytes = encode_file(volume, false)
+    let header = encode_header(volume, description, false)
         .map_err(|message| with_path(io::Error::new(io::ErrorKind::InvalidInput, message)))?;
     let file = File::create(path).map_err(with_path)?;
     let gzip = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    // The voxels are encoded a chunk at a time: no second copy of the volume in memory.
+    let write_all = |writer: &mut dyn Write| -> io::Result<()> {
+        writer.write_all(&header)?;
+        let mut buffer = Vec::with_capacity(VOXELS_PER_WRITE * T::BYTES);
+        for chunk in volume.voxels.chunks(VOXELS_PER_WRITE) {
+            buffer.clear();
+            for &v in chunk {
+                v.encode(false, &mut buffer);
+            }
+            writer.write_all(&buffer)?;
+        }
+        Ok(())
+    };
     let result = if gzip {
         let mut encoder = GzEncoder::new(BufWriter::new(file), Compression::default());
-        encoder
-            .write_all(&bytes)
+        write_all(&mut encoder)
             .and_then(|()| encoder.finish())
             .and_then(|mut w| w.flush())
     } else {
         let mut writer = BufWriter::new(file);
-        writer.write_all(&bytes).and_then(|()| writer.flush())
+        write_all(&mut writer).and_then(|()| writer.flush())
     };
     result.map_err(with_path)
 }
+
+/// Voxels encoded per write while a file is written.
+const VOXELS_PER_WRITE: usize = 1 << 16;
 
 /// NIfTI affines map voxels to RAS; ours to LPS. The two differ in the sign of x and y.
 const RAS_TO_LPS: [f64; 3] = [-1.0, -1.0, 1.0];
@@ -616,7 +641,26 @@ fn decode<T>(
 }
 
 /// The whole file's bytes (header, empty extension flag, voxels) in either byte order.
-fn encode_file<T: NiftiVoxel>(volume: &Volume<T>, big_endian: bool) -> Result<Vec<u8>, String> {
+#[cfg(test)]
+fn encode_file<T: NiftiVoxel>(
+    volume: &Volume<T>,
+    description: &str,
+    big_endian: bool,
+) -> Result<Vec<u8>, String> {
+    let mut bytes = encode_header(volume, description, big_endian)?;
+    bytes.reserve(volume.voxels.len() * T::BYTES);
+    for &v in &volume.voxels {
+        v.encode(big_endian, &mut bytes);
+    }
+    Ok(bytes)
+}
+
+/// The header and the empty extension flag: the bytes before the voxels.
+fn encode_header<T: NiftiVoxel>(
+    volume: &Volume<T>,
+    description: &str,
+    big_endian: bool,
+) -> Result<Vec<u8>, String> {
     let g = &volume.geometry;
     if volume.voxels.len() != g.voxel_count() {
         return Err(format!(
@@ -681,7 +725,12 @@ fn encode_file<T: NiftiVoxel>(volume: &Volume<T>, big_endian: bool) -> Result<Ve
     h.f32(112, 1.0);
     h.f32(116, 0.0);
     h.bytes[123] = NIFTI_UNITS_MM;
-    h.bytes[148..156].copy_from_slice(b"Alveolus");
+    let description: Vec<u8> = description
+        .bytes()
+        .filter(|b| b.is_ascii_graphic() || *b == b' ')
+        .take(79)
+        .collect();
+    h.bytes[148..148 + description.len()].copy_from_slice(&description);
     h.i16(252, NIFTI_XFORM_SCANNER_ANAT);
     h.i16(254, NIFTI_XFORM_SCANNER_ANAT);
     for (i, v) in [b, c, d, srow[0][3], srow[1][3], srow[2][3]]
@@ -696,13 +745,7 @@ fn encode_file<T: NiftiVoxel>(volume: &Volume<T>, big_endian: bool) -> Result<Ve
         }
     }
     h.bytes[344..348].copy_from_slice(b"n+1\0");
-
-    let mut bytes = h.bytes;
-    bytes.reserve(volume.voxels.len() * T::BYTES);
-    for &v in &volume.voxels {
-        v.encode(big_endian, &mut bytes);
-    }
-    Ok(bytes)
+    Ok(h.bytes)
 }
 
 struct HeaderWriter {
@@ -893,7 +936,7 @@ mod tests {
             },
         ] {
             let volume = Volume::new(geometry.clone(), vec![1i16; geometry.voxel_count()]).unwrap();
-            let mut bytes = encode_file(&volume, false).unwrap();
+            let mut bytes = encode_file(&volume, "Alveolus", false).unwrap();
             bytes[254..256].copy_from_slice(&0i16.to_le_bytes());
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("q.nii");
@@ -913,7 +956,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = awkward_image();
         let path = dir.path().join("be.nii");
-        std::fs::write(&path, encode_file(&image, true).unwrap()).unwrap();
+        std::fs::write(&path, encode_file(&image, "Alveolus", true).unwrap()).unwrap();
         let back = read_image(&path).unwrap();
         let expected = image.into_canonical();
         assert!(back.geometry.same_grid(&expected.geometry));
@@ -955,7 +998,7 @@ mod tests {
     }
 
     fn valid() -> Vec<u8> {
-        encode_file(&awkward_image(), false).unwrap()
+        encode_file(&awkward_image(), "Alveolus", false).unwrap()
     }
 
     fn patched(offset: usize, value: &[u8]) -> Vec<u8> {
@@ -983,7 +1026,7 @@ mod tests {
         assert_eq!(back.voxels, expected);
 
         // Labels scaled to fractions are not labels.
-        let mut labels = encode_file(&awkward_labels(), false).unwrap();
+        let mut labels = encode_file(&awkward_labels(), "Alveolus", false).unwrap();
         labels[112..116].copy_from_slice(&0.5f32.to_le_bytes());
         let err = read_labels(&s.path(&labels)).unwrap_err().message;
         assert_contains(&err, "holds 0.5, which is not a label");
@@ -1076,7 +1119,10 @@ mod tests {
     fn damaged_files_never_panic() {
         let mut rng = StdRng::seed_from_u64(0x5eed);
         let mut s = Scratch::new();
-        let sources = [valid(), encode_file(&awkward_labels(), true).unwrap()];
+        let sources = [
+            valid(),
+            encode_file(&awkward_labels(), "Alveolus", true).unwrap(),
+        ];
         let mut refused = 0;
         for i in 0..400 {
             let mut bytes = sources[i % 2].clone();

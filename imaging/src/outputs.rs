@@ -9,6 +9,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use alveolus_models::Inference;
 use serde::Serialize;
@@ -60,6 +61,14 @@ impl ModelInfo {
             run: manifest.map(|m| m.run_id),
             classes,
             image_size,
+        }
+    }
+
+    /// What the label files carry as their description: the whole version and the round.
+    pub fn stamp(&self) -> String {
+        match self.round {
+            Some(round) => format!("alveolus model {} round {round}", self.version),
+            None => format!("alveolus model {}", self.version),
         }
     }
 
@@ -215,6 +224,10 @@ pub fn segment_input(
     }
 }
 
+fn elapsed(started: Instant) -> String {
+    format!("{:.1}", started.elapsed().as_secs_f64())
+}
+
 /// A case id as a folder name: anything but letters, digits, `.`, `-` and `_` becomes `_`.
 fn folder_name(id: &str) -> String {
     let name: String = id
@@ -290,22 +303,37 @@ fn segment_scan(
     options: &SegmentOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report, OutputError> {
-    let scan = read_scan(path)?;
-    if let Some(modality) = scan.modality.as_deref().filter(|m| *m != "CT") {
+    let started = Instant::now();
+    let Scan {
+        image,
+        intensity,
+        modality,
+        source,
+    } = read_scan(path)?;
+    if let Some(modality) = modality.as_deref().filter(|m| *m != "CT") {
         return Err(OutputError::Read(ReadError::new(
             path,
             format!("modality is {modality}, not CT: the model segments CT"),
         )));
     }
-    let segmentation = segment(model, &scan.image, scan.intensity, options, progress)?;
+    let shape = image.geometry.size;
+    tracing::info!(?shape, seconds = elapsed(started), "scan read");
+    let started = Instant::now();
+    let segmentation = segment(model, &image, intensity, options, progress)?;
     let quantities = quantify(&segmentation);
+    tracing::info!(seconds = elapsed(started), "segmented");
+    // The preview's planes are taken now, so that the scan itself can go before the files are
+    // written: memory then holds the labels, not the scan.
+    let tiles = volume_tiles(&image, intensity, &options.window, &segmentation);
+    drop(image);
+    let started = Instant::now();
     let mut files = Vec::new();
     let mut seg_skipped = None;
-    let format = match &scan.source {
+    let format = match &source {
         Source::Dicom { series_uid, stack } => {
             // The grid dcm2niix writes a series on: the stored grid with its rows reversed.
             let grid = rows_reversed(&stack.grid);
-            write_label_files(dir, &segmentation, &grid, &mut files)?;
+            write_label_files(dir, &segmentation, &grid, info, &mut files)?;
             let parameters = seg_parameters(info, &segmentation);
             let algorithm = Algorithm {
                 model_version: &info.version,
@@ -332,35 +360,26 @@ fn segment_scan(
             "DICOM"
         }
         Source::Nifti { grid } => {
-            write_label_files(dir, &segmentation, grid, &mut files)?;
+            write_label_files(dir, &segmentation, grid, info, &mut files)?;
             "NIfTI"
         }
         Source::Png => {
             let labels_path = dir.join("labels.png");
-            write_png_labels(&labels_path, &segmentation.labels)
+            write_png_labels(&labels_path, &segmentation.labels, info)
                 .map_err(write_err(&labels_path))?;
             files.push("labels.png".into());
             "PNG"
         }
     };
-    let tiles = volume_tiles(&scan.image, scan.intensity, &options.window, &segmentation);
-    let preview = dir.join("preview.png");
-    write_montage(
-        &preview,
-        &tiles,
-        &PreviewText {
-            model: &info.describe(),
-            oriented: !matches!(scan.source, Source::Png),
-        },
-    )
-    .map_err(write_err(&preview))?;
+    write_preview(dir, &tiles, info, !matches!(source, Source::Png))?;
     files.push("preview.png".into());
+    tracing::info!(seconds = elapsed(started), "outputs written");
     files.push("report.json".into());
     let report = Report {
         alveolus_version: env!("CARGO_PKG_VERSION"),
         model: info.clone(),
         input_format: format,
-        shape: scan.image.geometry.size,
+        shape,
         quantities,
         labels: LABEL_MEANINGS,
         files,
@@ -368,6 +387,21 @@ fn segment_scan(
     };
     write_json(&dir.join("report.json"), &report)?;
     Ok(report)
+}
+
+/// `preview.png` in `dir`; `oriented`: the tiles are in patient orientation.
+fn write_preview(
+    dir: &Path,
+    tiles: &[Tile],
+    info: &ModelInfo,
+    oriented: bool,
+) -> Result<(), OutputError> {
+    let path = dir.join("preview.png");
+    let text = PreviewText {
+        model: &info.describe(),
+        oriented,
+    };
+    write_montage(&path, tiles, &text).map_err(write_err(&path))
 }
 
 /// Free text for the SEG's Algorithm Parameters.
@@ -399,6 +433,7 @@ fn write_label_files(
     dir: &Path,
     segmentation: &Segmentation,
     grid: &Geometry,
+    info: &ModelInfo,
     files: &mut Vec<String>,
 ) -> Result<(), OutputError> {
     let mut volumes = vec![("labels.nii.gz", &segmentation.labels)];
@@ -410,7 +445,7 @@ fn write_label_files(
         let on_grid = volume
             .on_grid(grid)
             .map_err(|e| write_err(&path)(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        nifti::write(&path, &on_grid).map_err(write_err(&path))?;
+        nifti::write_described(&path, &on_grid, &info.stamp()).map_err(write_err(&path))?;
         files.push(name.into());
     }
     Ok(())
@@ -423,13 +458,16 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
 }
 
 /// A one-plane label volume as an 8-bit grey PNG of label values (as PNG slice sets store
-/// masks).
-fn write_png_labels(path: &Path, labels: &Volume<u8>) -> io::Result<()> {
+/// masks), the model named in a text chunk.
+fn write_png_labels(path: &Path, labels: &Volume<u8>, info: &ModelInfo) -> io::Result<()> {
     let [width, height, _] = labels.geometry.size;
     let file = std::fs::File::create(path)?;
     let mut encoder = png::Encoder::new(io::BufWriter::new(file), width as u32, height as u32);
     encoder.set_color(png::ColorType::Grayscale);
     encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .add_text_chunk("Software".into(), info.stamp())
+        .map_err(io::Error::other)?;
     let mut writer = encoder.write_header().map_err(io::Error::other)?;
     writer
         .write_image_data(labels.plane(0))
@@ -485,7 +523,7 @@ fn segment_png_folder(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("{}.png", case.id));
         let path = masks.join(&name);
-        write_png_labels(&path, &segmentation.labels).map_err(write_err(&path))?;
+        write_png_labels(&path, &segmentation.labels, info).map_err(write_err(&path))?;
         let q = quantify(&segmentation);
         let count = |label| {
             segmentation
@@ -527,16 +565,7 @@ fn segment_png_folder(
             }
         })
         .collect();
-    let preview = dir.join("preview.png");
-    write_montage(
-        &preview,
-        &tiles,
-        &PreviewText {
-            model: &info.describe(),
-            oriented: false,
-        },
-    )
-    .map_err(write_err(&preview))?;
+    write_preview(dir, &tiles, info, false)?;
     write_json(
         &dir.join("report.json"),
         &PngFolderReport {

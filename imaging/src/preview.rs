@@ -81,7 +81,7 @@ pub struct Tile<'a> {
     /// 8-bit grey, row-major, `width` x `height`.
     pub grey: Vec<u8>,
     pub labels: &'a [u8],
-    /// Lung sides (non-zero inside a lung); `None`: outline what is labelled.
+    /// Lung sides (non-zero inside a lung), outlined; `None`: no lung mask, no outline.
     pub lungs: Option<&'a [u8]>,
     pub width: usize,
     pub height: usize,
@@ -159,11 +159,14 @@ pub fn write_montage(path: &Path, tiles: &[Tile], text: &PreviewText) -> io::Res
     }
     let legend_top = montage_height + 6;
     let mut x = 6;
-    for (colour, name) in [
+    let mut legend = vec![
         (GGO_COLOUR, "ground-glass opacity"),
         (CONSOLIDATION_COLOUR, "consolidation"),
-        (LUNG_COLOUR, "lung outline"),
-    ] {
+    ];
+    if tiles.iter().any(|t| t.lungs.is_some()) {
+        legend.push((LUNG_COLOUR, "lung outline"));
+    }
+    for (colour, name) in legend {
         canvas.fill(x, legend_top, 12, 8, colour);
         canvas.text(x + 16, legend_top, name, TEXT_COLOUR);
         x += 16 + 8 * name.len() + 16;
@@ -186,10 +189,8 @@ fn draw_tile(
         let y = (ty * height / tile_height).min(height - 1);
         y * width + x
     };
-    let in_lung = |i: usize| match tile.lungs {
-        Some(l) => l[i] != 0,
-        None => tile.labels[i] != BACKGROUND,
-    };
+    // Without a lung mask there is no outline to draw.
+    let in_lung = |i: usize| tile.lungs.is_some_and(|l| l[i] != 0);
     for ty in 0..tile_height {
         for tx in 0..TILE_WIDTH {
             let i = source(tx, ty);

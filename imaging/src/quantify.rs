@@ -44,7 +44,7 @@ impl Counts {
     fn region(&self, voxel_ml: f64, has_lungs: bool) -> Region {
         let lesion = self.ggo + self.consolidation;
         Region {
-            lung_ml: has_lungs.then(|| self.lung as f64 * voxel_ml),
+            lung_ml: has_lungs.then_some(self.lung as f64 * voxel_ml),
             ggo_ml: self.ggo as f64 * voxel_ml,
             consolidation_ml: self.consolidation as f64 * voxel_ml,
             lesion_ml: lesion as f64 * voxel_ml,

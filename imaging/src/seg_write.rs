@@ -16,7 +16,7 @@ use dicom_object::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
 
 use crate::dicom::{SeriesStack, open_header, text};
-use crate::dicom_write::{decimal, decimals, element};
+use crate::dicom_write::{decimal, decimals, element, strs};
 use crate::segment::{CONSOLIDATION, GROUND_GLASS, LUNG};
 use crate::volume::Volume;
 
@@ -464,10 +464,6 @@ fn code_sequence(tag: Tag, (value, scheme, meaning): Code) -> DataElement<InMemD
     )
 }
 
-fn strs(values: &[&str]) -> PrimitiveValue {
-    PrimitiveValue::Strs(values.iter().map(|s| s.to_string()).collect::<C<String>>())
-}
-
 /// A fresh `2.25.` UID: a random 122-bit number, unique without a registered root.
 fn fresh_uid() -> String {
     let value: u128 = rand::random::<u128>() >> 6;
@@ -486,7 +482,7 @@ impl BitWriter {
     fn push_plane(&mut self, plane: &[u8], label: u8) {
         self.bytes.reserve(plane.len() / 8 + 1);
         for &v in plane {
-            if self.bits % 8 == 0 {
+            if self.bits.is_multiple_of(8) {
                 self.bytes.push(0);
             }
             if v == label {

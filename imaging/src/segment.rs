@@ -11,7 +11,7 @@ use alveolus_models::Inference;
 use crate::lung::{self, LungError};
 use crate::preprocess::{Intensity, Window, windowed};
 use crate::slices::resize_bilinear;
-use crate::volume::Volume;
+use crate::volume::{Volume, face_neighbours};
 
 /// Dataset labels a segmentation is written in (the label convention of every dataset).
 pub const BACKGROUND: u8 = 0;
@@ -128,7 +128,13 @@ pub fn segment(
         (LungSource::Auto, false, false) => None,
     };
 
+    let started = std::time::Instant::now();
     let mut labels = predict_labels(model, image, intensity, options, &mut progress);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "model applied to every plane"
+    );
+    let started = std::time::Instant::now();
     let lungs = match lung_method {
         None => None,
         Some(LungMethod::Model) => {
@@ -152,6 +158,7 @@ pub fn segment(
             Some(sides)
         }
     };
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "lungs found");
     let mut outside = 0;
     if let Some(lungs) = &lungs {
         for (label, &side) in labels.voxels.iter_mut().zip(&lungs.voxels) {
@@ -191,6 +198,7 @@ pub fn predict_labels(
     let upsampler = Upsampler::new(n, width, height);
     let mut labels = vec![BACKGROUND; image.voxels.len()];
     let plane_len = width * height;
+    let mut inference = 0.0;
     for first in (0..planes).step_by(batch_size) {
         let last = (first + batch_size).min(planes);
         let mut batch = Vec::with_capacity((last - first) * n * n);
@@ -198,7 +206,9 @@ pub fn predict_labels(
             let plane = windowed(image.plane(z), intensity, &options.window);
             batch.extend(resize_bilinear(&plane, width, height, n));
         }
+        let started = std::time::Instant::now();
         let probabilities = model.probabilities(batch);
+        inference += started.elapsed().as_secs_f64();
         for (k, z) in (first..last).enumerate() {
             let planes = &probabilities[k * classes * n * n..(k + 1) * classes * n * n];
             let out = &mut labels[z * plane_len..(z + 1) * plane_len];
@@ -207,6 +217,7 @@ pub fn predict_labels(
         }
         progress(last, planes);
     }
+    tracing::debug!(seconds = inference, "of which the network");
     Volume {
         geometry: image.geometry.clone(),
         voxels: labels,
@@ -271,8 +282,7 @@ pub const MAX_ATTACHED_MM: f64 = 20.0;
 /// Gives the lesion voxels that touch a lung, and are denser than the lung mask's threshold
 /// (which is why they fell outside it), to that lung, up to [`MAX_ATTACHED_MM`] deep.
 fn attach_lesions(sides: &mut Volume<u8>, labels: &Volume<u8>, image: &Volume<f32>) {
-    let [nx, ny, nz] = sides.geometry.size;
-    let plane = nx * ny;
+    let size = sides.geometry.size;
     let finest = sides
         .geometry
         .spacing
@@ -285,17 +295,7 @@ fn attach_lesions(sides: &mut Volume<u8>, labels: &Volume<u8>, image: &Volume<f3
             && matches!(labels.voxels[i], GROUND_GLASS | CONSOLIDATION)
             && image.voxels[i] >= lung::AIR_HU
     };
-    let neighbours = |i: usize| {
-        let (x, y, z) = (i % nx, (i / nx) % ny, i / plane);
-        [
-            (x > 0).then(|| i - 1),
-            (x + 1 < nx).then(|| i + 1),
-            (y > 0).then(|| i - nx),
-            (y + 1 < ny).then(|| i + nx),
-            (z > 0).then(|| i - plane),
-            (z + 1 < nz).then(|| i + plane),
-        ]
-    };
+    let neighbours = |i: usize| face_neighbours(i, size);
     let mut front: Vec<usize> = (0..sides.voxels.len())
         .filter(|&i| {
             sides.voxels[i] != 0

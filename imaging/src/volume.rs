@@ -241,6 +241,32 @@ impl<T: Copy> Volume<T> {
     }
 }
 
+/// The face neighbours (6-connectivity) of voxel `i` of a grid of `size`, `None` past an edge.
+pub fn face_neighbours(i: usize, size: [usize; 3]) -> [Option<usize>; 6] {
+    let [nx, ny, nz] = size;
+    let plane = nx * ny;
+    let (x, y, z) = (i % nx, (i / nx) % ny, i / plane);
+    [
+        (x > 0).then(|| i - 1),
+        (x + 1 < nx).then(|| i + 1),
+        (y > 0).then(|| i - nx),
+        (y + 1 < ny).then(|| i + nx),
+        (z > 0).then(|| i - plane),
+        (z + 1 < nz).then(|| i + plane),
+    ]
+}
+
+/// The edge neighbours (4-connectivity) of pixel `p` of a `width` x `height` plane.
+pub fn plane_neighbours(p: usize, width: usize, height: usize) -> [Option<usize>; 4] {
+    let (x, y) = (p % width, p / width);
+    [
+        (x > 0).then(|| p - 1),
+        (x + 1 < width).then(|| p + 1),
+        (y > 0).then(|| p - width),
+        (y + 1 < height).then(|| p + width),
+    ]
+}
+
 fn norm(v: [f64; 3]) -> f64 {
     v.iter().map(|c| c * c).sum::<f64>().sqrt()
 }

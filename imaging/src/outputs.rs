@@ -7,6 +7,7 @@
 //! which takes the folder's name only when complete. An existing folder with results is refused
 //! unless the caller forces it, and then replaced only by a complete new one.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -118,7 +119,7 @@ pub struct Report {
     #[serde(flatten)]
     pub quantities: Quantities,
     /// What the label values of the label files mean.
-    pub labels: [(u8, &'static str); 4],
+    pub labels: BTreeMap<u8, &'static str>,
     /// The files written beside this report.
     pub files: Vec<String>,
     /// Why no DICOM SEG was written for a DICOM input, if none was.
@@ -381,7 +382,7 @@ fn segment_scan(
         input_format: format,
         shape,
         quantities,
-        labels: LABEL_MEANINGS,
+        labels: BTreeMap::from(LABEL_MEANINGS),
         files,
         seg_skipped,
     };
@@ -495,7 +496,7 @@ struct PngFolderReport {
     model: ModelInfo,
     input_format: &'static str,
     slices: Vec<SliceReport>,
-    labels: [(u8, &'static str); 4],
+    labels: BTreeMap<u8, &'static str>,
     files: Vec<String>,
 }
 
@@ -573,7 +574,7 @@ fn segment_png_folder(
             model: info.clone(),
             input_format: "PNG",
             slices: slices.clone(),
-            labels: LABEL_MEANINGS,
+            labels: BTreeMap::from(LABEL_MEANINGS),
             files: vec!["masks/".into(), "preview.png".into(), "report.json".into()],
         },
     )?;

@@ -406,6 +406,19 @@ fn segment_refuses_what_it_cannot_do_and_names_it() {
     let message = run(&three_class, &mr, &[]);
     assert!(message.contains("modality is MR, not CT"), "{message}");
 
+    // A NIfTI that is no CT: values of an MR image, not Hounsfield units.
+    let mut mr_like = synth::chest_ct(5, [32, 32, 4], [10.0, 10.0, 10.0]).image;
+    for v in mr_like.voxels.iter_mut() {
+        *v = (*v + 1024).clamp(0, 4000);
+    }
+    let mr_path = dir.path().join("mr.nii.gz");
+    nifti::write(&mr_path, &mr_like).unwrap();
+    let message = run(&three_class, &mr_path, &[]);
+    assert!(
+        message.contains("do not look like HU") && message.contains("mr.nii.gz"),
+        "{message}"
+    );
+
     // A dataset description that does not parse.
     let broken = dir.path().join("dataset.toml");
     std::fs::write(&broken, "[[case]\nid = ").unwrap();

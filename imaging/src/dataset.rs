@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ReadError;
 use crate::png_slices::read_png_plane;
-use crate::preprocess::{Intensity, Window, labelled_planes};
+use crate::preprocess::{Intensity, Window, labelled_planes, not_chest_ct_hu, value_range};
 use crate::scan::{Scan, Source, has_extension, is_dicom_file, is_nifti, read_scan};
 use crate::slices::{Slice, SliceDataset};
 use crate::volume::Volume;
@@ -606,21 +606,11 @@ pub fn check_case(
         Intensity::Hounsfield { padding } => padding,
         Intensity::Windowed8Bit => None,
     };
-    let range = data
-        .image
-        .voxels
-        .iter()
-        .filter(|&&v| Some(v) != padding)
-        .fold([f32::INFINITY, f32::NEG_INFINITY], |[lo, hi], &v| {
-            [lo.min(v), hi.max(v)]
-        });
+    let range = value_range(&data.image.voxels, padding);
     if let Intensity::Hounsfield { .. } = data.intensity
-        && (range[1] < 0.0 || range[0] > -500.0)
+        && let Some(why) = not_chest_ct_hu(range)
     {
-        problems.push(Problem::warning(format!(
-            "values {:.0}..{:.0} do not look like HU of a chest CT (air is -1000)",
-            range[0], range[1]
-        )));
+        problems.push(Problem::warning(why));
     }
     let geometry = &data.image.geometry;
     let mut summary = CaseSummary {

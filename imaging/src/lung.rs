@@ -451,6 +451,7 @@ mod tests {
                 .iter()
                 .map(|&l| matches!(l, GROUND_GLASS | CONSOLIDATION | SYNTH_LUNG));
             let score = dice(sides.voxels.iter().map(|&s| s != 0), truth);
+            eprintln!("seed {seed}, {size:?}: lung Dice {score:.4}");
             assert!(score >= 0.97, "seed {seed}, {size:?}: lung Dice {score:.4}");
             // The right lung lies at lower x (canonical +x is the patient's left).
             let nx = image.geometry.size[0];

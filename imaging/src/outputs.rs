@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::ReadError;
 use crate::dataset::{DatasetError, DatasetSpec, SourceKind};
 use crate::nifti;
-use crate::preprocess::{Intensity, Window, windowed};
+use crate::preprocess::{Intensity, Window, not_chest_ct_hu, value_range, windowed};
 use crate::preview::{PreviewText, Tile, lesion_percent, volume_tiles, write_montage};
 use crate::quantify::{Quantities, quantify};
 use crate::scan::{Scan, Source, read_scan};
@@ -315,6 +315,14 @@ fn segment_scan(
         return Err(OutputError::Read(ReadError::new(
             path,
             format!("modality is {modality}, not CT: the model segments CT"),
+        )));
+    }
+    if let Intensity::Hounsfield { padding } = intensity
+        && let Some(why) = not_chest_ct_hu(value_range(&image.voxels, padding))
+    {
+        return Err(OutputError::Read(ReadError::new(
+            path,
+            format!("{why}: not a CT scan?"),
         )));
     }
     let shape = image.geometry.size;

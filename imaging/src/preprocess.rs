@@ -66,6 +66,27 @@ pub fn windowed(voxels: &[f32], intensity: Intensity, window: &Window) -> Vec<u8
     }
 }
 
+/// Lowest and highest value, the scanner's padding left out.
+pub fn value_range(voxels: &[f32], padding: Option<f32>) -> [f32; 2] {
+    voxels
+        .iter()
+        .filter(|&&v| Some(v) != padding)
+        .fold([f32::INFINITY, f32::NEG_INFINITY], |[lo, hi], &v| {
+            [lo.min(v), hi.max(v)]
+        })
+}
+
+/// Why values in `range` cannot be a chest CT in HU (no air, or nothing denser than water), if
+/// they cannot.
+pub fn not_chest_ct_hu(range: [f32; 2]) -> Option<String> {
+    (range[1] < 0.0 || range[0] > -500.0).then(|| {
+        format!(
+            "values {:.0}..{:.0} do not look like HU of a chest CT (air is -1000)",
+            range[0], range[1]
+        )
+    })
+}
+
 /// The axial planes (z of a canonical volume) that hold any label.
 pub fn labelled_planes(labels: &Volume<u8>) -> Vec<usize> {
     (0..labels.geometry.size[2])

@@ -94,6 +94,25 @@ fn oriented_case(dir: &Path, seed: u64, direction: [[f64; 3]; 3]) -> Case {
     }
 }
 
+/// `alveolus data synth` with `cases` small cases into `dir/synth`.
+fn synth_dataset(dir: &Path, cases: usize) -> PathBuf {
+    let synth = dir.join("synth");
+    let (ok, stdout, stderr) = alveolus(&[
+        "data",
+        "synth",
+        "--out",
+        synth.to_str().unwrap(),
+        "--cases",
+        &cases.to_string(),
+        "--size",
+        "48",
+        "--slices",
+        "8",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    synth
+}
+
 fn model(dir: &Path, spec: ModelSpec) -> PathBuf {
     let path = dir.join(format!("model-{}-{}.safetensors", spec.kind, spec.classes));
     std::fs::write(&path, initial_weights(&spec, 5).unwrap().encode()).unwrap();
@@ -109,6 +128,22 @@ fn tiny(classes: usize) -> ModelSpec {
 
 fn sha256_of(path: &Path) -> String {
     alveolus_proto::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+/// Our SEG reader puts `out/seg.dcm` back on the series' grid equal to `out/labels.nii.gz`,
+/// which lies on that grid; returns the labels.
+fn seg_equals_labels(out: &Path, series: &Path) -> alveolus_imaging::Volume<u16> {
+    let image = read_series(series).unwrap();
+    let from_seg = seg::read_seg(
+        &out.join("seg.dcm"),
+        &image.volume.geometry,
+        &image.series_uid,
+    )
+    .unwrap();
+    let labels = nifti::read_labels(&out.join("labels.nii.gz")).unwrap();
+    assert!(labels.geometry.same_grid(&image.volume.geometry));
+    assert_eq!(from_seg.voxels, labels.voxels);
+    labels
 }
 
 fn check_with_reference_tools(out: &Path, input: &Path) {
@@ -166,17 +201,7 @@ fn a_dicom_series_gets_labels_a_seg_a_report_and_a_preview_that_overlay_it() {
     assert_eq!(report["model"]["version"], version.as_str());
     assert_eq!(report["lung_mask"], "hu");
 
-    // Our SEG reader puts the SEG back on the series' grid equal to labels.nii.gz.
-    let image = read_series(&case.series).unwrap();
-    let from_seg = seg::read_seg(
-        &out.join("seg.dcm"),
-        &image.volume.geometry,
-        &image.series_uid,
-    )
-    .unwrap();
-    let labels = nifti::read_labels(&out.join("labels.nii.gz")).unwrap();
-    assert!(labels.geometry.same_grid(&image.volume.geometry));
-    assert_eq!(from_seg.voxels, labels.voxels);
+    let labels = seg_equals_labels(&out, &case.series);
     assert!(
         labels.voxels.iter().any(|&l| l != 0),
         "the lungs are labelled"
@@ -211,19 +236,7 @@ fn outputs_overlay_series_stored_in_any_orientation() {
         let out = dir.path().join(format!("out-{k}"));
         let (ok, stdout, stderr) = segment(&model, &case.series, &out, &[]);
         assert!(ok, "{stdout}{stderr}");
-        let image = read_series(&case.series).unwrap();
-        let from_seg = seg::read_seg(
-            &out.join("seg.dcm"),
-            &image.volume.geometry,
-            &image.series_uid,
-        )
-        .unwrap();
-        let labels = nifti::read_labels(&out.join("labels.nii.gz")).unwrap();
-        assert!(
-            labels.geometry.same_grid(&image.volume.geometry),
-            "{direction:?}"
-        );
-        assert_eq!(from_seg.voxels, labels.voxels, "{direction:?}");
+        seg_equals_labels(&out, &case.series);
         if slow_tests_enabled("the reference-tool checks") {
             check_with_reference_tools(&out, &case.series);
         }
@@ -280,20 +293,7 @@ fn a_png_slice_folder_gets_a_mask_per_slice() {
 #[test]
 fn a_dataset_gets_a_folder_per_case() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = dir.path().join("synth");
-    let (ok, stdout, stderr) = alveolus(&[
-        "data",
-        "synth",
-        "--out",
-        synth.to_str().unwrap(),
-        "--cases",
-        "2",
-        "--size",
-        "48",
-        "--slices",
-        "8",
-    ]);
-    assert!(ok, "{stdout}{stderr}");
+    let synth = synth_dataset(dir.path(), 2);
     let model = model(dir.path(), tiny(4));
     let out = dir.path().join("out");
     let (ok, stdout, stderr) = segment(&model, &synth.join("dataset.toml"), &out, &[]);
@@ -311,20 +311,7 @@ fn a_dataset_gets_a_folder_per_case() {
 #[test]
 fn evaluate_reports_hd95_in_mm_on_volumes() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = dir.path().join("synth");
-    let (ok, stdout, stderr) = alveolus(&[
-        "data",
-        "synth",
-        "--out",
-        synth.to_str().unwrap(),
-        "--cases",
-        "1",
-        "--size",
-        "48",
-        "--slices",
-        "8",
-    ]);
-    assert!(ok, "{stdout}{stderr}");
+    let synth = synth_dataset(dir.path(), 1);
     let model = model(dir.path(), tiny(4));
     let data = synth.join("dataset-nifti.toml");
     let (ok, stdout, stderr) = alveolus(&[

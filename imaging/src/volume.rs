@@ -184,24 +184,18 @@ impl<T: Copy> Volume<T> {
         let old = self.geometry.size;
         let stride = [1, old[0], old[0] * old[1]];
         let size = geometry.size;
-        let mut voxels = Vec::with_capacity(self.voxels.len());
-        for z in 0..size[2] {
-            for y in 0..size[1] {
-                for x in 0..size[0] {
-                    let new_index = [x, y, z];
-                    let mut offset = 0;
-                    for k in 0..3 {
-                        let i = if flip[k] {
-                            size[k] - 1 - new_index[k]
-                        } else {
-                            new_index[k]
-                        };
-                        offset += i * stride[source[k]];
-                    }
-                    voxels.push(self.voxels[offset]);
-                }
-            }
-        }
+        let voxels = gather(&self.voxels, size, |index| {
+            (0..3)
+                .map(|k| {
+                    let i = if flip[k] {
+                        size[k] - 1 - index[k]
+                    } else {
+                        index[k]
+                    };
+                    i * stride[source[k]]
+                })
+                .sum()
+        });
         Self { geometry, voxels }
     }
 
@@ -218,27 +212,33 @@ impl<T: Copy> Volume<T> {
         let (source, flip) = grid.canonical_plan();
         let canonical = self.geometry.size;
         let stride = [1, canonical[0], canonical[0] * canonical[1]];
-        let size = grid.size;
-        let mut voxels = Vec::with_capacity(self.voxels.len());
-        for z in 0..size[2] {
-            for y in 0..size[1] {
-                for x in 0..size[0] {
-                    let file_index = [x, y, z];
-                    let mut offset = 0;
-                    for k in 0..3 {
-                        let i = file_index[source[k]];
-                        let c = if flip[k] { canonical[k] - 1 - i } else { i };
-                        offset += c * stride[k];
-                    }
-                    voxels.push(self.voxels[offset]);
-                }
-            }
-        }
+        let voxels = gather(&self.voxels, grid.size, |index| {
+            (0..3)
+                .map(|k| {
+                    let i = index[source[k]];
+                    let c = if flip[k] { canonical[k] - 1 - i } else { i };
+                    c * stride[k]
+                })
+                .sum()
+        });
         Ok(Self {
             geometry: grid.clone(),
             voxels,
         })
     }
+}
+
+/// A volume of `size` whose voxel at `index` is `voxels[offset(index)]`, in storage order.
+fn gather<T: Copy>(voxels: &[T], size: [usize; 3], offset: impl Fn([usize; 3]) -> usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(voxels.len());
+    for z in 0..size[2] {
+        for y in 0..size[1] {
+            for x in 0..size[0] {
+                out.push(voxels[offset([x, y, z])]);
+            }
+        }
+    }
+    out
 }
 
 /// The face neighbours (6-connectivity) of voxel `i` of a grid of `size`, `None` past an edge.

@@ -5,7 +5,10 @@
 //!
 //! A folder is written whole or not at all: everything goes into a hidden sibling folder first,
 //! which takes the folder's name only when complete. An existing folder with results is refused
-//! unless the caller forces it, and then replaced only by a complete new one.
+//! unless the caller forces it, and then replaced only by a complete new one (`folder`).
+
+mod folder;
+mod png_folder;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,16 +18,20 @@ use std::time::Instant;
 use alveolus_models::Inference;
 use serde::Serialize;
 
+use folder::{commit, folder_name, has_entries, refuse_results};
+pub use png_folder::SliceReport;
+use png_folder::{segment_png_folder, write_png_labels};
+
 use crate::ReadError;
 use crate::dataset::{DatasetError, DatasetSpec, SourceKind};
 use crate::nifti;
-use crate::preprocess::{Intensity, Window, not_chest_ct_hu, value_range, windowed};
-use crate::preview::{PreviewText, Tile, lesion_percent, volume_tiles, write_montage};
+use crate::preprocess::{Intensity, not_chest_ct_hu, value_range};
+use crate::preview::{PreviewText, Tile, volume_tiles, write_montage};
 use crate::quantify::{Quantities, quantify};
 use crate::scan::{Scan, Source, read_scan};
 use crate::seg_write::{Algorithm, write_seg};
 use crate::segment::{SegmentError, SegmentOptions, Segmentation, segment};
-use crate::volume::{Geometry, Volume};
+use crate::volume::Geometry;
 
 /// Which model made a segmentation: what every output says about it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -100,7 +107,7 @@ pub enum OutputError {
     Write { path: PathBuf, source: io::Error },
 }
 
-fn write_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
+pub(super) fn write_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
     move |source| OutputError::Write {
         path: path.to_path_buf(),
         source,
@@ -229,72 +236,6 @@ fn elapsed(started: Instant) -> String {
     format!("{:.1}", started.elapsed().as_secs_f64())
 }
 
-/// A case id as a folder name: anything but letters, digits, `.`, `-` and `_` becomes `_`.
-fn folder_name(id: &str) -> String {
-    let name: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if name.starts_with('.') || name.is_empty() {
-        format!("_{name}")
-    } else {
-        name
-    }
-}
-
-fn has_entries(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
-}
-
-fn refuse_results(out: &Path, force: bool) -> Result<(), OutputError> {
-    if out.is_file() || (!force && out.is_dir() && has_entries(out)) {
-        return Err(OutputError::Exists(out.to_path_buf()));
-    }
-    Ok(())
-}
-
-/// Runs `write` into a fresh hidden folder beside `folder` and, if it succeeds, puts that
-/// folder in `folder`'s place (replacing what was there); if it fails, removes it.
-fn commit<T>(
-    folder: &Path,
-    write: impl FnOnce(&Path) -> Result<T, OutputError>,
-) -> Result<T, OutputError> {
-    let parent = folder
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
-    let name = folder
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir(&staging).map_err(write_err(&staging))?;
-    let value = match write(&staging) {
-        Ok(value) => value,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
-    if folder.exists() {
-        let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
-        std::fs::rename(folder, &old).map_err(write_err(folder))?;
-        std::fs::rename(&staging, folder).map_err(write_err(folder))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&staging, folder).map_err(write_err(folder))?;
-    }
-    Ok(value)
-}
-
 /// One scan into `dir`: labels, lungs, SEG (DICOM input), preview and report.
 fn segment_scan(
     model: &Inference,
@@ -399,7 +340,7 @@ fn segment_scan(
 }
 
 /// `preview.png` in `dir`; `oriented`: the tiles are in patient orientation.
-fn write_preview(
+pub(super) fn write_preview(
     dir: &Path,
     tiles: &[Tile],
     info: &ModelInfo,
@@ -460,131 +401,8 @@ fn write_label_files(
     Ok(())
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
+pub(super) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
     let json =
         serde_json::to_vec_pretty(value).map_err(|e| write_err(path)(io::Error::other(e)))?;
     std::fs::write(path, json).map_err(write_err(path))
-}
-
-/// A one-plane label volume as an 8-bit grey PNG of label values (as PNG slice sets store
-/// masks), the model named in a text chunk.
-fn write_png_labels(path: &Path, labels: &Volume<u8>, info: &ModelInfo) -> io::Result<()> {
-    let [width, height, _] = labels.geometry.size;
-    let file = std::fs::File::create(path)?;
-    let mut encoder = png::Encoder::new(io::BufWriter::new(file), width as u32, height as u32);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder
-        .add_text_chunk("Software".into(), info.stamp())
-        .map_err(io::Error::other)?;
-    let mut writer = encoder.write_header().map_err(io::Error::other)?;
-    writer
-        .write_image_data(labels.plane(0))
-        .map_err(io::Error::other)?;
-    writer.finish().map_err(io::Error::other)
-}
-
-/// A slice of a PNG folder, as its report lists it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SliceReport {
-    pub name: String,
-    pub width: usize,
-    pub height: usize,
-    pub ggo_pixels: usize,
-    pub consolidation_pixels: usize,
-    /// Lesion pixels over lung pixels, where the model predicts the lung.
-    pub involvement_percent: Option<f64>,
-    pub lesion_percent_of_slice: f64,
-}
-
-/// `report.json` of a PNG slice folder: no physical sizes, so pixel counts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-struct PngFolderReport {
-    alveolus_version: &'static str,
-    model: ModelInfo,
-    input_format: &'static str,
-    slices: Vec<SliceReport>,
-    labels: BTreeMap<u8, &'static str>,
-    files: Vec<String>,
-}
-
-/// Every slice of a PNG folder, masks into `dir/masks/NAME.png` (the layout of a PNG slice
-/// set, so that `dir` with the images is a dataset again).
-fn segment_png_folder(
-    model: &Inference,
-    info: &ModelInfo,
-    spec: &DatasetSpec,
-    dir: &Path,
-    options: &SegmentOptions,
-    progress: &mut impl FnMut(&str, usize, usize),
-) -> Result<Vec<SliceReport>, OutputError> {
-    let masks = dir.join("masks");
-    std::fs::create_dir_all(&masks).map_err(write_err(&masks))?;
-    let mut slices = Vec::new();
-    let mut kept: Vec<(String, Scan, Segmentation, f64)> = Vec::new();
-    let total = spec.cases.len();
-    for (k, case) in spec.cases.iter().enumerate() {
-        let scan = read_scan(&case.image)?;
-        let segmentation = segment(model, &scan.image, scan.intensity, options, &mut |_, _| {})?;
-        let name = case
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| format!("{}.png", case.id));
-        let path = masks.join(&name);
-        write_png_labels(&path, &segmentation.labels, info).map_err(write_err(&path))?;
-        let q = quantify(&segmentation);
-        let count = |label| {
-            segmentation
-                .labels
-                .voxels
-                .iter()
-                .filter(|&&l| l == label)
-                .count()
-        };
-        let percent = lesion_percent(&segmentation.labels.voxels);
-        let [width, height, _] = scan.image.geometry.size;
-        slices.push(SliceReport {
-            name: name.clone(),
-            width,
-            height,
-            ggo_pixels: count(crate::segment::GROUND_GLASS),
-            consolidation_pixels: count(crate::segment::CONSOLIDATION),
-            involvement_percent: q.total.involvement_percent,
-            lesion_percent_of_slice: percent,
-        });
-        // Only the slices the preview may show are kept in memory.
-        kept.push((name, scan, segmentation, percent));
-        kept.sort_by(|a, b| b.3.total_cmp(&a.3));
-        kept.truncate(6);
-        progress(&case.id, k + 1, total);
-    }
-    let tiles: Vec<Tile> = kept
-        .iter()
-        .map(|(name, scan, segmentation, percent)| {
-            let [width, height, _] = scan.image.geometry.size;
-            Tile {
-                grey: windowed(scan.image.plane(0), Intensity::Windowed8Bit, &Window::LUNG),
-                labels: segmentation.labels.plane(0),
-                lungs: segmentation.lungs.as_ref().map(|l| l.plane(0)),
-                width,
-                height,
-                aspect: height as f64 / width as f64,
-                caption: format!("{name}  lesion {percent:.1}%"),
-            }
-        })
-        .collect();
-    write_preview(dir, &tiles, info, false)?;
-    write_json(
-        &dir.join("report.json"),
-        &PngFolderReport {
-            alveolus_version: env!("CARGO_PKG_VERSION"),
-            model: info.clone(),
-            input_format: "PNG",
-            slices: slices.clone(),
-            labels: BTreeMap::from(LABEL_MEANINGS),
-            files: vec!["masks/".into(), "preview.png".into(), "report.json".into()],
-        },
-    )?;
-    Ok(slices)
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use alveolus_agent::client::receive_model;
+use alveolus_agent::transport::receive_model;
 use alveolus_models::Weights;
 use alveolus_proto::domain::{RunConfig, RunEvent, RunInfo, RunState, SiteInfo};
 use alveolus_proto::identity::Role;
@@ -220,7 +220,7 @@ fn format_time(unix_ms: i64) -> String {
     if unix_ms == 0 {
         return "never".into();
     }
-    let ago = (alveolus_coordinator::rounds::unix_ms() - unix_ms).max(0) / 1000;
+    let ago = (alveolus_coordinator::clock::unix_ms() - unix_ms).max(0) / 1000;
     match ago {
         0..60 => format!("{ago} s ago"),
         60..3600 => format!("{} min ago", ago / 60),

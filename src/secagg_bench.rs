@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use alveolus_agent::client::{Traffic, push_update};
 use alveolus_agent::secure;
+use alveolus_agent::transport::{Traffic, push_update};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::bench::median;

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use alveolus_agent::client::{Traffic, push_update as push_masked_update};
 use alveolus_agent::secure;
+use alveolus_agent::transport::{Traffic, push_update as push_masked_update};
 use alveolus_models::Weights;
 use alveolus_privacy::wire::{Request, Step};
 use alveolus_proto::domain::{Metrics, RunConfig, RunState, SecureAggregationConfig, TrainTask};

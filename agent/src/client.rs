@@ -11,37 +11,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use alveolus_models::train::{TrainError, train};
-use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions, Weights};
-use alveolus_proto::domain::{Metrics, ModelHeader, Task, TrainTask, UpdateHeader};
-use alveolus_proto::kit::{ClientKit, KitError};
+use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions};
+use alveolus_proto::domain::{Metrics, Task, TrainTask, UpdateHeader};
+use alveolus_proto::kit::ClientKit;
 use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::transfer::{ReceiveError, framed, receive_header, receive_payload};
 use alveolus_proto::{PROTOCOL_VERSION, sha256_hex};
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::error::AgentError;
+use crate::secure::SecureError;
 use crate::site_data::SiteData;
-
-/// Largest model the agent accepts (a coordinator cannot make it reserve more).
-const MAX_MODEL_BYTES: u64 = 4 << 30;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Kit(#[from] KitError),
-    #[error("the coordinator refused this agent: {0}")]
-    Refused(String),
-    #[error("coordinator call failed: {0}")]
-    Rpc(String),
-    #[error("model transfer: {0}")]
-    Transfer(String),
-    #[error(transparent)]
-    Train(#[from] TrainError),
-    #[error("{0}")]
-    Device(#[from] alveolus_models::DeviceError),
-    #[error("cannot write the audit copy {path}: {message}")]
-    Audit { path: PathBuf, message: String },
-}
+use crate::transport::{Traffic, Verdict, pull_model, push_update, status_error, verdict};
 
 /// How the agent behaves beyond its kit.
 #[derive(Debug, Clone)]
@@ -64,41 +45,6 @@ impl Default for AgentOptions {
             poll_seconds: 25,
         }
     }
-}
-
-/// Protocol bytes (protobuf-encoded messages, before HTTP/2 and TLS framing) of one round's
-/// update and secure-aggregation steps; the model download, the same for every round, is not
-/// counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Traffic {
-    pub sent: u64,
-    pub received: u64,
-}
-
-/// Streams an update (plain or masked) as header, chunks and digest; returns the number of
-/// reports the round has so far.
-pub async fn push_update(
-    client: &mut FederationClient<Channel>,
-    header: UpdateHeader,
-    bytes: &bytes::Bytes,
-    traffic: &mut Traffic,
-) -> Result<u32, tonic::Status> {
-    use prost::Message;
-    let messages: Vec<pb::UpdateChunk> = framed(header.into(), bytes);
-    traffic.sent += messages.iter().map(|m| m.encoded_len() as u64).sum::<u64>();
-    Ok(client
-        .push_update(futures::stream::iter(messages))
-        .await?
-        .into_inner()
-        .reports_this_round)
-}
-
-/// The coordinator will not change its mind about these: retrying cannot help.
-fn is_fatal(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::PermissionDenied | Code::Unauthenticated
-    )
 }
 
 /// Runs until `shutdown` completes or the coordinator refuses this agent for good.
@@ -143,7 +89,10 @@ impl Agent {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
                 Err(
-                    e @ (AgentError::Train(_) | AgentError::Device(_) | AgentError::Audit { .. }),
+                    e @ (AgentError::Train(_)
+                    | AgentError::TrainingPanicked(_)
+                    | AgentError::Device(_)
+                    | AgentError::Audit { .. }),
                 ) => {
                     return Err(e);
                 }
@@ -290,8 +239,8 @@ impl Agent {
                 },
             )
         })
-        .await
-        .map_err(|e| AgentError::Rpc(format!("training task failed: {e}")))??;
+        .await;
+        let outcome = training_ended(outcome)??;
         let mut update = outcome
             .weights
             .minus(&start)
@@ -365,8 +314,9 @@ impl Agent {
                 tracing::info!(round, reports, sent_bytes = traffic.sent, "update accepted");
                 Ok(())
             }
-            // The round moved on without us (deadline) or we already reported: wait for the next.
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists) => {
+            // The round moved on without us (deadline), we already reported, or the update was
+            // refused: wait for the next round.
+            Err(s) if verdict(&s) == Verdict::SkipRound => {
                 tracing::warn!(round, "update not used: {}", s.message());
                 Ok(())
             }
@@ -410,19 +360,9 @@ impl Agent {
 
 /// A secure-aggregation step failed: the round goes on without this site, or fails for all;
 /// a transport error means reconnecting.
-fn skip_round(round: u32, error: crate::secure::SecureError) -> Result<(), AgentError> {
+fn skip_round(round: u32, error: SecureError) -> Result<(), AgentError> {
     match error {
-        crate::secure::SecureError::Status(s)
-            if !matches!(
-                s.code(),
-                Code::FailedPrecondition
-                    | Code::AlreadyExists
-                    | Code::NotFound
-                    | Code::InvalidArgument
-            ) =>
-        {
-            Err(status_error(s))
-        }
+        SecureError::Status(s) if verdict(&s) != Verdict::SkipRound => Err(status_error(s)),
         e => {
             tracing::warn!(round, "this site takes no further part in the round: {e}");
             Ok(())
@@ -430,55 +370,33 @@ fn skip_round(round: u32, error: crate::secure::SecureError) -> Result<(), Agent
     }
 }
 
-fn status_error(status: tonic::Status) -> AgentError {
-    if is_fatal(&status) {
-        AgentError::Refused(status.message().to_string())
-    } else {
-        AgentError::Rpc(format!("{:?}: {}", status.code(), status.message()))
-    }
+/// The end of the training task: a panic in it is fatal (the same data and model would panic
+/// again after every reconnection), not a transport error.
+fn training_ended<T>(joined: Result<T, tokio::task::JoinError>) -> Result<T, AgentError> {
+    joined.map_err(|e| match e.try_into_panic() {
+        Ok(panic) => AgentError::TrainingPanicked(panic_message(panic.as_ref())),
+        Err(e) => AgentError::Rpc(format!("training task failed: {e}")),
+    })
 }
 
-/// Downloads a model version and checks size, digest and that the digest is the version.
-pub async fn pull_model(
-    client: &mut FederationClient<Channel>,
-    version: &str,
-) -> Result<Weights, AgentError> {
-    let stream = client
-        .pull_model(pb::PullModelRequest {
-            version: version.to_string(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let (_, bytes) = receive_model(stream, version).await?;
-    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
+/// What a panic said, as far as it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
-/// and, unless `requested` is empty (the latest), that it is the version asked for.
-pub async fn receive_model(
-    mut stream: tonic::Streaming<pb::ModelChunk>,
-    requested: &str,
-) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
-    let transfer = |e: ReceiveError| match e {
-        ReceiveError::Stream(status) => status_error(status),
-        e => AgentError::Transfer(e.to_string()),
-    };
-    let header = receive_header(&mut stream).await.map_err(transfer)?;
-    let header = ModelHeader::try_from(header).map_err(|e| AgentError::Transfer(e.to_string()))?;
-    if !requested.is_empty() && header.version != requested {
-        return Err(AgentError::Transfer(format!(
-            "asked for model {requested}, received {}",
-            header.version
-        )));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_training_stops_the_agent_with_its_message() {
+        let joined = tokio::task::spawn_blocking(|| -> u32 { panic!("index out of bounds") }).await;
+        let error = training_ended(joined).unwrap_err();
+        assert!(matches!(&error, AgentError::TrainingPanicked(m) if m == "index out of bounds"));
+        assert!(error.to_string().contains("the agent stops"), "{error}");
     }
-    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES)
-        .await
-        .map_err(transfer)?;
-    if sha256_hex(&bytes) != header.version {
-        return Err(AgentError::Transfer(
-            "model digest does not match its version".into(),
-        ));
-    }
-    Ok((header, bytes))
 }

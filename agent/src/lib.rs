@@ -5,8 +5,11 @@
 //! The agent only ever dials out. It never depends on the coordinator crate.
 
 pub mod client;
+pub mod error;
 pub mod secure;
 pub mod site_data;
+pub mod transport;
 
-pub use client::{AgentError, AgentOptions, run_agent};
+pub use client::{AgentOptions, run_agent};
+pub use error::AgentError;
 pub use site_data::SiteData;

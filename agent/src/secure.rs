@@ -13,7 +13,7 @@ use prost::Message;
 use rand::SeedableRng;
 use tonic::transport::Channel;
 
-use crate::client::Traffic;
+use crate::transport::Traffic;
 
 /// How long the coordinator may hold one step waiting for its phase to close.
 const STEP_WAIT_SECONDS: u32 = 20;

@@ -7,7 +7,8 @@ use alveolus_proto::identity::{Role, validate_name};
 use alveolus_proto::kit::{KIT_FILE, kit_role};
 use serde::{Deserialize, Serialize};
 
-use crate::provision::CRL_FILE;
+/// The revocation list's file name, in the CA folder and in the coordinator's kit.
+pub const CRL_FILE: &str = "revoked.crl.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -23,6 +23,8 @@ pub enum CoordinatorError {
     WrongRun { got: String, expected: String },
     #[error("the update is for round {got}, but round {expected} is in progress")]
     WrongRound { got: u32, expected: u32 },
+    #[error("round {round} is closing: it takes no more updates")]
+    RoundClosing { round: u32 },
     #[error("the update was computed from model {got}, but this round started from {expected}")]
     WrongBase { got: String, expected: String },
     #[error("site `{site}` already reported for round {round}")]
@@ -74,6 +76,7 @@ impl From<CoordinatorError> for Status {
             | E::RunInProgress { .. }
             | E::WrongRun { .. }
             | E::WrongRound { .. }
+            | E::RoundClosing { .. }
             | E::WrongBase { .. }
             | E::UpdateNorm { .. }
             | E::RefusedThisRound { .. }

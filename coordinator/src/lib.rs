@@ -4,11 +4,14 @@
 //! It never depends on the agent or on burn: models are named tensors to it.
 
 pub mod aggregate;
+pub mod clock;
 pub mod config;
 pub mod durable;
+pub mod engine;
 pub mod error;
 pub mod provision;
-pub mod rounds;
+pub mod round;
+pub mod run;
 pub mod secure;
 pub mod service;
 pub mod store;
@@ -26,8 +29,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use config::CoordinatorSettings;
+pub use engine::Coordinator;
 pub use error::CoordinatorError;
-pub use rounds::Coordinator;
 use service::Services;
 use tls::TlsState;
 
@@ -90,11 +93,7 @@ pub async fn run(
         let mut interval = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                _ = interval.tick() => {
-                    if let Err(e) = ticker.tick() {
-                        tracing::error!("closing the round failed, will retry: {e}");
-                    }
-                }
+                _ = interval.tick() => ticker.tick(),
                 _ = tick_stop.changed() => break,
             }
         }

@@ -22,11 +22,10 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-use crate::config::CoordinatorKitConfig;
+use crate::config::{CRL_FILE, CoordinatorKitConfig};
 use crate::durable::write_atomic;
 
 pub const CA_DIR: &str = "ca";
-pub const CRL_FILE: &str = "revoked.crl.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {

@@ -11,7 +11,7 @@
 //! below the threshold fails the round, and nothing is revealed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use alveolus_privacy::secagg::{
     self, Envelope, PublicKeys, RevealedShare, Roster, RoundContext, SharesMessage, UnmaskedSum,
@@ -19,6 +19,7 @@ use alveolus_privacy::secagg::{
 };
 use alveolus_privacy::wire::Reply;
 
+use crate::clock::Instant;
 use crate::error::CoordinatorError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,15 +66,21 @@ fn refuse(message: impl Into<String>) -> CoordinatorError {
 }
 
 impl SecureRound {
-    /// A round of a model of `values` values.
-    pub fn new(ctx: RoundContext, threshold: u32, values: usize, deadline: Duration) -> Self {
+    /// A round of a model of `values` values, opened at `now`.
+    pub fn new(
+        ctx: RoundContext,
+        threshold: u32,
+        values: usize,
+        deadline: Duration,
+        now: Instant,
+    ) -> Self {
         let window = (deadline / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         Self {
             ctx,
             threshold: threshold as usize,
             phase: Phase::Keys,
             window,
-            phase_deadline: Instant::now() + window,
+            phase_deadline: now + window,
             keys: BTreeMap::new(),
             mailboxes: BTreeMap::new(),
             commitments: BTreeMap::new(),

@@ -14,8 +14,8 @@ use alveolus_proto::weights::Weights;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::engine::Coordinator;
 use crate::error::CoordinatorError;
-use crate::rounds::Coordinator;
 use crate::tls::TlsState;
 
 /// Longest an update upload may take once its slot is granted.
@@ -219,7 +219,7 @@ impl Admin for Services {
         let bytes = receive_payload(&mut stream, total_bytes, self.coordinator.max_model_bytes())
             .await
             .map_err(CoordinatorError::from)?;
-        let info = self.coordinator.start_run(config, &bytes)?;
+        let info = self.coordinator.start_run(config, &bytes).await?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "run started by admin");
         Ok(Response::new(info.into()))
     }
@@ -265,7 +265,7 @@ impl Admin for Services {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::RunInfo>, Status> {
         let admin = self.caller(&request, Role::Admin)?;
-        let info = self.coordinator.abort(&request.get_ref().run_id)?;
+        let info = self.coordinator.abort(&request.get_ref().run_id).await?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "abort requested");
         Ok(Response::new(info.into()))
     }

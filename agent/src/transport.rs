@@ -1,0 +1,161 @@
+//! The agent's gRPC edge: pulling models (size, digest and version checked), pushing updates,
+//! counting what a round sends and receives, and the one reading of what a coordinator's
+//! refusal means for the agent ([`verdict`]).
+
+use alveolus_proto::domain::{ModelHeader, UpdateHeader};
+use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::sha256_hex;
+use alveolus_proto::transfer::{ReceiveError, framed, receive_header, receive_payload};
+use alveolus_proto::weights::Weights;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::error::AgentError;
+
+/// Largest model the agent accepts (a coordinator cannot make it reserve more).
+const MAX_MODEL_BYTES: u64 = 4 << 30;
+
+/// What a refused or failed call means for the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The coordinator will not change its mind (this site's certificate is refused): stop.
+    Fatal,
+    /// This round goes on without this site (it moved on, the site already reported, or the
+    /// coordinator refused what was sent): wait for the next task.
+    SkipRound,
+    /// The coordinator or the network is away: reconnect and try again.
+    Retry,
+}
+
+/// The one reading of a status, for every call the agent makes.
+pub fn verdict(status: &tonic::Status) -> Verdict {
+    match status.code() {
+        Code::PermissionDenied | Code::Unauthenticated => Verdict::Fatal,
+        Code::FailedPrecondition | Code::AlreadyExists | Code::NotFound | Code::InvalidArgument => {
+            Verdict::SkipRound
+        }
+        _ => Verdict::Retry,
+    }
+}
+
+/// A status that ends the session: fatal ones stop the agent, others make it reconnect.
+pub fn status_error(status: tonic::Status) -> AgentError {
+    match verdict(&status) {
+        Verdict::Fatal => AgentError::Refused(status.message().to_string()),
+        Verdict::SkipRound | Verdict::Retry => {
+            AgentError::Rpc(format!("{:?}: {}", status.code(), status.message()))
+        }
+    }
+}
+
+/// Protocol bytes (protobuf-encoded messages, before HTTP/2 and TLS framing) of one round's
+/// update and secure-aggregation steps; the model download, the same for every round, is not
+/// counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Streams an update (plain or masked) as header, chunks and digest; returns the number of
+/// reports the round has so far.
+pub async fn push_update(
+    client: &mut FederationClient<Channel>,
+    header: UpdateHeader,
+    bytes: &bytes::Bytes,
+    traffic: &mut Traffic,
+) -> Result<u32, tonic::Status> {
+    use prost::Message;
+    let messages: Vec<pb::UpdateChunk> = framed(header.into(), bytes);
+    traffic.sent += messages.iter().map(|m| m.encoded_len() as u64).sum::<u64>();
+    Ok(client
+        .push_update(futures::stream::iter(messages))
+        .await?
+        .into_inner()
+        .reports_this_round)
+}
+
+/// Downloads a model version and checks size, digest and that the digest is the version.
+pub async fn pull_model(
+    client: &mut FederationClient<Channel>,
+    version: &str,
+) -> Result<Weights, AgentError> {
+    let stream = client
+        .pull_model(pb::PullModelRequest {
+            version: version.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (_, bytes) = receive_model(stream, version).await?;
+    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
+}
+
+/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
+/// and, unless `requested` is empty (the latest), that it is the version asked for.
+pub async fn receive_model(
+    mut stream: tonic::Streaming<pb::ModelChunk>,
+    requested: &str,
+) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
+    let transfer = |e: ReceiveError| match e {
+        ReceiveError::Stream(status) => status_error(status),
+        e => AgentError::Transfer(e.to_string()),
+    };
+    let header = receive_header(&mut stream).await.map_err(transfer)?;
+    let header = ModelHeader::try_from(header).map_err(|e| AgentError::Transfer(e.to_string()))?;
+    if !requested.is_empty() && header.version != requested {
+        return Err(AgentError::Transfer(format!(
+            "asked for model {requested}, received {}",
+            header.version
+        )));
+    }
+    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES)
+        .await
+        .map_err(transfer)?;
+    if sha256_hex(&bytes) != header.version {
+        return Err(AgentError::Transfer(
+            "model digest does not match its version".into(),
+        ));
+    }
+    Ok((header, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_skip_the_round_outages_retry_and_a_refused_certificate_stops() {
+        let cases = [
+            (tonic::Status::permission_denied("revoked"), Verdict::Fatal),
+            (
+                tonic::Status::unauthenticated("no certificate"),
+                Verdict::Fatal,
+            ),
+            (
+                tonic::Status::failed_precondition("round 2 in progress"),
+                Verdict::SkipRound,
+            ),
+            (
+                tonic::Status::already_exists("already reported"),
+                Verdict::SkipRound,
+            ),
+            (
+                tonic::Status::invalid_argument("not finite"),
+                Verdict::SkipRound,
+            ),
+            (
+                tonic::Status::unavailable("connection refused"),
+                Verdict::Retry,
+            ),
+            (tonic::Status::internal("disk full"), Verdict::Retry),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(verdict(&status), expected, "{status:?}");
+        }
+        assert!(matches!(
+            status_error(tonic::Status::permission_denied("revoked")),
+            AgentError::Refused(_)
+        ));
+    }
+}

@@ -1,0 +1,297 @@
+//! The engine's changes that write the run log: closing a round (aggregate, checkpoint, run
+//! log, then the next round), ending a run, starting one. Each holds the writer lock across its
+//! writes, does them on a blocking thread, and changes the state only once they are durable.
+
+use std::sync::Arc;
+
+use alveolus_proto::domain::{RoundSummary, RunConfig, RunInfo, RunState, SiteInfo};
+use alveolus_proto::weights::Weights;
+use bytes::Bytes;
+
+use super::{Coordinator, Phase, State};
+use crate::clock::unix_ms;
+use crate::error::CoordinatorError;
+use crate::round::{Outcome, Round};
+use crate::run::{self, RunRecord};
+use crate::store::{Manifest, Store};
+
+impl Coordinator {
+    /// Aggregates and writes a round that stopped taking updates, then opens the next round
+    /// (or completes the run) and announces. If a write fails, the round is reopened and the
+    /// next tick tries again: nothing was announced.
+    pub(super) async fn close_round(self: Arc<Self>, round: Box<Round>, index: usize) {
+        let _writer = self.writer.lock().await;
+        let (id, number) = (round.run_id.clone(), round.round);
+        let closing = |state: &State| {
+            state.runs[index].is_running()
+                && matches!(&state.phase, Phase::Closing { run_id, round }
+                    if *run_id == id && *round == number)
+        };
+        if !closing(&self.lock()) {
+            // The run ended (aborted) before its round could be closed.
+            return;
+        }
+        match self.finish_round(round, index).await {
+            Ok(()) => self.announce(),
+            Err((e, round)) => {
+                tracing::error!(
+                    round = round.round,
+                    "closing the round failed, will retry: {e}"
+                );
+                let mut state = self.lock();
+                if closing(&state) {
+                    state.phase = Phase::Open(round);
+                }
+            }
+        }
+    }
+
+    pub(super) async fn finish_round(
+        &self,
+        round: Box<Round>,
+        index: usize,
+    ) -> Result<(), (CoordinatorError, Box<Round>)> {
+        let info = self.lock().runs[index].info.clone();
+        let config = info.config.clone();
+        let store = self.store.clone();
+        // Off the async workers: the aggregate, its encoding, the checkpoint's fsync.
+        let (round, written) = blocking(move || {
+            let written = aggregate_and_store(&store, &config, &round);
+            (round, written)
+        })
+        .await;
+        let (outcome, manifest) = match written {
+            Ok(written) => written,
+            Err(e) => return Err((e, round)),
+        };
+        let summary = RoundSummary {
+            round: round.round,
+            version: manifest.sha256.clone(),
+            sites: outcome.sites.clone(),
+            samples: outcome.samples,
+            loss: outcome.metrics.loss,
+            dice: outcome.metrics.dice,
+            finished_unix_ms: manifest.created_unix_ms,
+            epsilon: manifest.epsilon,
+        };
+        let next = run::after_round(&info, summary.clone());
+        let sites = {
+            let mut sites = self.lock().sites.clone();
+            for site in &outcome.sites {
+                if let Some(entry) = sites.get_mut(site) {
+                    match entry
+                        .contributions
+                        .iter_mut()
+                        .find(|(run, _)| *run == round.run_id)
+                    {
+                        Some((_, rounds)) => rounds.push(round.round),
+                        None => entry
+                            .contributions
+                            .push((round.run_id.clone(), vec![round.round])),
+                    }
+                }
+            }
+            sites
+        };
+        let store = self.store.clone();
+        let record = next.clone();
+        let site_list: Vec<SiteInfo> = sites.values().cloned().collect();
+        // Durable before announced: the run log now points at the fsynced checkpoint.
+        if let Err(e) = blocking(move || {
+            store.put_run(&record)?;
+            if let Err(e) = store.put_sites(&site_list) {
+                tracing::warn!("site list not saved: {e}");
+            }
+            Ok::<_, CoordinatorError>(())
+        })
+        .await
+        {
+            return Err((e, round));
+        }
+        tracing::info!(
+            run = %round.run_id,
+            round = round.round,
+            sites = outcome.sites.len(),
+            samples = outcome.samples,
+            loss = outcome.metrics.loss,
+            version = %summary.version,
+            "round finished"
+        );
+        let mut state = self.lock();
+        for (name, site) in sites {
+            // Contacts made while the round closed are newer than the copy.
+            let contact = state.sites.get(&name).map(|s| s.last_contact_unix_ms);
+            state.sites.insert(
+                name,
+                SiteInfo {
+                    last_contact_unix_ms: contact.unwrap_or(site.last_contact_unix_ms),
+                    ..site
+                },
+            );
+        }
+        state.runs[index].round_finished(next, summary.clone());
+        if state.runs[index].is_running() {
+            state.open_next_round(index, summary.version, outcome.weights);
+        } else {
+            tracing::info!(run = %round.run_id, "run completed");
+            state.phase = Phase::Idle;
+        }
+        Ok(())
+    }
+
+    /// Ends run `index` as `end` (aborted, failed), durably, with `reason` for its status, and
+    /// drops its round.
+    pub(super) async fn end_run(
+        &self,
+        index: usize,
+        end: RunState,
+        reason: Option<String>,
+    ) -> Result<RunInfo, CoordinatorError> {
+        let _writer = self.writer.lock().await;
+        let info = {
+            let state = self.lock();
+            let run = &state.runs[index];
+            if !run.is_running() {
+                return Ok(run.info.clone());
+            }
+            run::ended(&run.info, end, reason)
+        };
+        let store = self.store.clone();
+        let record = info.clone();
+        blocking(move || store.put_run(&record)).await?;
+        let mut state = self.lock();
+        let current = match &state.phase {
+            Phase::Open(round) => Some(&round.run_id),
+            Phase::Closing { run_id, .. } => Some(run_id),
+            Phase::Idle => None,
+        };
+        if current == Some(&info.run_id) {
+            state.phase = Phase::Idle;
+        }
+        state.runs[index].ended(info.clone());
+        drop(state);
+        self.announce();
+        Ok(info)
+    }
+
+    /// Starts a run from an initial model (already digest-checked safetensors bytes).
+    pub async fn start_run(
+        &self,
+        config: RunConfig,
+        model: &Bytes,
+    ) -> Result<RunInfo, CoordinatorError> {
+        run::check_start(&config)?;
+        let weights = Weights::decode(model)?;
+        weights.check_finite()?;
+        if weights.tensors.is_empty() {
+            return Err(CoordinatorError::Stream(
+                "the initial model has no tensors".into(),
+            ));
+        }
+        let _writer = self.writer.lock().await;
+        let run_id = {
+            let state = self.lock();
+            if let Some(active) = state.runs.iter().find(|r| r.is_running()) {
+                return Err(CoordinatorError::RunInProgress {
+                    active: active.info.run_id.clone(),
+                });
+            }
+            let mut run_id = format!("run-{}", unix_ms());
+            while state.runs.iter().any(|r| r.info.run_id == run_id) {
+                run_id.push('x');
+            }
+            run_id
+        };
+        let started = unix_ms();
+        let store = self.store.clone();
+        let model = model.clone();
+        let info = blocking(move || {
+            let manifest = store.put_model(
+                &model,
+                Manifest {
+                    sha256: String::new(),
+                    bytes: 0,
+                    run_id: run_id.clone(),
+                    round: 0,
+                    parent: None,
+                    sites: Vec::new(),
+                    samples: 0,
+                    metrics: None,
+                    created_unix_ms: started,
+                    aggregation: Some(config.aggregation),
+                    privacy: config.privacy.clone(),
+                    secure_aggregation: config.secure_aggregation,
+                    epsilon: None,
+                },
+            )?;
+            let info = RunInfo {
+                run_id,
+                state: RunState::Running,
+                config,
+                initial_version: manifest.sha256,
+                rounds: Vec::new(),
+                reported: Vec::new(),
+                started_unix_ms: started,
+                stop_reason: None,
+            };
+            store.put_run(&info)?;
+            Ok::<_, CoordinatorError>(info)
+        })
+        .await?;
+        {
+            let mut state = self.lock();
+            state.runs.push(RunRecord::started(info.clone()));
+            let index = state.runs.len() - 1;
+            state.open_next_round(index, info.initial_version.clone(), weights);
+        }
+        tracing::info!(run = %info.run_id, rounds = info.config.rounds, "run started");
+        self.announce();
+        Ok(info)
+    }
+
+    pub async fn abort(&self, run_id: &str) -> Result<RunInfo, CoordinatorError> {
+        let index = {
+            let state = self.lock();
+            state.run_index(run_id)?
+        };
+        let info = self.end_run(index, RunState::Aborted, None).await?;
+        tracing::info!(run = %info.run_id, "run aborted");
+        Ok(info)
+    }
+}
+
+/// The round's outcome, written as a checkpoint with its manifest (fsynced).
+fn aggregate_and_store(
+    store: &Store,
+    config: &RunConfig,
+    round: &Round,
+) -> Result<(Outcome, Manifest), CoordinatorError> {
+    let outcome = round.aggregate(config.privacy.is_some())?;
+    let manifest = store.put_model(
+        &outcome.weights.encode(),
+        Manifest {
+            sha256: String::new(),
+            bytes: 0,
+            run_id: round.run_id.clone(),
+            round: round.round,
+            parent: Some(round.base_version.clone()),
+            sites: outcome.sites.clone(),
+            samples: outcome.samples,
+            metrics: Some(outcome.metrics),
+            created_unix_ms: unix_ms(),
+            aggregation: Some(config.aggregation),
+            privacy: config.privacy.clone(),
+            secure_aggregation: config.secure_aggregation,
+            epsilon: run::epsilon_after(config, round.round),
+        },
+    )?;
+    Ok((outcome, manifest))
+}
+
+/// Runs `work` on a blocking thread (disk writes, big sums) and waits for it.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}

@@ -1,0 +1,391 @@
+//! One round in progress: which updates it admits, what it has received, whether it may close
+//! at a given moment, and what its updates add up to. No lock, no clock reading and no I/O:
+//! the coordinator ([`crate::engine`]) decides when to ask and what to do with the answers.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alveolus_privacy::secagg::RoundContext;
+use alveolus_proto::domain::{Metrics, RunConfig, UpdateHeader};
+use alveolus_proto::weights::Weights;
+
+use crate::aggregate::Aggregator;
+use crate::clock::Instant;
+use crate::error::CoordinatorError;
+use crate::secure::SecureRound;
+
+/// An update that went into the round.
+struct Report {
+    site: String,
+    samples: u64,
+    metrics: Metrics,
+}
+
+/// The round in progress: its starting model and the running aggregate.
+pub struct Round {
+    pub run_id: String,
+    pub round: u32,
+    pub base_version: String,
+    pub base: Arc<Weights>,
+    pub deadline: Instant,
+    /// Sites handed this round's task; the round waits for all of them until the deadline.
+    participants: BTreeSet<String>,
+    reports: Vec<Report>,
+    /// Sites whose update was refused for its norm: not asked again this round, not waited for.
+    refused: BTreeSet<String>,
+    /// Rounds in the clear only: a secure round's sum is in `secure`.
+    aggregator: Option<Aggregator>,
+    /// Present when the run uses secure aggregation: the masked sum and the protocol's phases.
+    pub secure: Option<SecureRound>,
+}
+
+/// What a closed round adds up to.
+pub struct Outcome {
+    pub weights: Weights,
+    /// The samples behind it (0 under DP, where every site weighs 1 and counts stay home).
+    pub samples: u64,
+    /// Sample-weighted mean loss and Dice.
+    pub metrics: Metrics,
+    /// The sites whose updates it holds, sorted.
+    pub sites: Vec<String>,
+}
+
+impl Round {
+    /// Round `round` of run `run_id` (configured by `config`) from model `version`, opened at
+    /// `now`.
+    pub fn open(
+        run_id: &str,
+        config: &RunConfig,
+        round: u32,
+        version: String,
+        base: Weights,
+        now: Instant,
+    ) -> Self {
+        let deadline = Duration::from_secs(config.deadline_seconds.into());
+        let secure = config.secure_aggregation.map(|s| {
+            let context = RoundContext {
+                run_id: run_id.to_string(),
+                round,
+            };
+            SecureRound::new(context, s.threshold, base.num_values(), deadline, now)
+        });
+        Self {
+            run_id: run_id.to_string(),
+            round,
+            base_version: version,
+            deadline: now + deadline,
+            participants: BTreeSet::new(),
+            reports: Vec::new(),
+            refused: BTreeSet::new(),
+            aggregator: secure
+                .is_none()
+                .then(|| Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref())),
+            secure,
+            base: Arc::new(base),
+        }
+    }
+
+    /// Whether a message about `run_id`'s round `round` is about this round.
+    pub fn is_round(&self, run_id: &str, round: u32) -> Result<(), CoordinatorError> {
+        if run_id != self.run_id {
+            return Err(CoordinatorError::WrongRun {
+                got: run_id.to_string(),
+                expected: self.run_id.clone(),
+            });
+        }
+        if round != self.round {
+            return Err(CoordinatorError::WrongRound {
+                got: round,
+                expected: self.round,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether an update with `header` from `site` belongs to this round.
+    pub fn admits(&self, site: &str, header: &UpdateHeader) -> Result<(), CoordinatorError> {
+        self.is_round(&header.run_id, header.round)?;
+        if header.base_version != self.base_version {
+            return Err(CoordinatorError::WrongBase {
+                got: header.base_version.clone(),
+                expected: self.base_version.clone(),
+            });
+        }
+        match (&self.secure, header.masked) {
+            (Some(_), false) => {
+                return Err(CoordinatorError::SecureAggregation(format!(
+                    "round {} is securely aggregated: only a masked update is accepted",
+                    self.round
+                )));
+            }
+            (None, true) => {
+                return Err(CoordinatorError::SecureAggregation(format!(
+                    "round {} is not securely aggregated: a masked update cannot be used",
+                    self.round
+                )));
+            }
+            _ => {}
+        }
+        if self.reports.iter().any(|r| r.site == site) {
+            return Err(CoordinatorError::AlreadyReported {
+                site: site.to_string(),
+                round: self.round,
+            });
+        }
+        if self.refused.contains(site) {
+            return Err(CoordinatorError::RefusedThisRound {
+                site: site.to_string(),
+                round: self.round,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `site` has nothing more to send this round (reported, or refused).
+    fn done_with(&self, site: &str) -> bool {
+        self.refused.contains(site) || self.reports.iter().any(|r| r.site == site)
+    }
+
+    /// Hands `site` the round's task if it may have it: not done with the round, and, under
+    /// secure aggregation, while keys are taken. The round then waits for its update.
+    pub fn hand_task(&mut self, site: &str) -> bool {
+        if self.done_with(site) || self.secure.as_ref().is_some_and(|s| !s.takes(site)) {
+            return false;
+        }
+        self.participants.insert(site.to_string());
+        true
+    }
+
+    /// Folds a checked update (plain rounds) into the aggregate; [`Round::record`] follows.
+    pub fn add_update(&mut self, update: &Weights, samples: u64) {
+        self.aggregator
+            .as_mut()
+            .expect("admits refuses plain updates in secure rounds")
+            .add(update, samples);
+    }
+
+    /// Records `site`'s report (its update is in the aggregate or the masked sum); returns the
+    /// number of reports so far.
+    pub fn record(&mut self, site: &str, samples: u64, metrics: Metrics) -> usize {
+        self.participants.insert(site.to_string());
+        self.reports.push(Report {
+            site: site.to_string(),
+            samples,
+            metrics,
+        });
+        self.reports.len()
+    }
+
+    /// Leaves `site` out of the round: its update was refused; it is neither asked again nor
+    /// waited for.
+    pub fn refuse(&mut self, site: &str) {
+        self.refused.insert(site.to_string());
+    }
+
+    /// Whether a round in the clear may close at `now`: at least `min_sites` reports, and
+    /// either every site that took the task is done or the deadline has passed. (A secure
+    /// round closes when its protocol completes: see [`SecureRound::advance`].)
+    pub fn ready(&self, now: Instant, min_sites: usize) -> bool {
+        let everyone = self.participants.iter().all(|p| self.done_with(p));
+        self.reports.len() >= min_sites && (everyone || now >= self.deadline)
+    }
+
+    /// What the round's updates add up to: base + the aggregate of the updates (or of the
+    /// unmasked sum). `dp`: the run is differentially private. This is the slow part of
+    /// closing a round (a median's sort, a secure round's unmasking).
+    pub fn aggregate(&self, dp: bool) -> Result<Outcome, CoordinatorError> {
+        let mut sites: Vec<String> = self.reports.iter().map(|r| r.site.clone()).collect();
+        sites.sort();
+        let Some(secure) = &self.secure else {
+            let aggregator = self.aggregator.as_ref().expect("a round in the clear");
+            let weights = aggregator.finish(&self.base, &mut rand::rng());
+            let samples: u64 = self.reports.iter().map(|r| r.samples).sum();
+            let mean = |f: fn(&Metrics) -> f64| {
+                self.reports
+                    .iter()
+                    .map(|r| f(&r.metrics) * r.samples as f64)
+                    .sum::<f64>()
+                    / samples.max(1) as f64
+            };
+            let metrics = Metrics {
+                loss: mean(|m| m.loss),
+                dice: mean(|m| m.dice),
+            };
+            return Ok(Outcome {
+                weights,
+                samples,
+                metrics,
+                sites,
+            });
+        };
+        let sum = secure.unmask()?;
+        if sum.weight == 0 {
+            return Err(CoordinatorError::SecureAggregation(
+                "the unmasked weights add up to zero".into(),
+            ));
+        }
+        let total = sum.weight as f64;
+        let weights = crate::aggregate::shifted(&self.base, sum.values.iter().map(|s| s / total));
+        let metrics = Metrics {
+            loss: sum.weighted_metrics.loss / total,
+            dice: sum.weighted_metrics.dice / total,
+        };
+        Ok(Outcome {
+            weights,
+            // Under DP every site weighs 1: the sample count stays with the sites.
+            samples: if dp { 0 } else { sum.weight },
+            metrics,
+            sites,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alveolus_proto::domain::{AggregationConfig, TrainingConfig};
+    use alveolus_proto::weights::Tensor;
+
+    fn config(deadline_seconds: u32) -> RunConfig {
+        RunConfig {
+            rounds: 3,
+            min_sites: 2,
+            deadline_seconds,
+            training: TrainingConfig::default(),
+            aggregation: AggregationConfig::default(),
+            privacy: None,
+            secure_aggregation: None,
+        }
+    }
+
+    fn model(value: f32) -> Weights {
+        let mut weights = Weights::default();
+        weights.tensors.insert(
+            "w".into(),
+            Tensor {
+                shape: vec![2],
+                values: vec![value; 2],
+            },
+        );
+        weights
+    }
+
+    fn header(round: &Round, site_round: u32) -> UpdateHeader {
+        UpdateHeader {
+            run_id: round.run_id.clone(),
+            round: site_round,
+            base_version: round.base_version.clone(),
+            num_samples: 1,
+            metrics: Metrics::default(),
+            total_bytes: 0,
+            masked: false,
+        }
+    }
+
+    fn round_at(now: Instant) -> Round {
+        Round::open("run-1", &config(60), 1, "v0".into(), model(0.0), now)
+    }
+
+    fn report(round: &mut Round, site: &str, value: f32, samples: u64) {
+        round.admits(site, &header(round, 1)).unwrap();
+        round.add_update(&model(value), samples);
+        round.record(
+            site,
+            samples,
+            Metrics {
+                loss: value.into(),
+                dice: 0.5,
+            },
+        );
+    }
+
+    #[test]
+    fn a_round_closes_at_its_quorum_once_everyone_who_took_it_reported() {
+        let now = Instant::now();
+        let mut round = round_at(now);
+        for site in ["a", "b", "c"] {
+            assert!(round.hand_task(site));
+        }
+        report(&mut round, "a", 1.0, 1);
+        assert!(!round.ready(now, 2), "one report is below the quorum");
+        report(&mut round, "b", 3.0, 3);
+        assert!(!round.ready(now, 2), "c took the task and is waited for");
+        report(&mut round, "c", 1.0, 0);
+        assert!(round.ready(now, 2));
+        let outcome = round.aggregate(false).unwrap();
+        // FedAvg weighted by samples: (1·1 + 3·3 + 0·1) / 4.
+        assert_eq!(outcome.weights.tensors["w"].values, vec![2.5; 2]);
+        assert_eq!(outcome.samples, 4);
+        assert_eq!(outcome.sites, vec!["a", "b", "c"]);
+        assert!((outcome.metrics.loss - 2.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_dropped_site_holds_the_round_only_until_its_deadline() {
+        let now = Instant::now();
+        let mut round = round_at(now);
+        for site in ["a", "b", "gone"] {
+            round.hand_task(site);
+        }
+        report(&mut round, "a", 1.0, 1);
+        report(&mut round, "b", 1.0, 1);
+        assert!(!round.ready(now + Duration::from_secs(59), 2));
+        assert!(round.ready(now + Duration::from_secs(60), 2));
+        // Past the deadline, still not below the quorum.
+        let mut lonely = round_at(now);
+        lonely.hand_task("a");
+        report(&mut lonely, "a", 1.0, 1);
+        assert!(!lonely.ready(now + Duration::from_secs(600), 2));
+    }
+
+    #[test]
+    fn a_refused_site_is_not_waited_for_nor_asked_again() {
+        let now = Instant::now();
+        let mut round = round_at(now);
+        for site in ["a", "b", "bad"] {
+            round.hand_task(site);
+        }
+        report(&mut round, "a", 1.0, 1);
+        report(&mut round, "b", 1.0, 1);
+        round.refuse("bad");
+        assert!(round.ready(now, 2));
+        assert!(!round.hand_task("bad"), "not handed the task again");
+        assert!(matches!(
+            round.admits("bad", &header(&round, 1)),
+            Err(CoordinatorError::RefusedThisRound { .. })
+        ));
+    }
+
+    #[test]
+    fn updates_for_another_round_base_or_kind_and_repeats_are_refused() {
+        let mut round = round_at(Instant::now());
+        round.hand_task("a");
+        report(&mut round, "a", 1.0, 1);
+        let h = header(&round, 1);
+        assert!(matches!(
+            round.admits("a", &h),
+            Err(CoordinatorError::AlreadyReported { .. })
+        ));
+        assert!(matches!(
+            round.admits("b", &header(&round, 2)),
+            Err(CoordinatorError::WrongRound {
+                got: 2,
+                expected: 1
+            })
+        ));
+        let stale = UpdateHeader {
+            base_version: "older".into(),
+            ..h.clone()
+        };
+        assert!(matches!(
+            round.admits("b", &stale),
+            Err(CoordinatorError::WrongBase { .. })
+        ));
+        let masked = UpdateHeader { masked: true, ..h };
+        assert!(matches!(
+            round.admits("b", &masked),
+            Err(CoordinatorError::SecureAggregation(_))
+        ));
+    }
+}

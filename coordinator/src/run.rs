@@ -1,0 +1,263 @@
+//! A run as the coordinator keeps it: its record (what the run log holds), the events its
+//! watchers replay, and the run-level rules: what a finished round makes of the record (the
+//! last round, the privacy budget), the norm an update may have, the task's secure part.
+
+use alveolus_proto::domain::{
+    DomainError, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SecureTask,
+};
+
+use crate::error::CoordinatorError;
+
+/// A run: its record and every event so far.
+pub struct RunRecord {
+    pub info: RunInfo,
+    /// Everything `watch` replays: a watcher that attaches late still sees the whole run.
+    pub events: Vec<RunEvent>,
+}
+
+impl RunRecord {
+    /// A run read back from the run log: its events rebuilt from its rounds.
+    pub fn restored(info: RunInfo) -> Self {
+        let mut events = Vec::new();
+        let mut version = info.initial_version.clone();
+        for summary in &info.rounds {
+            events.push(RunEvent::RoundStarted {
+                round: summary.round,
+                model_version: version.clone(),
+            });
+            events.push(RunEvent::RoundFinished(summary.clone()));
+            version = summary.version.clone();
+        }
+        if info.state != RunState::Running {
+            events.push(RunEvent::RunFinished(info.clone()));
+        }
+        Self { info, events }
+    }
+
+    pub fn started(info: RunInfo) -> Self {
+        Self {
+            info,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.info.state == RunState::Running
+    }
+
+    /// Round `round` opened from `version`.
+    pub fn round_opened(&mut self, round: u32, version: &str) {
+        self.info.reported.clear();
+        self.events.push(RunEvent::RoundStarted {
+            round,
+            model_version: version.to_string(),
+        });
+    }
+
+    pub fn update_accepted(&mut self, round: u32, site: &str) {
+        self.info.reported.push(site.to_string());
+        self.events.push(RunEvent::UpdateAccepted {
+            round,
+            site: site.to_string(),
+        });
+    }
+
+    /// The record is now `info` (already durable), after `finished` closed a round.
+    pub fn round_finished(&mut self, info: RunInfo, finished: RoundSummary) {
+        self.info = info;
+        self.events.push(RunEvent::RoundFinished(finished));
+        if !self.is_running() {
+            self.events.push(RunEvent::RunFinished(self.info.clone()));
+        }
+    }
+
+    /// The run ended (aborted, failed) with record `info` (already durable).
+    pub fn ended(&mut self, info: RunInfo) {
+        self.info = info;
+        self.events.push(RunEvent::RunFinished(self.info.clone()));
+    }
+
+    /// Events from the `from`th on, and whether the run has ended.
+    pub fn events_since(&self, from: usize) -> (Vec<RunEvent>, bool) {
+        (
+            self.events.get(from..).unwrap_or_default().to_vec(),
+            !self.is_running(),
+        )
+    }
+}
+
+/// The record of `info`'s run after round `summary`: the round appended, and the run completed
+/// when it was the last round or the next would take ε past the budget.
+pub fn after_round(info: &RunInfo, summary: RoundSummary) -> RunInfo {
+    let mut info = info.clone();
+    let round = summary.round;
+    info.rounds.push(summary);
+    info.reported.clear();
+    let mut done = info.rounds.len() as u32 >= info.config.rounds;
+    if !done
+        && let Some(privacy) = &info.config.privacy
+        && let Some(budget) = privacy.epsilon_budget
+    {
+        let next = alveolus_privacy::run_epsilon(privacy, round + 1);
+        if next > budget {
+            info.stop_reason = Some(format!(
+                "privacy budget: round {} would spend epsilon {next:.4} > {budget}",
+                round + 1
+            ));
+            done = true;
+        }
+    }
+    if done {
+        info.state = RunState::Completed;
+    }
+    info
+}
+
+/// `info` ended as `end` (aborted, failed), with `reason` for its status.
+pub fn ended(info: &RunInfo, end: RunState, reason: Option<String>) -> RunInfo {
+    let mut info = info.clone();
+    info.state = end;
+    info.reported.clear();
+    if reason.is_some() {
+        info.stop_reason = reason;
+    }
+    info
+}
+
+/// ε after `rounds` rounds of a run, if it is differentially private.
+pub fn epsilon_after(config: &RunConfig, rounds: u32) -> Option<f64> {
+    config
+        .privacy
+        .as_ref()
+        .map(|p| alveolus_privacy::run_epsilon(p, rounds))
+}
+
+/// Checks a run's settings before it starts: valid, and its first round within its budget.
+pub fn check_start(config: &RunConfig) -> Result<(), CoordinatorError> {
+    config.validate()?;
+    if let Some(p) = &config.privacy
+        && let Some(budget) = p.epsilon_budget
+    {
+        let first = alveolus_privacy::run_epsilon(p, 1);
+        if first > budget {
+            return Err(CoordinatorError::Domain(DomainError::Invalid {
+                field: "epsilon_budget",
+                reason: format!(
+                    "one round already spends epsilon {first:.4} > {budget}; raise the noise or the budget"
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// The largest update norm a run accepts: its DP clip norm (agents clip; a larger update
+/// means an agent that does not, and would void the guarantee) or its norm bound.
+pub fn norm_limit(config: &RunConfig) -> Option<f64> {
+    let clip = config
+        .privacy
+        .as_ref()
+        // Agents clip in f32; leave room for its rounding.
+        .map(|p| p.clip_norm * (1.0 + 1e-4));
+    match (clip, config.aggregation.norm_bound) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The secure-aggregation part of a run's train tasks: the threshold, and each site's share
+/// of the DP noise.
+pub fn secure_task(config: &RunConfig) -> Option<SecureTask> {
+    let secure = config.secure_aggregation?;
+    Some(SecureTask {
+        threshold: secure.threshold,
+        noise_std: config.privacy.as_ref().map(|p| {
+            alveolus_privacy::dp::noise_share_std(p.noise_multiplier, p.clip_norm, secure.threshold)
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alveolus_proto::domain::{PrivacyConfig, TrainingConfig};
+
+    fn info(rounds: u32, privacy: Option<PrivacyConfig>) -> RunInfo {
+        RunInfo {
+            run_id: "run-1".into(),
+            state: RunState::Running,
+            config: RunConfig {
+                rounds,
+                min_sites: 1,
+                deadline_seconds: 60,
+                training: TrainingConfig::default(),
+                privacy,
+                aggregation: Default::default(),
+                secure_aggregation: None,
+            },
+            initial_version: "v0".into(),
+            rounds: Vec::new(),
+            reported: vec!["a".into()],
+            started_unix_ms: 0,
+            stop_reason: None,
+        }
+    }
+
+    fn summary(round: u32) -> RoundSummary {
+        RoundSummary {
+            round,
+            version: format!("v{round}"),
+            sites: vec!["a".into()],
+            samples: 1,
+            loss: 0.5,
+            dice: 0.5,
+            finished_unix_ms: 0,
+            epsilon: None,
+        }
+    }
+
+    #[test]
+    fn the_last_round_completes_the_run_and_a_restart_replays_its_events() {
+        let first = after_round(&info(2, None), summary(1));
+        assert_eq!(first.state, RunState::Running);
+        assert!(first.reported.is_empty());
+        let second = after_round(&first, summary(2));
+        assert_eq!(second.state, RunState::Completed);
+        let restored = RunRecord::restored(second);
+        assert_eq!(
+            restored.events.len(),
+            5,
+            "two rounds started and finished, one end"
+        );
+        assert!(matches!(
+            &restored.events[2],
+            RunEvent::RoundStarted { round: 2, model_version } if model_version == "v1"
+        ));
+        let (events, ended) = restored.events_since(4);
+        assert!(ended && matches!(events[..], [RunEvent::RunFinished(_)]));
+    }
+
+    #[test]
+    fn a_round_that_would_break_the_privacy_budget_is_not_started() {
+        let privacy = PrivacyConfig {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            epsilon_budget: Some(0.0),
+        };
+        let budget = alveolus_privacy::run_epsilon(&privacy, 2);
+        let privacy = PrivacyConfig {
+            epsilon_budget: Some(budget * 0.999),
+            ..privacy
+        };
+        let config = info(10, Some(privacy.clone())).config;
+        check_start(&config).unwrap();
+        let next = after_round(&info(10, Some(privacy)), summary(1));
+        assert_eq!(next.state, RunState::Completed);
+        assert!(
+            next.stop_reason
+                .unwrap()
+                .contains("round 2 would spend epsilon")
+        );
+    }
+}

@@ -46,7 +46,7 @@ impl Services {
         let header = ModelHeader {
             version: manifest.sha256.clone(),
             total_bytes: bytes.len() as u64,
-            manifest_json: serde_json::to_string(&manifest).expect("manifest serialises"),
+            manifest_json: manifest.to_json(),
         };
         let messages: Vec<pb::ModelChunk> = framed(header.into(), &bytes);
         Ok(Box::pin(futures::stream::iter(

@@ -6,7 +6,10 @@
 //! runs/<run_id>.json            run config and every finished round
 //! sites.json                    known sites, their last contact and contributions
 //! ```
-//! Every file is written atomically and fsynced before anything refers to it.
+//! Every file is written atomically and fsynced before anything refers to it, in the versioned
+//! format of [`format`] (files of the previous, untagged format still read).
+
+pub mod format;
 
 use std::path::{Path, PathBuf};
 
@@ -16,13 +19,14 @@ use alveolus_proto::domain::{
 };
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+
+use format::{ManifestV1, RunV1, SiteV1, SitesFile, decode, encode};
 
 use crate::durable::write_atomic;
 use crate::error::CoordinatorError;
 
 /// What a checkpoint's manifest records about it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
     /// sha256 of the safetensors file: the model version.
     pub sha256: String,
@@ -37,17 +41,20 @@ pub struct Manifest {
     pub metrics: Option<Metrics>,
     pub created_unix_ms: i64,
     /// How the round's updates were combined, so whoever receives the model knows.
-    #[serde(default)]
     pub aggregation: Option<AggregationConfig>,
     /// The run's differential-privacy settings; None: no DP guarantee.
-    #[serde(default)]
     pub privacy: Option<PrivacyConfig>,
     /// Secure aggregation's settings; None: the coordinator saw each site's update.
-    #[serde(default)]
     pub secure_aggregation: Option<SecureAggregationConfig>,
     /// ε the run had spent when this model was made, at `privacy.delta`.
-    #[serde(default)]
     pub epsilon: Option<f64>,
+}
+
+impl Manifest {
+    /// The manifest as its file says it (and as sites receive it with the model).
+    pub fn to_json(&self) -> String {
+        String::from_utf8(encode(&ManifestV1::from(self))).expect("JSON is UTF-8")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -92,8 +99,8 @@ impl Store {
         let path = self.model_path(&version);
         write_atomic(&path, bytes, false).map_err(|e| store_err(&path, e))?;
         let path = self.manifest_path(&version);
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))?;
+        write_atomic(&path, manifest.to_json().as_bytes(), false)
+            .map_err(|e| store_err(&path, e))?;
         Ok(manifest)
     }
 
@@ -117,14 +124,13 @@ impl Store {
         }
         let path = self.manifest_path(version);
         let manifest = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
-        let manifest = serde_json::from_slice(&manifest).map_err(|e| store_err(&path, e))?;
-        Ok((Bytes::from(bytes), manifest))
+        let manifest = decode::<ManifestV1>(&manifest).map_err(|e| store_err(&path, e))?;
+        Ok((Bytes::from(bytes), manifest.into()))
     }
 
     pub fn put_run(&self, run: &RunInfo) -> Result<(), CoordinatorError> {
         let path = self.root.join("runs").join(format!("{}.json", run.run_id));
-        let json = serde_json::to_vec_pretty(run).expect("run serialises");
-        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))
+        write_atomic(&path, &encode(&RunV1::from(run)), false).map_err(|e| store_err(&path, e))
     }
 
     /// Every run in the log, oldest first.
@@ -135,9 +141,8 @@ impl Store {
             let path = entry.map_err(|e| store_err(&dir, e))?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 let bytes = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
-                let run: RunInfo =
-                    serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e))?;
-                runs.push(run);
+                let run = decode::<RunV1>(&bytes).map_err(|e| store_err(&path, e))?;
+                runs.push(RunInfo::from(run));
             }
         }
         runs.sort_by(|a, b| (a.started_unix_ms, &a.run_id).cmp(&(b.started_unix_ms, &b.run_id)));
@@ -146,14 +151,18 @@ impl Store {
 
     pub fn put_sites(&self, sites: &[SiteInfo]) -> Result<(), CoordinatorError> {
         let path = self.root.join("sites.json");
-        let json = serde_json::to_vec_pretty(sites).expect("sites serialise");
-        write_atomic(&path, &json, false).map_err(|e| store_err(&path, e))
+        let file = SitesFile::Tagged {
+            sites: sites.iter().map(SiteV1::from).collect(),
+        };
+        write_atomic(&path, &encode(&file), false).map_err(|e| store_err(&path, e))
     }
 
     pub fn load_sites(&self) -> Result<Vec<SiteInfo>, CoordinatorError> {
         let path = self.root.join("sites.json");
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(&path, e)),
+            Ok(bytes) => decode::<SitesFile>(&bytes)
+                .map(SitesFile::into_sites)
+                .map_err(|e| store_err(&path, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(store_err(&path, e)),
         }

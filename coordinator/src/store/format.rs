@@ -1,0 +1,470 @@
+//! The state folder's files as they are on disk: a compatibility promise of their own, apart
+//! from the domain types, so that renaming a domain field cannot make a coordinator refuse its
+//! own state after an upgrade.
+//!
+//! Every file carries `"format": "1"`. Files without a `format` are format 0, written before
+//! formats were tagged: the same fields, so they read as format 1's body. A file of a format
+//! this coordinator does not know is refused with a message naming it, never misread.
+
+use alveolus_proto::domain::{
+    AggregationConfig, AggregationRule, Metrics, PrivacyConfig, RoundSummary, RunConfig, RunInfo,
+    RunState, SecureAggregationConfig, SiteInfo, TrainingConfig,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Manifest;
+
+/// The format this coordinator writes.
+pub const FORMAT: &str = "1";
+
+/// A file's JSON: format 1's body tagged with its format.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Tagged<'a, T> {
+        format: &'static str,
+        #[serde(flatten)]
+        body: &'a T,
+    }
+    serde_json::to_vec_pretty(&Tagged {
+        format: FORMAT,
+        body,
+    })
+    .expect("state files serialise")
+}
+
+/// A file's body, whatever format (0 or 1) it was written in.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if let Some(object) = value.as_object_mut()
+        && let Some(format) = object.remove("format")
+    {
+        match format.as_str() {
+            Some(FORMAT) => {}
+            _ => {
+                return Err(format!(
+                    "written in state format {format} by a newer Alveolus; this one reads formats 0 and {FORMAT}"
+                ));
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// `sites.json`: format 0 was a bare array.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SitesFile {
+    Tagged { sites: Vec<SiteV1> },
+    Bare(Vec<SiteV1>),
+}
+
+impl SitesFile {
+    pub fn into_sites(self) -> Vec<SiteInfo> {
+        let (SitesFile::Tagged { sites } | SitesFile::Bare(sites)) = self;
+        sites.into_iter().map(Into::into).collect()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RunV1 {
+    run_id: String,
+    state: StateV1,
+    config: ConfigV1,
+    initial_version: String,
+    rounds: Vec<RoundV1>,
+    reported: Vec<String>,
+    started_unix_ms: i64,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum StateV1 {
+    Running,
+    Completed,
+    Aborted,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConfigV1 {
+    rounds: u32,
+    min_sites: u32,
+    deadline_seconds: u32,
+    training: TrainingV1,
+    #[serde(default)]
+    privacy: Option<PrivacyV1>,
+    #[serde(default)]
+    aggregation: AggregationV1,
+    #[serde(default)]
+    secure_aggregation: Option<SecureV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainingV1 {
+    local_epochs: u32,
+    learning_rate: f64,
+    batch_size: u32,
+    seed: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct PrivacyV1 {
+    clip_norm: f64,
+    noise_multiplier: f64,
+    delta: f64,
+    epsilon_budget: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Default)]
+struct AggregationV1 {
+    #[serde(flatten)]
+    rule: RuleV1,
+    norm_bound: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "snake_case", tag = "rule")]
+enum RuleV1 {
+    #[default]
+    FedAvg,
+    Median,
+    TrimmedMean {
+        trim_fraction: f64,
+    },
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct SecureV1 {
+    threshold: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RoundV1 {
+    round: u32,
+    version: String,
+    sites: Vec<String>,
+    samples: u64,
+    loss: f64,
+    dice: f64,
+    finished_unix_ms: i64,
+    #[serde(default)]
+    epsilon: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SiteV1 {
+    name: String,
+    last_contact_unix_ms: i64,
+    contributions: Vec<(String, Vec<u32>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ManifestV1 {
+    sha256: String,
+    bytes: u64,
+    run_id: String,
+    round: u32,
+    parent: Option<String>,
+    sites: Vec<String>,
+    samples: u64,
+    metrics: Option<MetricsV1>,
+    created_unix_ms: i64,
+    #[serde(default)]
+    aggregation: Option<AggregationV1>,
+    #[serde(default)]
+    privacy: Option<PrivacyV1>,
+    #[serde(default)]
+    secure_aggregation: Option<SecureV1>,
+    #[serde(default)]
+    epsilon: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct MetricsV1 {
+    loss: f64,
+    dice: f64,
+}
+
+// ---- between the files and the domain ----
+
+impl From<&RunInfo> for RunV1 {
+    fn from(r: &RunInfo) -> Self {
+        Self {
+            run_id: r.run_id.clone(),
+            state: r.state.into(),
+            config: (&r.config).into(),
+            initial_version: r.initial_version.clone(),
+            rounds: r.rounds.iter().map(Into::into).collect(),
+            reported: r.reported.clone(),
+            started_unix_ms: r.started_unix_ms,
+            stop_reason: r.stop_reason.clone(),
+        }
+    }
+}
+
+impl From<RunV1> for RunInfo {
+    fn from(r: RunV1) -> Self {
+        Self {
+            run_id: r.run_id,
+            state: r.state.into(),
+            config: r.config.into(),
+            initial_version: r.initial_version,
+            rounds: r.rounds.into_iter().map(Into::into).collect(),
+            reported: r.reported,
+            started_unix_ms: r.started_unix_ms,
+            stop_reason: r.stop_reason,
+        }
+    }
+}
+
+impl From<RunState> for StateV1 {
+    fn from(s: RunState) -> Self {
+        match s {
+            RunState::Running => Self::Running,
+            RunState::Completed => Self::Completed,
+            RunState::Aborted => Self::Aborted,
+            RunState::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<StateV1> for RunState {
+    fn from(s: StateV1) -> Self {
+        match s {
+            StateV1::Running => Self::Running,
+            StateV1::Completed => Self::Completed,
+            StateV1::Aborted => Self::Aborted,
+            StateV1::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<&RunConfig> for ConfigV1 {
+    fn from(c: &RunConfig) -> Self {
+        let t = &c.training;
+        Self {
+            rounds: c.rounds,
+            min_sites: c.min_sites,
+            deadline_seconds: c.deadline_seconds,
+            training: TrainingV1 {
+                local_epochs: t.local_epochs,
+                learning_rate: t.learning_rate,
+                batch_size: t.batch_size,
+                seed: t.seed,
+            },
+            privacy: c.privacy.as_ref().map(Into::into),
+            aggregation: c.aggregation.into(),
+            secure_aggregation: c.secure_aggregation.map(Into::into),
+        }
+    }
+}
+
+impl From<ConfigV1> for RunConfig {
+    fn from(c: ConfigV1) -> Self {
+        let t = c.training;
+        Self {
+            rounds: c.rounds,
+            min_sites: c.min_sites,
+            deadline_seconds: c.deadline_seconds,
+            training: TrainingConfig {
+                local_epochs: t.local_epochs,
+                learning_rate: t.learning_rate,
+                batch_size: t.batch_size,
+                seed: t.seed,
+            },
+            privacy: c.privacy.map(Into::into),
+            aggregation: c.aggregation.into(),
+            secure_aggregation: c.secure_aggregation.map(Into::into),
+        }
+    }
+}
+
+impl From<&PrivacyConfig> for PrivacyV1 {
+    fn from(p: &PrivacyConfig) -> Self {
+        Self {
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            delta: p.delta,
+            epsilon_budget: p.epsilon_budget,
+        }
+    }
+}
+
+impl From<PrivacyV1> for PrivacyConfig {
+    fn from(p: PrivacyV1) -> Self {
+        Self {
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            delta: p.delta,
+            epsilon_budget: p.epsilon_budget,
+        }
+    }
+}
+
+impl From<AggregationConfig> for AggregationV1 {
+    fn from(a: AggregationConfig) -> Self {
+        Self {
+            rule: match a.rule {
+                AggregationRule::FedAvg => RuleV1::FedAvg,
+                AggregationRule::Median => RuleV1::Median,
+                AggregationRule::TrimmedMean { trim_fraction } => {
+                    RuleV1::TrimmedMean { trim_fraction }
+                }
+            },
+            norm_bound: a.norm_bound,
+        }
+    }
+}
+
+impl From<AggregationV1> for AggregationConfig {
+    fn from(a: AggregationV1) -> Self {
+        Self {
+            rule: match a.rule {
+                RuleV1::FedAvg => AggregationRule::FedAvg,
+                RuleV1::Median => AggregationRule::Median,
+                RuleV1::TrimmedMean { trim_fraction } => {
+                    AggregationRule::TrimmedMean { trim_fraction }
+                }
+            },
+            norm_bound: a.norm_bound,
+        }
+    }
+}
+
+impl From<SecureAggregationConfig> for SecureV1 {
+    fn from(s: SecureAggregationConfig) -> Self {
+        Self {
+            threshold: s.threshold,
+        }
+    }
+}
+
+impl From<SecureV1> for SecureAggregationConfig {
+    fn from(s: SecureV1) -> Self {
+        Self {
+            threshold: s.threshold,
+        }
+    }
+}
+
+impl From<&RoundSummary> for RoundV1 {
+    fn from(r: &RoundSummary) -> Self {
+        Self {
+            round: r.round,
+            version: r.version.clone(),
+            sites: r.sites.clone(),
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            finished_unix_ms: r.finished_unix_ms,
+            epsilon: r.epsilon,
+        }
+    }
+}
+
+impl From<RoundV1> for RoundSummary {
+    fn from(r: RoundV1) -> Self {
+        Self {
+            round: r.round,
+            version: r.version,
+            sites: r.sites,
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            finished_unix_ms: r.finished_unix_ms,
+            epsilon: r.epsilon,
+        }
+    }
+}
+
+impl From<&SiteInfo> for SiteV1 {
+    fn from(s: &SiteInfo) -> Self {
+        Self {
+            name: s.name.clone(),
+            last_contact_unix_ms: s.last_contact_unix_ms,
+            contributions: s.contributions.clone(),
+        }
+    }
+}
+
+impl From<SiteV1> for SiteInfo {
+    fn from(s: SiteV1) -> Self {
+        Self {
+            name: s.name,
+            last_contact_unix_ms: s.last_contact_unix_ms,
+            contributions: s.contributions,
+        }
+    }
+}
+
+impl From<&Manifest> for ManifestV1 {
+    fn from(m: &Manifest) -> Self {
+        Self {
+            sha256: m.sha256.clone(),
+            bytes: m.bytes,
+            run_id: m.run_id.clone(),
+            round: m.round,
+            parent: m.parent.clone(),
+            sites: m.sites.clone(),
+            samples: m.samples,
+            metrics: m.metrics.map(|x| MetricsV1 {
+                loss: x.loss,
+                dice: x.dice,
+            }),
+            created_unix_ms: m.created_unix_ms,
+            aggregation: m.aggregation.map(Into::into),
+            privacy: m.privacy.as_ref().map(Into::into),
+            secure_aggregation: m.secure_aggregation.map(Into::into),
+            epsilon: m.epsilon,
+        }
+    }
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Self {
+        Self {
+            sha256: m.sha256,
+            bytes: m.bytes,
+            run_id: m.run_id,
+            round: m.round,
+            parent: m.parent,
+            sites: m.sites,
+            samples: m.samples,
+            metrics: m.metrics.map(|x| Metrics {
+                loss: x.loss,
+                dice: x.dice,
+            }),
+            created_unix_ms: m.created_unix_ms,
+            aggregation: m.aggregation.map(Into::into),
+            privacy: m.privacy.map(Into::into),
+            secure_aggregation: m.secure_aggregation.map(Into::into),
+            epsilon: m.epsilon,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_0_reads_and_unknown_formats_are_refused_by_name() {
+        let body =
+            br#"{"name": "a", "last_contact_unix_ms": 5, "contributions": [["run-1", [1, 2]]]}"#;
+        let site: SiteInfo = decode::<SiteV1>(body).unwrap().into();
+        assert_eq!(site.contributions, vec![("run-1".to_string(), vec![1, 2])]);
+        let tagged = encode(&SiteV1::from(&site));
+        assert!(String::from_utf8_lossy(&tagged).contains(r#""format": "1""#));
+        let back: SiteInfo = decode::<SiteV1>(&tagged).unwrap().into();
+        assert_eq!(back, site);
+        let newer = br#"{"format": "2", "name": "a"}"#;
+        let error = decode::<SiteV1>(newer).err().unwrap();
+        assert!(
+            error.contains("state format \"2\" by a newer Alveolus"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! How a researcher configures a run: local training, DP, aggregation, secure aggregation.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DomainError, invalid, positive, require_non_negative, require_positive};
+use crate::pb;
+/// What each site does locally in one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    /// Seeds shuffling and augmentation, so a run can be repeated.
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: 2,
+            learning_rate: 2e-3,
+            batch_size: 4,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainingConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if self.local_epochs == 0 || self.local_epochs > 1000 {
+            return Err(invalid("local_epochs", "must be between 1 and 1000"));
+        }
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate < 10.0)
+        {
+            return Err(invalid(
+                "learning_rate",
+                format!("{} is not in (0, 10)", self.learning_rate),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 4096 {
+            return Err(invalid("batch_size", "must be between 1 and 4096"));
+        }
+        Ok(())
+    }
+}
+
+/// A federated run as a researcher configures it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub rounds: u32,
+    /// Fewest site updates a round may be aggregated from.
+    pub min_sites: u32,
+    /// After this many seconds a round closes with whatever reached `min_sites`, so a site that
+    /// vanished does not stall the run.
+    pub deadline_seconds: u32,
+    pub training: TrainingConfig,
+    /// Client-level differential privacy; None: updates are averaged as they are.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    /// Secure aggregation; None: the coordinator sees each site's update.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggregationConfig>,
+}
+
+/// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// Sites that must survive a round to the end for it to be unmasked; also how many would
+    /// have to collude with the coordinator to unmask one site.
+    pub threshold: u32,
+}
+
+/// Shamir shares over GF(256) are numbered 1..=255: no roster can be larger.
+pub const MAX_SECURE_SITES: u32 = 255;
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            min_sites: 1,
+            deadline_seconds: 600,
+            training: TrainingConfig::default(),
+            privacy: None,
+            aggregation: AggregationConfig::default(),
+            secure_aggregation: None,
+        }
+    }
+}
+
+/// DP-FedAvg (McMahan et al. 2018): each site clips its update to `clip_norm` (L2); the
+/// coordinator averages them with equal weight and adds Gaussian noise of standard deviation
+/// `noise_multiplier x clip_norm` to their sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    /// The δ at which ε is reported.
+    pub delta: f64,
+    /// The run stops before a round would take ε above this.
+    pub epsilon_budget: Option<f64>,
+}
+
+impl PrivacyConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        require_positive("clip_norm", self.clip_norm)?;
+        require_non_negative("noise_multiplier", self.noise_multiplier)?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(invalid("delta", format!("{} is not in (0, 1)", self.delta)));
+        }
+        if let Some(budget) = self.epsilon_budget {
+            require_positive("epsilon_budget", budget)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a round's updates become one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "rule")]
+pub enum AggregationRule {
+    /// Sample-weighted mean, folded in as updates arrive (memory: one model).
+    #[default]
+    FedAvg,
+    /// Coordinate-wise median: one hostile site cannot move a coordinate past the honest ones.
+    Median,
+    /// Coordinate-wise mean after dropping the `trim_fraction` highest and lowest values.
+    TrimmedMean { trim_fraction: f64 },
+}
+
+// No `deny_unknown_fields`: serde cannot combine it with `flatten`, and this is only read
+// back from the coordinator's own manifests and run log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct AggregationConfig {
+    #[serde(flatten)]
+    pub rule: AggregationRule,
+    /// Updates whose L2 norm exceeds this are refused (a faulty or hostile site).
+    pub norm_bound: Option<f64>,
+}
+
+impl AggregationConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if let AggregationRule::TrimmedMean { trim_fraction } = self.rule
+            && !(0.0..0.5).contains(&trim_fraction)
+        {
+            return Err(invalid(
+                "trim_fraction",
+                format!("{trim_fraction} is not in [0, 0.5)"),
+            ));
+        }
+        if let Some(bound) = self.norm_bound {
+            require_positive("norm_bound", bound)?;
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if self.rounds == 0 || self.rounds > 100_000 {
+            return Err(invalid("rounds", "must be between 1 and 100000"));
+        }
+        if self.min_sites == 0 {
+            return Err(invalid("min_sites", "must be at least 1"));
+        }
+        if self.deadline_seconds == 0 {
+            return Err(invalid("deadline_seconds", "must be at least 1"));
+        }
+        self.aggregation.validate()?;
+        if let Some(privacy) = &self.privacy {
+            privacy.validate()?;
+            // The privacy analysis bounds one site's influence on a sum; a median or trimmed
+            // mean is not that sum.
+            if self.aggregation.rule != AggregationRule::FedAvg {
+                return Err(invalid(
+                    "aggregation",
+                    "differential privacy needs FedAvg aggregation",
+                ));
+            }
+        }
+        if let Some(secure) = &self.secure_aggregation {
+            check_threshold(secure.threshold)?;
+            // Masked updates can only be summed: no median, no norm to check.
+            if self.aggregation.rule != AggregationRule::FedAvg {
+                return Err(invalid(
+                    "aggregation",
+                    "secure aggregation needs FedAvg aggregation (a median needs every update)",
+                ));
+            }
+            if self.aggregation.norm_bound.is_some() {
+                return Err(invalid(
+                    "aggregation.norm_bound",
+                    "the coordinator cannot check a masked update's norm; use --dp-clip, which sites apply",
+                ));
+            }
+        }
+        self.training.validate()
+    }
+}
+
+impl From<TrainingConfig> for pb::TrainingConfig {
+    fn from(c: TrainingConfig) -> Self {
+        Self {
+            local_epochs: c.local_epochs,
+            learning_rate: c.learning_rate,
+            batch_size: c.batch_size,
+            seed: c.seed,
+        }
+    }
+}
+
+impl TryFrom<pb::TrainingConfig> for TrainingConfig {
+    type Error = DomainError;
+    fn try_from(c: pb::TrainingConfig) -> Result<Self, DomainError> {
+        let c = Self {
+            local_epochs: c.local_epochs,
+            learning_rate: c.learning_rate,
+            batch_size: c.batch_size,
+            seed: c.seed,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl From<RunConfig> for pb::RunConfig {
+    fn from(c: RunConfig) -> Self {
+        Self {
+            rounds: c.rounds,
+            min_sites: c.min_sites,
+            deadline_seconds: c.deadline_seconds,
+            training: Some(c.training.into()),
+            initial_model_bytes: 0,
+            privacy: c.privacy.map(|p| pb::PrivacyConfig {
+                clip_norm: p.clip_norm,
+                noise_multiplier: p.noise_multiplier,
+                delta: p.delta,
+                epsilon_budget: p.epsilon_budget.unwrap_or(0.0),
+            }),
+            aggregation: Some(pb::AggregationConfig {
+                rule: match c.aggregation.rule {
+                    AggregationRule::FedAvg => pb::AggregationRule::Fedavg,
+                    AggregationRule::Median => pb::AggregationRule::Median,
+                    AggregationRule::TrimmedMean { .. } => pb::AggregationRule::TrimmedMean,
+                } as i32,
+                trim_fraction: match c.aggregation.rule {
+                    AggregationRule::TrimmedMean { trim_fraction } => trim_fraction,
+                    _ => 0.0,
+                },
+                norm_bound: c.aggregation.norm_bound.unwrap_or(0.0),
+            }),
+            secure_aggregation: c.secure_aggregation.map(|s| pb::SecureAggregationConfig {
+                threshold: s.threshold,
+            }),
+        }
+    }
+}
+
+/// Secure aggregation needs at least two sites to hide one, and GF(256) shares allow 255.
+pub(super) fn check_threshold(threshold: u32) -> Result<(), DomainError> {
+    if (2..=MAX_SECURE_SITES).contains(&threshold) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "secure_aggregation.threshold",
+            format!("{threshold} is not between 2 and {MAX_SECURE_SITES}"),
+        ))
+    }
+}
+
+impl TryFrom<pb::RunConfig> for RunConfig {
+    type Error = DomainError;
+    fn try_from(c: pb::RunConfig) -> Result<Self, DomainError> {
+        let c = Self {
+            rounds: c.rounds,
+            min_sites: c.min_sites,
+            deadline_seconds: c.deadline_seconds,
+            training: c
+                .training
+                .ok_or(DomainError::Missing("training"))?
+                .try_into()?,
+            privacy: c.privacy.map(|p| PrivacyConfig {
+                clip_norm: p.clip_norm,
+                noise_multiplier: p.noise_multiplier,
+                delta: p.delta,
+                epsilon_budget: positive(p.epsilon_budget),
+            }),
+            aggregation: match c.aggregation {
+                None => AggregationConfig::default(),
+                Some(a) => AggregationConfig {
+                    rule: match pb::AggregationRule::try_from(a.rule) {
+                        Ok(pb::AggregationRule::Fedavg) => AggregationRule::FedAvg,
+                        Ok(pb::AggregationRule::Median) => AggregationRule::Median,
+                        Ok(pb::AggregationRule::TrimmedMean) => AggregationRule::TrimmedMean {
+                            trim_fraction: a.trim_fraction,
+                        },
+                        Err(_) => {
+                            return Err(invalid(
+                                "aggregation.rule",
+                                format!("unknown rule {}", a.rule),
+                            ));
+                        }
+                    },
+                    norm_bound: positive(a.norm_bound),
+                },
+            },
+            secure_aggregation: c.secure_aggregation.map(|s| SecureAggregationConfig {
+                threshold: s.threshold,
+            }),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregation_settings_read_back_from_json() {
+        for rule in [
+            AggregationRule::FedAvg,
+            AggregationRule::Median,
+            AggregationRule::TrimmedMean { trim_fraction: 0.2 },
+        ] {
+            let config = AggregationConfig {
+                rule,
+                norm_bound: Some(3.0),
+            };
+            let json = serde_json::to_string(&config).unwrap();
+            assert_eq!(
+                serde_json::from_str::<AggregationConfig>(&json).unwrap(),
+                config
+            );
+        }
+    }
+
+    #[test]
+    fn run_config_round_trips_and_validates() {
+        let c = RunConfig::default();
+        let back = RunConfig::try_from(pb::RunConfig::from(c.clone())).unwrap();
+        assert_eq!(back, c);
+        let mut bad = pb::RunConfig::from(c);
+        bad.min_sites = 0;
+        assert!(matches!(
+            RunConfig::try_from(bad),
+            Err(DomainError::Invalid {
+                field: "min_sites",
+                ..
+            })
+        ));
+        let mut bad = pb::RunConfig::from(RunConfig::default());
+        bad.training = None;
+        assert_eq!(
+            RunConfig::try_from(bad),
+            Err(DomainError::Missing("training"))
+        );
+    }
+}

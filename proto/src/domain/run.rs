@@ -1,0 +1,231 @@
+//! What a run is while it goes: its state, its finished rounds, its events, and the sites.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DomainError, RunConfig, invalid, positive};
+use crate::pb;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Completed,
+    Aborted,
+    /// A round could not finish (e.g. too few sites survived secure aggregation).
+    Failed,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Completed => "completed",
+            RunState::Aborted => "aborted",
+            RunState::Failed => "failed",
+        }
+    }
+}
+
+/// One finished round, as recorded in the run log and the checkpoint manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    pub round: u32,
+    /// The global model this round produced.
+    pub version: String,
+    pub sites: Vec<String>,
+    pub samples: u64,
+    /// Sample-weighted mean of the sites' local training loss.
+    pub loss: f64,
+    /// Sample-weighted mean of the sites' local training Dice.
+    pub dice: f64,
+    pub finished_unix_ms: i64,
+    /// ε the run has spent after this round, at the run's δ (differential privacy).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub state: RunState,
+    pub config: RunConfig,
+    pub initial_version: String,
+    pub rounds: Vec<RoundSummary>,
+    pub reported: Vec<String>,
+    pub started_unix_ms: i64,
+    /// Why the run ended before its last round, e.g. its privacy budget.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+}
+
+impl RunInfo {
+    /// The newest global model of the run.
+    pub fn latest_version(&self) -> &str {
+        self.rounds
+            .last()
+            .map(|r| r.version.as_str())
+            .unwrap_or(&self.initial_version)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    RoundStarted { round: u32, model_version: String },
+    UpdateAccepted { round: u32, site: String },
+    RoundFinished(RoundSummary),
+    RunFinished(RunInfo),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    pub name: String,
+    pub last_contact_unix_ms: i64,
+    /// Rounds each run aggregated an update of this site into.
+    pub contributions: Vec<(String, Vec<u32>)>,
+}
+
+impl From<RunState> for pb::RunState {
+    fn from(s: RunState) -> Self {
+        match s {
+            RunState::Running => pb::RunState::Running,
+            RunState::Completed => pb::RunState::Completed,
+            RunState::Aborted => pb::RunState::Aborted,
+            RunState::Failed => pb::RunState::Failed,
+        }
+    }
+}
+
+impl From<RoundSummary> for pb::RoundSummary {
+    fn from(r: RoundSummary) -> Self {
+        Self {
+            round: r.round,
+            version: r.version,
+            sites: r.sites,
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            finished_unix_ms: r.finished_unix_ms,
+            epsilon: r.epsilon.unwrap_or(0.0),
+        }
+    }
+}
+
+impl From<pb::RoundSummary> for RoundSummary {
+    fn from(r: pb::RoundSummary) -> Self {
+        Self {
+            round: r.round,
+            version: r.version,
+            sites: r.sites,
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            finished_unix_ms: r.finished_unix_ms,
+            epsilon: positive(r.epsilon),
+        }
+    }
+}
+
+impl From<RunInfo> for pb::RunInfo {
+    fn from(r: RunInfo) -> Self {
+        Self {
+            run_id: r.run_id,
+            state: pb::RunState::from(r.state) as i32,
+            config: Some(r.config.into()),
+            initial_version: r.initial_version,
+            rounds: r.rounds.into_iter().map(Into::into).collect(),
+            reported: r.reported,
+            started_unix_ms: r.started_unix_ms,
+            stop_reason: r.stop_reason.unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::RunInfo> for RunInfo {
+    type Error = DomainError;
+    fn try_from(r: pb::RunInfo) -> Result<Self, DomainError> {
+        let state = match pb::RunState::try_from(r.state) {
+            Ok(pb::RunState::Running) => RunState::Running,
+            Ok(pb::RunState::Completed) => RunState::Completed,
+            Ok(pb::RunState::Aborted) => RunState::Aborted,
+            Ok(pb::RunState::Failed) => RunState::Failed,
+            _ => return Err(invalid("state", format!("unknown run state {}", r.state))),
+        };
+        Ok(Self {
+            run_id: r.run_id,
+            state,
+            config: r.config.ok_or(DomainError::Missing("config"))?.try_into()?,
+            initial_version: r.initial_version,
+            rounds: r.rounds.into_iter().map(Into::into).collect(),
+            reported: r.reported,
+            started_unix_ms: r.started_unix_ms,
+            stop_reason: (!r.stop_reason.is_empty()).then_some(r.stop_reason),
+        })
+    }
+}
+
+impl From<RunEvent> for pb::RunEvent {
+    fn from(e: RunEvent) -> Self {
+        use pb::run_event::Kind;
+        let kind = match e {
+            RunEvent::RoundStarted {
+                round,
+                model_version,
+            } => Kind::RoundStarted(pb::RoundStarted {
+                round,
+                model_version,
+            }),
+            RunEvent::UpdateAccepted { round, site } => {
+                Kind::UpdateAccepted(pb::UpdateAccepted { round, site })
+            }
+            RunEvent::RoundFinished(s) => Kind::RoundFinished(s.into()),
+            RunEvent::RunFinished(r) => Kind::RunFinished(r.into()),
+        };
+        Self { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::RunEvent> for RunEvent {
+    type Error = DomainError;
+    fn try_from(e: pb::RunEvent) -> Result<Self, DomainError> {
+        use pb::run_event::Kind;
+        Ok(match e.kind.ok_or(DomainError::Missing("kind"))? {
+            Kind::RoundStarted(s) => RunEvent::RoundStarted {
+                round: s.round,
+                model_version: s.model_version,
+            },
+            Kind::UpdateAccepted(u) => RunEvent::UpdateAccepted {
+                round: u.round,
+                site: u.site,
+            },
+            Kind::RoundFinished(s) => RunEvent::RoundFinished(s.into()),
+            Kind::RunFinished(r) => RunEvent::RunFinished(r.try_into()?),
+        })
+    }
+}
+
+impl From<SiteInfo> for pb::SiteInfo {
+    fn from(s: SiteInfo) -> Self {
+        Self {
+            name: s.name,
+            last_contact_unix_ms: s.last_contact_unix_ms,
+            contributions: s
+                .contributions
+                .into_iter()
+                .map(|(run_id, rounds)| pb::RunRounds { run_id, rounds })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::SiteInfo> for SiteInfo {
+    fn from(s: pb::SiteInfo) -> Self {
+        Self {
+            name: s.name,
+            last_contact_unix_ms: s.last_contact_unix_ms,
+            contributions: s
+                .contributions
+                .into_iter()
+                .map(|r| (r.run_id, r.rounds))
+                .collect(),
+        }
+    }
+}

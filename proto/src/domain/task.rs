@@ -1,0 +1,237 @@
+//! What a site is asked to do in a round, and what it sends back with its update.
+
+use serde::{Deserialize, Serialize};
+
+use super::config::check_threshold;
+use super::{
+    DomainError, TrainingConfig, invalid, positive, require_non_negative, validate_version,
+};
+use crate::pb;
+/// What a site must do for a securely aggregated round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureTask {
+    pub threshold: u32,
+    /// Standard deviation of the Gaussian noise the site adds (its share of the DP noise).
+    pub noise_std: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainTask {
+    pub run_id: String,
+    pub round: u32,
+    pub model_version: String,
+    pub training: TrainingConfig,
+    /// L2 norm the site clips its update to (differential privacy).
+    pub clip_norm: Option<f64>,
+    pub secure_aggregation: Option<SecureTask>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Wait { retry_after_ms: u32 },
+    Train(TrainTask),
+}
+
+/// Aggregate training metrics a site reports: never anything per image or per patient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub loss: f64,
+    pub dice: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateHeader {
+    pub run_id: String,
+    pub round: u32,
+    pub base_version: String,
+    pub num_samples: u64,
+    pub metrics: Metrics,
+    pub total_bytes: u64,
+    /// The data is a masked update (secure aggregation): sample count and metrics travel
+    /// masked inside it, and are zero here.
+    pub masked: bool,
+}
+
+impl From<Task> for pb::Task {
+    fn from(t: Task) -> Self {
+        let kind = match t {
+            Task::Wait { retry_after_ms } => pb::task::Kind::Wait(pb::Wait { retry_after_ms }),
+            Task::Train(t) => pb::task::Kind::Train(pb::TrainTask {
+                run_id: t.run_id,
+                round: t.round,
+                model_version: t.model_version,
+                training: Some(t.training.into()),
+                clip_norm: t.clip_norm.unwrap_or(0.0),
+                secure_aggregation: t.secure_aggregation.map(|s| pb::SecureAggregationTask {
+                    threshold: s.threshold,
+                    noise_std: s.noise_std.unwrap_or(0.0),
+                }),
+            }),
+        };
+        Self { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::Task> for Task {
+    type Error = DomainError;
+    fn try_from(t: pb::Task) -> Result<Self, DomainError> {
+        match t.kind.ok_or(DomainError::Missing("kind"))? {
+            pb::task::Kind::Wait(w) => Ok(Task::Wait {
+                retry_after_ms: w.retry_after_ms,
+            }),
+            pb::task::Kind::Train(t) => {
+                validate_version(&t.model_version)?;
+                Ok(Task::Train(TrainTask {
+                    run_id: t.run_id,
+                    round: t.round,
+                    model_version: t.model_version,
+                    training: t
+                        .training
+                        .ok_or(DomainError::Missing("training"))?
+                        .try_into()?,
+                    clip_norm: match t.clip_norm {
+                        0.0 => None,
+                        c if c.is_finite() && c > 0.0 => Some(c),
+                        c => return Err(invalid("clip_norm", format!("{c} is not positive"))),
+                    },
+                    secure_aggregation: match t.secure_aggregation {
+                        None => None,
+                        Some(s) => {
+                            check_threshold(s.threshold)?;
+                            require_non_negative("secure_aggregation.noise_std", s.noise_std)?;
+                            Some(SecureTask {
+                                threshold: s.threshold,
+                                noise_std: positive(s.noise_std),
+                            })
+                        }
+                    },
+                }))
+            }
+        }
+    }
+}
+
+impl From<Metrics> for pb::Metrics {
+    fn from(m: Metrics) -> Self {
+        Self {
+            loss: m.loss,
+            dice: m.dice,
+        }
+    }
+}
+
+impl TryFrom<pb::Metrics> for Metrics {
+    type Error = DomainError;
+    fn try_from(m: pb::Metrics) -> Result<Self, DomainError> {
+        if !m.loss.is_finite() {
+            return Err(invalid("metrics.loss", "not finite"));
+        }
+        if !(0.0..=1.0).contains(&m.dice) {
+            return Err(invalid(
+                "metrics.dice",
+                format!("{} is not in [0, 1]", m.dice),
+            ));
+        }
+        Ok(Self {
+            loss: m.loss,
+            dice: m.dice,
+        })
+    }
+}
+
+impl From<UpdateHeader> for pb::UpdateHeader {
+    fn from(h: UpdateHeader) -> Self {
+        Self {
+            run_id: h.run_id,
+            round: h.round,
+            base_version: h.base_version,
+            num_samples: h.num_samples,
+            metrics: (!h.masked).then(|| h.metrics.into()),
+            total_bytes: h.total_bytes,
+            masked: h.masked,
+        }
+    }
+}
+
+impl TryFrom<pb::UpdateHeader> for UpdateHeader {
+    type Error = DomainError;
+    fn try_from(h: pb::UpdateHeader) -> Result<Self, DomainError> {
+        validate_version(&h.base_version)?;
+        if h.masked {
+            if h.num_samples != 0 || h.metrics.is_some() {
+                return Err(invalid(
+                    "masked",
+                    "a masked update carries its sample count and metrics masked, not in the header",
+                ));
+            }
+            return Ok(Self {
+                run_id: h.run_id,
+                round: h.round,
+                base_version: h.base_version,
+                num_samples: 0,
+                metrics: Metrics::default(),
+                total_bytes: h.total_bytes,
+                masked: true,
+            });
+        }
+        if h.num_samples == 0 {
+            return Err(invalid(
+                "num_samples",
+                "an update must come from at least one sample",
+            ));
+        }
+        Ok(Self {
+            run_id: h.run_id,
+            round: h.round,
+            base_version: h.base_version,
+            num_samples: h.num_samples,
+            metrics: h
+                .metrics
+                .ok_or(DomainError::Missing("metrics"))?
+                .try_into()?,
+            total_bytes: h.total_bytes,
+            masked: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_header_refuses_bad_values() {
+        let good = pb::UpdateHeader {
+            run_id: "r".into(),
+            round: 1,
+            base_version: "a".repeat(64),
+            num_samples: 3,
+            metrics: Some(pb::Metrics {
+                loss: 0.5,
+                dice: 0.2,
+            }),
+            total_bytes: 10,
+            masked: false,
+        };
+        assert!(UpdateHeader::try_from(good.clone()).is_ok());
+        // A masked update must not show its sample count or metrics.
+        let mut masked = good.clone();
+        masked.masked = true;
+        assert!(UpdateHeader::try_from(masked.clone()).is_err());
+        masked.num_samples = 0;
+        masked.metrics = None;
+        assert!(UpdateHeader::try_from(masked).unwrap().masked);
+        let mut bad = good.clone();
+        bad.base_version = "xyz".into();
+        assert!(UpdateHeader::try_from(bad).is_err());
+        let mut bad = good.clone();
+        bad.metrics = Some(pb::Metrics {
+            loss: f64::NAN,
+            dice: 0.2,
+        });
+        assert!(UpdateHeader::try_from(bad).is_err());
+        let mut bad = good;
+        bad.num_samples = 0;
+        assert!(UpdateHeader::try_from(bad).is_err());
+    }
+}

@@ -7,16 +7,29 @@ use std::process::Command;
 use alveolus_models::bench::{median, synthetic_batch, time_training_steps};
 use alveolus_models::{DeviceChoice, ModelSpec, pytorch};
 use anyhow::{Context, Result, bail};
+use clap::Args;
 
+/// Time a training step (forward, loss, backward, AdamW) on each backend of this build and in
+/// PyTorch on the same batch, and print the medians and ratios.
+#[derive(Args)]
 pub struct BenchOptions {
+    /// Network preset: tiny, small or default.
+    #[arg(long, default_value = "default")]
     pub model: String,
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// CPU threads for every backend and for PyTorch.
+    #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 6)]
     pub steps: usize,
-    /// Devices to time; every available one when empty.
+    /// Devices to time (flex, cpu, cuda[:N]; repeatable); all this build has by default.
+    #[arg(long = "device")]
     pub devices: Vec<DeviceChoice>,
-    /// Skip the PyTorch peer (it needs Python with torch).
+    /// Time only our backends (PyTorch needs Python with torch).
+    #[arg(long)]
     pub without_pytorch: bool,
 }
 

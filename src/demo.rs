@@ -17,10 +17,11 @@ use alveolus_proto::domain::{
     PrivacyConfig, RunConfig, RunEvent, RunState, SecureAggregationConfig, TrainingConfig,
 };
 use anyhow::{Context, Result, bail};
+use clap::Args;
 use futures::StreamExt;
 use tokio::process::{Child, Command};
 
-use crate::admin;
+use alveolus_proto::client::AdminClient;
 
 const SITES: [&str; 3] = ["hospital-a", "hospital-b", "hospital-c"];
 /// Slices at the end of each block that no site trains on; the global model is scored on them.
@@ -182,6 +183,48 @@ fn prepare_data(out: &Path, data: DemoData) -> Result<SliceDataset> {
     Ok(validation)
 }
 
+/// Everything on one machine: a coordinator and three hospital agents over real mTLS.
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 6)]
+    rounds: u32,
+    /// MedSeg slice folder; defaults to the copy shipped with the project.
+    #[arg(long, conflicts_with = "synthetic")]
+    data: Option<PathBuf>,
+    /// Give each hospital synthetic chest CTs (DICOM series and NIfTI labels, made by
+    /// `data synth`) instead of MedSeg slices.
+    #[arg(long)]
+    synthetic: bool,
+    /// Run with differential privacy (DP-FedAvg): the clip norm of each site's update.
+    #[arg(long, requires = "dp_noise")]
+    dp_clip: Option<f64>,
+    /// DP noise multiplier (noise std over the clip norm).
+    #[arg(long, requires = "dp_clip")]
+    dp_noise: Option<f64>,
+    /// Aggregate securely: the coordinator sees only the sum of the hospitals' updates.
+    #[arg(long)]
+    secure_aggregation: bool,
+}
+
+pub async fn run_demo(args: DemoArgs) -> Result<()> {
+    let data = if args.synthetic {
+        DemoData::Synthetic
+    } else {
+        DemoData::MedSeg(args.data)
+    };
+    let privacy = crate::cli::run::privacy_config(args.dp_clip, args.dp_noise, 1e-5, None);
+    run(
+        &args.out,
+        args.rounds,
+        data,
+        privacy,
+        args.secure_aggregation,
+    )
+    .await
+}
+
 pub async fn run(
     out: &Path,
     rounds: u32,
@@ -270,7 +313,7 @@ pub async fn run(
         }),
         ..RunConfig::default()
     };
-    let info = admin::start_run_with(&mut client, config, &initial).await?;
+    let info = client.start_run(config, initial.encode()).await?;
     println!(
         "run {} started: {rounds} rounds, {} px U-Net, initial model dice {:.3}",
         info.run_id, spec.image_size, initial_dice.0
@@ -282,7 +325,7 @@ pub async fn run(
 
     let mut lines = Vec::new();
     let mut final_version = None;
-    let mut events = std::pin::pin!(admin::events(&mut client.clone(), &info.run_id).await?);
+    let mut events = std::pin::pin!(client.clone().events(&info.run_id).await?);
     while let Some(event) = events.next().await {
         for child in &mut children {
             if let Some(status) = child.try_wait()? {
@@ -294,7 +337,8 @@ pub async fn run(
         }
         match event? {
             RunEvent::RoundFinished(summary) => {
-                let (weights, _, _) = admin::pull_model(&mut client, &summary.version).await?;
+                let (_, bytes) = client.pull_model(&summary.version).await?;
+                let weights = Weights::decode(&bytes)?;
                 let (dice, ggo, consolidation) = score(&weights, &validation, &device)?;
                 println!(
                     "{:>5}  {:>5}  {:>15.4}  {:.3}{}",
@@ -335,7 +379,8 @@ pub async fn run(
         }
     }
     let version = final_version.context("the run finished without a round")?;
-    let (_, bytes, manifest) = admin::pull_model(&mut client, &version).await?;
+    let (header, bytes) = client.pull_model(&version).await?;
+    let manifest = header.manifest_json;
     let model_path = out.join("final-model.safetensors");
     std::fs::write(&model_path, &bytes)?;
     std::fs::write(out.join("final-model.json"), manifest)?;
@@ -396,18 +441,18 @@ fn score(
     ))
 }
 
-async fn connect_with_retry(
-    kit: &Path,
-) -> Result<alveolus_proto::pb::admin_client::AdminClient<tonic::transport::Channel>> {
+async fn connect_with_retry(kit: &Path) -> Result<AdminClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match admin::admin_client(kit).await {
+        match AdminClient::connect(kit).await {
             Ok(client) => return Ok(client),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("coordinator not up yet: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e.context("the demo coordinator did not come up")),
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context("the demo coordinator did not come up"));
+            }
         }
     }
 }

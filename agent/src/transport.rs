@@ -1,19 +1,16 @@
-//! The agent's gRPC edge: pulling models (size, digest and version checked), pushing updates,
+//! The agent's gRPC edge: pulling models (size, digest and version checked by
+//! `transfer::receive_model`), pushing updates,
 //! counting what a round sends and receives, and the one reading of what a coordinator's
 //! refusal means for the agent ([`verdict`]).
 
-use alveolus_proto::domain::{ModelHeader, UpdateHeader};
+use alveolus_proto::domain::UpdateHeader;
 use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::sha256_hex;
-use alveolus_proto::transfer::{ReceiveError, framed, receive_header, receive_payload};
+use alveolus_proto::transfer::{ModelReceiveError, ReceiveError, framed, receive_model};
 use alveolus_proto::weights::Weights;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::error::AgentError;
-
-/// Largest model the agent accepts (a coordinator cannot make it reserve more).
-const MAX_MODEL_BYTES: u64 = 4 << 30;
 
 /// What a refused or failed call means for the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,37 +84,11 @@ pub async fn pull_model(
         .await
         .map_err(status_error)?
         .into_inner();
-    let (_, bytes) = receive_model(stream, version).await?;
-    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
-}
-
-/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
-/// and, unless `requested` is empty (the latest), that it is the version asked for.
-pub async fn receive_model(
-    mut stream: tonic::Streaming<pb::ModelChunk>,
-    requested: &str,
-) -> Result<(ModelHeader, bytes::Bytes), AgentError> {
-    let transfer = |e: ReceiveError| match e {
-        ReceiveError::Stream(status) => status_error(status),
+    let (_, bytes) = receive_model(stream, version).await.map_err(|e| match e {
+        ModelReceiveError::Receive(ReceiveError::Stream(status)) => status_error(status),
         e => AgentError::Transfer(e.to_string()),
-    };
-    let header = receive_header(&mut stream).await.map_err(transfer)?;
-    let header = ModelHeader::try_from(header).map_err(|e| AgentError::Transfer(e.to_string()))?;
-    if !requested.is_empty() && header.version != requested {
-        return Err(AgentError::Transfer(format!(
-            "asked for model {requested}, received {}",
-            header.version
-        )));
-    }
-    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES)
-        .await
-        .map_err(transfer)?;
-    if sha256_hex(&bytes) != header.version {
-        return Err(AgentError::Transfer(
-            "model digest does not match its version".into(),
-        ));
-    }
-    Ok((header, bytes))
+    })?;
+    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! lives here: identities in certificates, the chunked transfer with its sha256 trailer, and the
 //! named-tensor codec that models and updates travel in.
 
+pub mod client;
 pub mod domain;
 pub mod identity;
 pub mod kit;

@@ -254,3 +254,40 @@ mod tests {
         ));
     }
 }
+
+/// Largest model a client accepts (a coordinator cannot make it reserve more).
+pub const MAX_MODEL_BYTES: u64 = 4 << 30;
+
+/// Why a model download was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelReceiveError {
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
+    #[error("model header: {0}")]
+    Header(#[from] crate::domain::DomainError),
+    #[error("asked for model {requested}, received {received}")]
+    WrongVersion { requested: String, received: String },
+    #[error("model digest does not match its version")]
+    Digest,
+}
+
+/// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
+/// and, unless `requested` is empty (the latest), that it is the version asked for.
+pub async fn receive_model(
+    mut stream: tonic::Streaming<pb::ModelChunk>,
+    requested: &str,
+) -> Result<(crate::domain::ModelHeader, Bytes), ModelReceiveError> {
+    let header = receive_header(&mut stream).await?;
+    let header = crate::domain::ModelHeader::try_from(header)?;
+    if !requested.is_empty() && header.version != requested {
+        return Err(ModelReceiveError::WrongVersion {
+            requested: requested.to_string(),
+            received: header.version,
+        });
+    }
+    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES).await?;
+    if crate::sha256_hex(&bytes) != header.version {
+        return Err(ModelReceiveError::Digest);
+    }
+    Ok((header, bytes))
+}

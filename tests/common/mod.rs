@@ -225,13 +225,20 @@ pub async fn admin(project: &Project) -> AdminClient<Channel> {
     AdminClient::new(connect(&project.admin_kit()).await)
 }
 
+/// The researcher's typed client over this raw one (what the CLI and the demo use).
+pub fn typed(admin: &AdminClient<Channel>) -> alveolus_proto::client::AdminClient {
+    admin.clone().into()
+}
+
 pub async fn start_run(
     admin: &mut AdminClient<Channel>,
     config: RunConfig,
     weights: &Weights,
 ) -> RunInfo {
-    let stream = start_run_stream(config, weights);
-    RunInfo::try_from(admin.start_run(stream).await.unwrap().into_inner()).unwrap()
+    typed(admin)
+        .start_run(config, weights.encode())
+        .await
+        .unwrap()
 }
 
 /// The StartRun messages for `config` and `weights`.
@@ -246,14 +253,7 @@ pub fn start_run_stream(
 }
 
 pub async fn get_run(admin: &mut AdminClient<Channel>, run_id: &str) -> RunInfo {
-    let info = admin
-        .get_run(pb::GetRunRequest {
-            run_id: run_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    RunInfo::try_from(info).unwrap()
+    typed(admin).run(run_id).await.unwrap()
 }
 
 /// Polls until `done(run)` holds, failing after `timeout`.

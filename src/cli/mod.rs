@@ -1,0 +1,121 @@
+//! The command line by command group, each a file: its `clap` arguments and a thin `run` over
+//! the libraries. What several groups share (reading a model, loading a dataset, printing its
+//! notes and a Dice report, the shutdown signal) is here.
+
+pub mod bench;
+pub mod data;
+pub mod local;
+pub mod privacy;
+pub mod project;
+pub mod run;
+pub mod segment;
+pub mod service;
+
+use std::path::Path;
+
+use alveolus_imaging::SliceDataset;
+use alveolus_imaging::dataset::{CaseReport, Purpose};
+use alveolus_models::metrics::DiceReport;
+use alveolus_models::spec::Norm;
+use alveolus_models::{ModelSpec, Weights};
+use anyhow::{Context, Result, bail};
+
+pub fn read_model(path: &Path) -> Result<Weights> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Weights::decode(&bytes).with_context(|| format!("{} is not a model file", path.display()))
+}
+
+/// A dataset's usable slices; what was skipped or looks odd is printed here, on the site's
+/// own terminal.
+pub fn load_data(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<SliceDataset> {
+    let loaded = alveolus_imaging::dataset::load(path, purpose, skip_bad_cases)?;
+    print_notes(&loaded.skipped, &loaded.warned);
+    Ok(loaded.slices)
+}
+
+/// Cases a load left out, and warnings about those it used.
+pub fn print_notes(skipped: &[CaseReport], warned: &[CaseReport]) {
+    for case in skipped {
+        eprintln!("skipped case {} (errors):", case.id);
+        for problem in &case.problems {
+            eprintln!("  {}", problem.message);
+        }
+    }
+    for case in warned {
+        for problem in &case.problems {
+            eprintln!("warning: case {}: {}", case.id, problem.message);
+        }
+    }
+}
+
+/// Writes a (possibly long) report to stdout; a reader that stops early (`| head`) is not an
+/// error.
+pub fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// A preset with the chosen classes and normalisation, checked for slice training.
+pub fn slice_model(preset: &str, classes: usize, norm: Norm) -> Result<ModelSpec> {
+    let spec = ModelSpec {
+        classes,
+        norm,
+        ..ModelSpec::preset(preset)?
+    };
+    spec.validate()?;
+    slices_only(&spec)?;
+    Ok(spec)
+}
+
+/// Agents and `train` learn from slice folders, which only a 2D network can use.
+pub fn slices_only(spec: &ModelSpec) -> Result<()> {
+    if spec.spatial_dims() != 2 {
+        bail!(
+            "the {} network learns from volume patches; training on slice folders needs a 2D model (tiny, small or default)",
+            spec.kind
+        );
+    }
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a (class absent)".to_string(), |v| format!("{v:.4}"))
+}
+
+pub fn print_report(prefix: &str, report: &DiceReport) {
+    let hd95 = |d: Option<f64>| d.map(|d| format!("  hd95 {d:.1} mm")).unwrap_or_default();
+    for class in &report.per_class {
+        println!(
+            "{prefix}{:<14} dice {}  iou {}{}",
+            class.class,
+            fmt_opt(class.dice),
+            fmt_opt(class.iou),
+            hd95(class.hd95_mm)
+        );
+    }
+    println!(
+        "{prefix}{:<14} dice {}  iou {}{}",
+        "infection",
+        fmt_opt(report.infection),
+        fmt_opt(report.infection_iou),
+        hd95(report.infection_hd95_mm)
+    );
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,501 @@
+//! The researcher's commands (admin kit): `run start|status|list|watch|abort`, `sites list`,
+//! and `model pull` (admin or site kit), over the typed Admin client of `alveolus_proto`.
+
+use std::path::{Path, PathBuf};
+
+use alveolus_models::spec::Norm;
+use alveolus_models::{ModelSpec, Weights};
+use alveolus_proto::client::AdminClient;
+use alveolus_proto::domain::{
+    AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, RunEvent, RunInfo, RunState,
+    SecureAggregationConfig, TrainingConfig,
+};
+use alveolus_proto::identity::Role;
+use alveolus_proto::kit::ClientKit;
+use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::transfer::receive_model;
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+
+use super::{read_model, slice_model, slices_only};
+
+#[derive(Subcommand)]
+pub enum RunCommand {
+    /// Start a run from a fresh model (or `--init FILE`).
+    Start(StartArgs),
+    Status {
+        #[arg(long)]
+        kit: PathBuf,
+        /// Run id; the most recent run by default.
+        #[arg(long, default_value = "")]
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        kit: PathBuf,
+    },
+    /// Follow a run live, round by round, until it ends.
+    Watch {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        run: String,
+    },
+    Abort {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        run: String,
+    },
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    #[arg(long)]
+    kit: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    #[arg(long, default_value_t = 1)]
+    min_sites: u32,
+    #[arg(long, default_value_t = 2)]
+    local_epochs: u32,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 4)]
+    batch_size: u32,
+    /// Seconds after which a round closes with the sites that reported (at least min-sites).
+    #[arg(long, default_value_t = 600)]
+    deadline: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Network preset: small (128 px) or default (256 px).
+    #[arg(long, default_value = "small")]
+    model: String,
+    /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
+    #[arg(long, default_value_t = 3)]
+    classes: usize,
+    /// Normalisation: batch or instance (no running statistics shared between sites).
+    #[arg(long, default_value = "batch")]
+    norm: Norm,
+    /// Start from this model file instead of a fresh network.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Differential privacy (DP-FedAvg): the L2 norm each site clips its update to.
+    /// Needs --dp-noise; sites are weighted equally.
+    #[arg(long, requires = "dp_noise")]
+    dp_clip: Option<f64>,
+    /// Noise standard deviation over the clip norm, added by the coordinator to the sum.
+    #[arg(long, requires = "dp_clip")]
+    dp_noise: Option<f64>,
+    /// The delta epsilon is reported at.
+    #[arg(long, default_value_t = 1e-5, requires = "dp_clip")]
+    dp_delta: f64,
+    /// Stop the run before a round would take epsilon above this.
+    #[arg(long, requires = "dp_clip")]
+    dp_epsilon_budget: Option<f64>,
+    /// How updates are combined: fedavg, median or trimmed-mean (the last two keep every
+    /// update of a round in memory, and resist a faulty or hostile site).
+    #[arg(long, default_value = "fedavg")]
+    aggregation: AggregationChoice,
+    /// Trimmed mean: fraction of sites dropped at each end of every coordinate.
+    #[arg(long, default_value_t = 0.2)]
+    trim_fraction: f64,
+    /// Refuse updates whose L2 norm is above this.
+    #[arg(long)]
+    norm_bound: Option<f64>,
+    /// Secure aggregation: sites mask their updates so that the coordinator learns only
+    /// their sum (FedAvg only; with --dp-clip the sites add the noise).
+    #[arg(long)]
+    secure_aggregation: bool,
+    /// Secure aggregation: sites that must survive each round to its end (and that would
+    /// have to collude with the coordinator to unmask one site). Default: --min-sites,
+    /// at least 2.
+    #[arg(long, requires = "secure_aggregation")]
+    threshold: Option<u32>,
+}
+
+impl From<&StartArgs> for RunConfig {
+    fn from(a: &StartArgs) -> Self {
+        RunConfig {
+            rounds: a.rounds,
+            min_sites: a.min_sites,
+            deadline_seconds: a.deadline,
+            training: TrainingConfig {
+                local_epochs: a.local_epochs,
+                learning_rate: a.lr,
+                batch_size: a.batch_size,
+                seed: a.seed,
+            },
+            privacy: privacy_config(a.dp_clip, a.dp_noise, a.dp_delta, a.dp_epsilon_budget),
+            aggregation: AggregationConfig {
+                rule: a.aggregation.rule(a.trim_fraction),
+                norm_bound: a.norm_bound,
+            },
+            secure_aggregation: a.secure_aggregation.then(|| SecureAggregationConfig {
+                threshold: a.threshold.unwrap_or(a.min_sites.max(2)),
+            }),
+        }
+    }
+}
+
+/// The DP settings of `--dp-clip` and `--dp-noise` (clap makes each require the other).
+pub fn privacy_config(
+    clip: Option<f64>,
+    noise: Option<f64>,
+    delta: f64,
+    epsilon_budget: Option<f64>,
+) -> Option<PrivacyConfig> {
+    clip.zip(noise)
+        .map(|(clip_norm, noise_multiplier)| PrivacyConfig {
+            clip_norm,
+            noise_multiplier,
+            delta,
+            epsilon_budget,
+        })
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum AggregationChoice {
+    FedAvg,
+    Median,
+    TrimmedMean,
+}
+
+impl std::str::FromStr for AggregationChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fedavg" => Ok(Self::FedAvg),
+            "median" => Ok(Self::Median),
+            "trimmed-mean" => Ok(Self::TrimmedMean),
+            other => Err(format!(
+                "`{other}` is not an aggregation: fedavg, median or trimmed-mean"
+            )),
+        }
+    }
+}
+
+impl AggregationChoice {
+    fn rule(self, trim_fraction: f64) -> AggregationRule {
+        match self {
+            Self::FedAvg => AggregationRule::FedAvg,
+            Self::Median => AggregationRule::Median,
+            Self::TrimmedMean => AggregationRule::TrimmedMean { trim_fraction },
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum SitesCommand {
+    List {
+        #[arg(long)]
+        kit: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Download a model (the latest by default); its digest is verified. The manifest goes
+    /// beside it as FILE with the extension .json.
+    Pull {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long, default_value = "")]
+        version: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub async fn run_command(command: RunCommand) -> Result<()> {
+    match command {
+        RunCommand::Start(args) => start(args).await,
+        RunCommand::Status { kit, run, json } => {
+            let info = AdminClient::connect(&kit).await?.run(&run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_run(&info);
+            }
+            Ok(())
+        }
+        RunCommand::List { kit } => {
+            let runs = AdminClient::connect(&kit).await?.runs().await?;
+            if runs.is_empty() {
+                println!("no runs yet");
+            }
+            for run in runs {
+                println!(
+                    "{:<20} {:<10} {:>3}/{:<3} rounds  latest {}",
+                    run.run_id,
+                    run.state.as_str(),
+                    run.rounds.len(),
+                    run.config.rounds,
+                    &run.latest_version()[..12]
+                );
+            }
+            Ok(())
+        }
+        RunCommand::Watch { kit, run } => watch(&kit, &run).await,
+        RunCommand::Abort { kit, run } => {
+            let info = AdminClient::connect(&kit).await?.abort(&run).await?;
+            println!("{} is {}", info.run_id, info.state.as_str());
+            Ok(())
+        }
+    }
+}
+
+async fn start(args: StartArgs) -> Result<()> {
+    let config = RunConfig::from(&args);
+    config.validate()?;
+    let weights = match &args.init {
+        Some(path) => read_model(path)?,
+        None => alveolus_models::train::initial_weights(
+            &slice_model(&args.model, args.classes, args.norm)?,
+            args.seed,
+        )?,
+    };
+    let spec = ModelSpec::from_weights(&weights)?;
+    slices_only(&spec)?;
+    let (secure, privacy) = (config.secure_aggregation, config.privacy.clone());
+    let mut client = AdminClient::connect(&args.kit).await?;
+    let info = client.start_run(config, weights.encode()).await?;
+    println!("started {}", info.run_id);
+    println!(
+        "  model {} ({} px, base {} channels, depth {}), initial version {}",
+        spec.kind, spec.image_size, spec.base_channels, spec.depth, info.initial_version
+    );
+    println!(
+        "  {} rounds, min {} sites, deadline {} s, {} local epochs, lr {}, batch {}, seed {}",
+        args.rounds,
+        args.min_sites,
+        args.deadline,
+        args.local_epochs,
+        args.lr,
+        args.batch_size,
+        args.seed
+    );
+    if let Some(secure) = secure {
+        println!(
+            "  secure aggregation: the coordinator sees only the sum; each round needs {} surviving sites",
+            secure.threshold
+        );
+    }
+    if let Some(p) = privacy {
+        let rounds = args.rounds;
+        let planned = alveolus_privacy::run_epsilon(&p, rounds);
+        println!(
+            "  differential privacy: clip {}, noise {}; all {rounds} rounds would spend epsilon {:.4} at delta {}{}",
+            p.clip_norm,
+            p.noise_multiplier,
+            planned,
+            p.delta,
+            p.epsilon_budget
+                .map(|b| format!(" (budget {b})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn print_run(info: &RunInfo) {
+    println!("run {}  {}", info.run_id, info.state.as_str());
+    println!(
+        "  {} of {} rounds finished; min {} sites; deadline {} s; {} local epochs; lr {}",
+        info.rounds.len(),
+        info.config.rounds,
+        info.config.min_sites,
+        info.config.deadline_seconds,
+        info.config.training.local_epochs,
+        info.config.training.learning_rate
+    );
+    if let Some(p) = &info.config.privacy {
+        println!(
+            "  differential privacy: clip {}, noise multiplier {}, delta {}{}; epsilon spent {:.4}",
+            p.clip_norm,
+            p.noise_multiplier,
+            p.delta,
+            p.epsilon_budget
+                .map(|b| format!(", budget {b}"))
+                .unwrap_or_default(),
+            info.rounds.last().and_then(|r| r.epsilon).unwrap_or(0.0)
+        );
+    }
+    if let Some(secure) = &info.config.secure_aggregation {
+        println!(
+            "  secure aggregation: the coordinator sees only sums; threshold {} sites",
+            secure.threshold
+        );
+    }
+    for r in &info.rounds {
+        println!(
+            "  round {:>3}  sites {}  samples {:>5}  loss {:.4}  train dice {:.3}  model {}{}",
+            r.round,
+            r.sites.len(),
+            r.samples,
+            r.loss,
+            r.dice,
+            &r.version[..12],
+            r.epsilon
+                .map(|e| format!("  epsilon {e:.4}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(reason) = &info.stop_reason {
+        let how = if info.state == RunState::Failed {
+            "failed"
+        } else {
+            "stopped early"
+        };
+        println!("  {how}: {reason}");
+    }
+    if !info.reported.is_empty() {
+        println!("  reported this round: {}", info.reported.join(", "));
+    }
+    println!("  latest model {}", info.latest_version());
+}
+
+async fn watch(kit: &Path, run: &str) -> Result<()> {
+    let mut client = AdminClient::connect(kit).await?;
+    let mut events = std::pin::pin!(client.events(run).await?);
+    while let Some(event) = events.next().await {
+        match event? {
+            RunEvent::RoundStarted {
+                round,
+                model_version,
+            } => {
+                println!("round {round} started from model {}", &model_version[..12]);
+            }
+            RunEvent::UpdateAccepted { round, site } => {
+                println!("round {round}: update from {site}")
+            }
+            RunEvent::RoundFinished(r) => println!(
+                "round {} finished: {} sites, {} samples, loss {:.4}, train dice {:.3}, model {}{}",
+                r.round,
+                r.sites.len(),
+                r.samples,
+                r.loss,
+                r.dice,
+                &r.version[..12],
+                r.epsilon
+                    .map(|e| format!(", epsilon {e:.4}"))
+                    .unwrap_or_default()
+            ),
+            RunEvent::RunFinished(info) => {
+                println!("run {} {}", info.run_id, info.state.as_str());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn format_time(unix_ms: i64) -> String {
+    if unix_ms == 0 {
+        return "never".into();
+    }
+    let ago = (alveolus_coordinator::clock::unix_ms() - unix_ms).max(0) / 1000;
+    match ago {
+        0..60 => format!("{ago} s ago"),
+        60..3600 => format!("{} min ago", ago / 60),
+        _ => format!("{} h ago", ago / 3600),
+    }
+}
+
+pub async fn sites_command(command: SitesCommand) -> Result<()> {
+    let SitesCommand::List { kit } = command;
+    let sites = AdminClient::connect(&kit).await?.sites().await?;
+    if sites.is_empty() {
+        println!("no site has connected yet");
+    }
+    for site in sites {
+        let contributed: Vec<String> = site
+            .contributions
+            .iter()
+            .map(|(run, rounds)| format!("{run}: rounds {}", compact_rounds(rounds)))
+            .collect();
+        println!(
+            "{:<20} last contact {:<12} {}",
+            site.name,
+            format_time(site.last_contact_unix_ms),
+            if contributed.is_empty() {
+                "no contributions yet".to_string()
+            } else {
+                contributed.join("; ")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `1,2,3,5` -> `1-3,5`.
+fn compact_rounds(rounds: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < rounds.len() {
+        let mut j = i;
+        while j + 1 < rounds.len() && rounds[j + 1] == rounds[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            rounds[i].to_string()
+        } else {
+            format!("{}-{}", rounds[i], rounds[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// Downloads a model with a site or an admin kit, digest verified, and writes it and its
+/// manifest.
+pub async fn model_command(command: ModelCommand) -> Result<()> {
+    let ModelCommand::Pull { kit, version, out } = command;
+    let kit = ClientKit::load(&kit)?;
+    let (header, bytes) = match kit.identity.role {
+        Role::Admin => {
+            let channel = kit.connect().await?;
+            AdminClient::from(pb::admin_client::AdminClient::new(channel))
+                .pull_model(&version)
+                .await?
+        }
+        _ => {
+            let request = pb::PullModelRequest {
+                version: version.clone(),
+            };
+            let stream = FederationClient::new(kit.connect().await?)
+                .pull_model(request)
+                .await
+                .map_err(|e| anyhow::anyhow!("coordinator: {} ({:?})", e.message(), e.code()))?
+                .into_inner();
+            receive_model(stream, &version).await?
+        }
+    };
+    Weights::decode(&bytes).context("the coordinator sent a model that does not parse")?;
+    std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+    let manifest = out.with_extension("json");
+    std::fs::write(&manifest, &header.manifest_json)
+        .with_context(|| format!("cannot write {}", manifest.display()))?;
+    println!(
+        "model {} ({} bytes, sha256 verified)",
+        header.version,
+        bytes.len()
+    );
+    println!(
+        "written to {} with its manifest {}",
+        out.display(),
+        manifest.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rounds_are_compacted() {
+        assert_eq!(super::compact_rounds(&[1, 2, 3, 5, 7, 8]), "1-3,5,7-8");
+        assert_eq!(super::compact_rounds(&[]), "");
+    }
+}

@@ -1,0 +1,80 @@
+//! `coordinator` and `agent`: the two services that run until stopped.
+
+use std::path::PathBuf;
+
+use alveolus_agent::{AgentOptions, SiteData};
+use alveolus_coordinator::CoordinatorSettings;
+use alveolus_models::DeviceChoice;
+use alveolus_proto::identity::Role;
+use alveolus_proto::kit::ClientKit;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use super::{print_notes, shutdown_signal};
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    #[arg(long)]
+    kit: PathBuf,
+    /// State folder (checkpoints, run log); defaults to the kit's `state_dir`.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Listen address; defaults to the kit's `listen`.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+pub async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let settings = CoordinatorSettings::load(&args.kit, args.state.as_deref())?;
+    let address = args.listen.unwrap_or_else(|| settings.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    tracing::info!(
+        project = %settings.project,
+        address = %listener.local_addr()?,
+        state = %settings.state_dir.display(),
+        "coordinator listening"
+    );
+    alveolus_coordinator::run(listener, settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    #[arg(long)]
+    kit: PathBuf,
+    /// The site's data: a dataset.toml (or a folder holding one) or a PNG slice folder
+    /// (images/, masks/). `alveolus data validate` checks it first.
+    #[arg(long)]
+    data: PathBuf,
+    /// Train without the cases that have errors (they are listed) instead of refusing.
+    #[arg(long)]
+    skip_bad_cases: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Keep a copy of every update sent here.
+    #[arg(long)]
+    audit_dir: Option<PathBuf>,
+}
+
+pub async fn run_agent(args: AgentArgs) -> Result<()> {
+    let kit = ClientKit::load(&args.kit)?;
+    if kit.identity.role != Role::Site {
+        bail!(
+            "{} is an {} kit; agents need a site kit",
+            kit.dir.display(),
+            kit.identity.role
+        );
+    }
+    let (data, notes) = SiteData::load(&args.data, args.skip_bad_cases)?;
+    print_notes(&notes.skipped, &notes.warned);
+    let options = AgentOptions {
+        device: args.device,
+        audit_dir: args.audit_dir,
+        ..AgentOptions::default()
+    };
+    alveolus_agent::run_agent(kit, data, options, shutdown_signal()).await?;
+    Ok(())
+}

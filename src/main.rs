@@ -14,11 +14,13 @@ use clap::{Parser, Subcommand};
 use cli::bench::BenchCommand;
 use cli::data::DataCommand;
 use cli::local::{EvaluateArgs, TrainArgs};
+use cli::model::ModelCommand;
 use cli::privacy::PrivacyCommand;
 use cli::project::{ProvisionArgs, RevokeArgs};
-use cli::run::{ModelCommand, RunCommand, SitesCommand};
+use cli::run::RunCommand;
 use cli::segment::SegmentArgs;
 use cli::service::{AgentArgs, CoordinatorArgs};
+use cli::sites::SitesCommand;
 
 #[derive(Parser)]
 #[command(
@@ -110,8 +112,8 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Coordinator(args) => cli::service::run_coordinator(args).await,
         Command::Agent(args) => cli::service::run_agent(args).await,
         Command::Run { command } => cli::run::run_command(command).await,
-        Command::Sites { command } => cli::run::sites_command(command).await,
-        Command::Model { command } => cli::run::model_command(command).await,
+        Command::Sites { command } => cli::sites::sites_command(command).await,
+        Command::Model { command } => cli::model::model_command(command).await,
         Command::Train(args) => cli::local::train(args).await,
         Command::Evaluate(args) => cli::local::evaluate_model(args).await,
         Command::Segment(args) => cli::segment::run(args).await,

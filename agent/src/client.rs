@@ -14,15 +14,14 @@ use alveolus_models::train::{TrainError, train};
 use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions};
 use alveolus_proto::domain::{Metrics, Task, TrainTask, UpdateHeader};
 use alveolus_proto::kit::ClientKit;
-use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::{PROTOCOL_VERSION, sha256_hex};
-use tonic::Code;
-use tonic::transport::Channel;
+use alveolus_proto::sha256_hex;
 
 use crate::error::AgentError;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
-use crate::transport::{Traffic, Verdict, pull_model, push_update, status_error, verdict};
+use crate::transport::{
+    Federation, Traffic, Verdict, join, next_task, pull_model, push_update, status_error, verdict,
+};
 
 /// How the agent behaves beyond its kit.
 #[derive(Debug, Clone)]
@@ -108,29 +107,11 @@ impl Agent {
     /// One connection's worth of work; returns on any transport error.
     async fn session(&mut self) -> Result<(), AgentError> {
         let channel = self.kit.connect().await?;
-        let mut client = FederationClient::new(channel);
-        let joined = client
-            .join(pb::JoinRequest {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            })
-            .await
-            .map_err(|s| match s.code() {
-                // The only precondition of Join: both ends speak the same protocol version.
-                Code::FailedPrecondition => AgentError::Refused(s.message().to_string()),
-                _ => status_error(s),
-            })?
-            .into_inner();
+        let mut client = Federation::new(channel);
+        let joined = join(&mut client).await?;
         tracing::info!(site = %joined.site, project = %joined.project, "joined the coordinator");
         loop {
-            let task = client
-                .next_task(pb::NextTaskRequest {
-                    wait_seconds: self.options.poll_seconds,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let task = Task::try_from(task).map_err(|e| AgentError::Rpc(e.to_string()))?;
+            let task = next_task(&mut client, self.options.poll_seconds).await?;
             match task {
                 Task::Wait { retry_after_ms } => {
                     if retry_after_ms > 0 {
@@ -174,7 +155,7 @@ impl Agent {
 
     async fn train_round(
         &mut self,
-        client: &mut FederationClient<Channel>,
+        client: &mut Federation,
         task: TrainTask,
     ) -> Result<(), AgentError> {
         // Under secure aggregation the keys are exchanged first, while every site is still

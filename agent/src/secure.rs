@@ -6,14 +6,13 @@
 use alveolus_privacy::secagg::{self, SiteSession};
 use alveolus_privacy::wire::{Reply, Request, Step};
 use alveolus_proto::domain::{Metrics, TrainTask, UpdateHeader};
-use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::pb;
 use alveolus_proto::weights::Weights;
 use bytes::Bytes;
 use prost::Message;
 use rand::SeedableRng;
-use tonic::transport::Channel;
 
-use crate::transport::Traffic;
+use crate::transport::{Federation, Traffic};
 
 /// How long the coordinator may hold one step waiting for its phase to close.
 const STEP_WAIT_SECONDS: u32 = 20;
@@ -36,7 +35,7 @@ impl From<secagg::SecAggError> for SecureError {
 
 /// Sends one step, asking again while the coordinator answers Pending.
 async fn step(
-    client: &mut FederationClient<Channel>,
+    client: &mut Federation,
     task: &TrainTask,
     step: Step,
     traffic: &mut Traffic,
@@ -69,7 +68,7 @@ fn unexpected(reply: &Reply, wanted: &str) -> SecureError {
 /// Phases 1 and 2: fresh keys, the roster, shares out and shares in. Returns the session that
 /// masks this site's update.
 pub async fn join_round(
-    client: &mut FederationClient<Channel>,
+    client: &mut Federation,
     task: &TrainTask,
     site: &str,
     traffic: &mut Traffic,
@@ -150,7 +149,7 @@ pub fn masked_message(task: &TrainTask, words: &[u64]) -> (UpdateHeader, Bytes) 
 
 /// Phase 4: waits for the survivors and reveals this site's shares for them.
 pub async fn reveal(
-    client: &mut FederationClient<Channel>,
+    client: &mut Federation,
     task: &TrainTask,
     session: &SiteSession,
     traffic: &mut Traffic,

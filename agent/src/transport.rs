@@ -1,9 +1,9 @@
-//! The agent's gRPC edge: pulling models (size, digest and version checked by
-//! `transfer::receive_model`), pushing updates,
-//! counting what a round sends and receives, and the one reading of what a coordinator's
+//! The agent's gRPC edge: joining, long-polling for tasks, pulling models (size, digest and
+//! version checked by `transfer::receive_model`), pushing updates, counting what a round sends and receives, and the one reading of what a coordinator's
 //! refusal means for the agent ([`verdict`]).
 
-use alveolus_proto::domain::UpdateHeader;
+use alveolus_proto::PROTOCOL_VERSION;
+use alveolus_proto::domain::{Task, UpdateHeader};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use alveolus_proto::transfer::{ModelReceiveError, ReceiveError, framed, receive_model};
 use alveolus_proto::weights::Weights;
@@ -45,6 +45,48 @@ pub fn status_error(status: tonic::Status) -> AgentError {
     }
 }
 
+/// A connection to the coordinator's Federation service.
+pub type Federation = FederationClient<Channel>;
+
+/// Who the coordinator says this agent is, read from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub site: String,
+    pub project: String,
+}
+
+/// Introduces the agent: both ends must speak the same protocol version.
+pub async fn join(client: &mut Federation) -> Result<Joined, AgentError> {
+    client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await
+        .map(|r| {
+            let r = r.into_inner();
+            Joined {
+                site: r.site,
+                project: r.project,
+            }
+        })
+        .map_err(|s| match s.code() {
+            // The only precondition of Join: both ends speak the same protocol version.
+            tonic::Code::FailedPrecondition => AgentError::Refused(s.message().to_string()),
+            _ => status_error(s),
+        })
+}
+
+/// Long-polls for this site's next task, held up to `wait_seconds` by the coordinator.
+pub async fn next_task(client: &mut Federation, wait_seconds: u32) -> Result<Task, AgentError> {
+    let task = client
+        .next_task(pb::NextTaskRequest { wait_seconds })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Task::try_from(task).map_err(|e| AgentError::Rpc(e.to_string()))
+}
+
 /// Protocol bytes (protobuf-encoded messages, before HTTP/2 and TLS framing) of one round's
 /// update and secure-aggregation steps; the model download, the same for every round, is not
 /// counted.
@@ -57,7 +99,7 @@ pub struct Traffic {
 /// Streams an update (plain or masked) as header, chunks and digest; returns the number of
 /// reports the round has so far.
 pub async fn push_update(
-    client: &mut FederationClient<Channel>,
+    client: &mut Federation,
     header: UpdateHeader,
     bytes: &bytes::Bytes,
     traffic: &mut Traffic,
@@ -73,10 +115,7 @@ pub async fn push_update(
 }
 
 /// Downloads a model version and checks size, digest and that the digest is the version.
-pub async fn pull_model(
-    client: &mut FederationClient<Channel>,
-    version: &str,
-) -> Result<Weights, AgentError> {
+pub async fn pull_model(client: &mut Federation, version: &str) -> Result<Weights, AgentError> {
     let stream = client
         .pull_model(pb::PullModelRequest {
             version: version.to_string(),

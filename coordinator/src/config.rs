@@ -102,7 +102,7 @@ impl CoordinatorSettings {
             message,
         };
         let text = String::from_utf8(read(&path)?).map_err(|_| invalid("not UTF-8".into()))?;
-        let role = kit_role(&text).map_err(invalid)?;
+        let role = kit_role(&text).map_err(|e| invalid(e.to_string()))?;
         if role != Role::Coordinator {
             return Err(invalid(format!(
                 "this is a {role} kit; the coordinator needs the kit in the project's coordinator/ folder"

@@ -22,8 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use alveolus_proto::install_crypto_provider;
-use alveolus_proto::pb::admin_server::AdminServer;
-use alveolus_proto::pb::federation_server::FederationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
@@ -100,10 +98,10 @@ pub async fn run(
     });
 
     let mut serve_stop = stop_rx;
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(FederationServer::new(services.clone()))
-        .add_service(AdminServer::new(services))
+    let mut server =
+        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    services
+        .routes(&mut server)
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
             let _ = serve_stop.changed().await;
         })

@@ -34,6 +34,13 @@ pub struct Services {
 }
 
 impl Services {
+    /// The Federation and Admin services on `server`, sharing these handles.
+    pub fn routes(self, server: &mut tonic::transport::Server) -> tonic::transport::server::Router {
+        server
+            .add_service(pb::federation_server::FederationServer::new(self.clone()))
+            .add_service(pb::admin_server::AdminServer::new(self))
+    }
+
     fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Identity, Status> {
         let certs = request.peer_certs();
         Ok(self

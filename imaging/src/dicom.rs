@@ -260,7 +260,7 @@ pub fn read_series(path: &Path) -> Result<CtImage, ReadError> {
             .collect(),
         frame_of_reference_uid: headers[0].frame_of_reference_uid.clone(),
     };
-    let volume = Volume::new(geometry, voxels).map_err(|e| ReadError::new(path, e))?;
+    let volume = Volume::new(geometry, voxels).map_err(|e| ReadError::new(path, e.to_string()))?;
     Ok(CtImage {
         volume: volume.into_canonical(),
         padding_hu,

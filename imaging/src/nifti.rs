@@ -598,7 +598,7 @@ fn read_volume<T: Copy>(
     }
     let geometry = Geometry::from_lps_affine(header.size, lps)
         .map_err(|e| fail(format!("the {}: {e}", header.affine_source)))?;
-    Volume::new(geometry, voxels).map_err(fail)
+    Volume::new(geometry, voxels).map_err(|e| fail(e.to_string()))
 }
 
 /// Turns voxel bytes into values (scaling applied); on failure, the voxel's index, its value

@@ -36,7 +36,7 @@ pub fn read_png_plane<T: From<u8> + Copy>(path: &Path) -> Result<Volume<T>, Read
         plane_geometry(width, height),
         values.into_iter().map(T::from).collect(),
     )
-    .map_err(|e| ReadError::new(path, e))
+    .map_err(|e| ReadError::new(path, e.to_string()))
 }
 
 /// A PNG slice has no geometry: one plane, 1 mm pixels, at the origin.

@@ -1,9 +1,6 @@
 //! From volumes to what the model sees, one path for every format: HU through a window to
 //! 8-bit intensities (the form PNG slice sets already have), axial slices that hold labels for
-//! 2D models, resized to the model's input by `SliceDataset::at_size`; cubic patches on an
-//! isotropic grid for 3D models.
-
-use rand::Rng;
+//! 2D models, resized to the model's input by `SliceDataset::at_size`.
 
 use crate::slices::Slice;
 use crate::volume::Volume;
@@ -27,6 +24,13 @@ pub struct Window {
     pub width: f32,
 }
 
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("a window needs a finite center and a positive width (got center {center}, width {width})")]
+pub struct BadWindow {
+    pub center: f32,
+    pub width: f32,
+}
+
 impl Window {
     /// The usual lung window (-1350..150 HU): parenchyma, GGO and consolidation all stay apart.
     pub const LUNG: Window = Window {
@@ -34,11 +38,9 @@ impl Window {
         width: 1500.0,
     };
 
-    pub fn new(center: f32, width: f32) -> Result<Self, String> {
+    pub fn new(center: f32, width: f32) -> Result<Self, BadWindow> {
         if !center.is_finite() || !width.is_finite() || width <= 0.0 {
-            return Err(format!(
-                "a window needs a finite center and a positive width (got center {center}, width {width})"
-            ));
+            return Err(BadWindow { center, width });
         }
         Ok(Self { center, width })
     }
@@ -120,147 +122,10 @@ pub fn training_slices(
         .collect()
 }
 
-/// A volume resampled onto a grid of `spacing` mm covering the same extent: trilinear for
-/// intensities. Returns the new size with the voxels.
-pub fn resample_linear(volume: &Volume<f32>, spacing: [f64; 3]) -> ([usize; 3], Vec<f32>) {
-    let (size, coordinates) = resampled_grid(volume, spacing);
-    let [nx, ny, nz] = volume.geometry.size;
-    let at = |x: usize, y: usize, z: usize| volume.voxels[x + nx * (y + ny * z)];
-    let mut out = Vec::with_capacity(size.iter().product());
-    for &(z0, z1, tz) in &coordinates[2] {
-        for &(y0, y1, ty) in &coordinates[1] {
-            for &(x0, x1, tx) in &coordinates[0] {
-                let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
-                let plane = |z| {
-                    lerp(
-                        lerp(at(x0, y0, z), at(x1, y0, z), tx),
-                        lerp(at(x0, y1, z), at(x1, y1, z), tx),
-                        ty,
-                    )
-                };
-                out.push(lerp(plane(z0), plane(z1), tz));
-            }
-        }
-    }
-    let _ = nz;
-    (size, out)
-}
-
-/// Labels resampled onto a grid of `spacing` mm: nearest neighbour, so no label is invented.
-pub fn resample_nearest(labels: &Volume<u8>, spacing: [f64; 3]) -> ([usize; 3], Vec<u8>) {
-    let (size, coordinates) = resampled_grid(labels, spacing);
-    let [nx, ny, _] = labels.geometry.size;
-    let mut out = Vec::with_capacity(size.iter().product());
-    let nearest = |(a, b, t): (usize, usize, f32)| if t < 0.5 { a } else { b };
-    for &z in &coordinates[2] {
-        for &y in &coordinates[1] {
-            for &x in &coordinates[0] {
-                out.push(labels.voxels[nearest(x) + nx * (nearest(y) + ny * nearest(z))]);
-            }
-        }
-    }
-    (size, out)
-}
-
-/// For each axis, each new voxel's two neighbours in the old grid and the weight of the second.
-type AxisSamples = Vec<(usize, usize, f32)>;
-
-fn resampled_grid<T>(volume: &Volume<T>, spacing: [f64; 3]) -> ([usize; 3], [AxisSamples; 3]) {
-    let g = &volume.geometry;
-    let size: [usize; 3] = std::array::from_fn(|a| {
-        let extent = g.spacing[a] * g.size[a] as f64;
-        ((extent / spacing[a]).round() as usize).max(1)
-    });
-    let coordinates = std::array::from_fn(|a| {
-        (0..size[a])
-            .map(|i| {
-                // Centres of the new voxels, in old voxel indices, over the same extent.
-                let old = ((i as f64 + 0.5) * spacing[a] / g.spacing[a] - 0.5)
-                    .clamp(0.0, (g.size[a] - 1) as f64);
-                let lo = old.floor() as usize;
-                let hi = (lo + 1).min(g.size[a] - 1);
-                (lo, hi, (old - lo as f64) as f32)
-            })
-            .collect()
-    });
-    (size, coordinates)
-}
-
-/// A cubic patch for a 3D model: `side`^3 intensities in [0, 1] and labels.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Patch {
-    pub image: Vec<f32>,
-    pub mask: Vec<u8>,
-}
-
-/// Draws `count` patches of `side` voxels from an (already resampled) volume: with probability
-/// `foreground` centred on a labelled voxel (lesions are rare; uniform patches would mostly
-/// show background), otherwise anywhere. Volumes smaller than a patch are padded with 0.
-pub fn sample_patches(
-    size: [usize; 3],
-    intensities: &[u8],
-    labels: &[u8],
-    side: usize,
-    count: usize,
-    foreground: f64,
-    rng: &mut impl Rng,
-) -> Vec<Patch> {
-    let labelled: Vec<usize> = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| **l != 0)
-        .map(|(i, _)| i)
-        .collect();
-    let [nx, ny, nz] = size;
-    (0..count)
-        .map(|_| {
-            let centre = if !labelled.is_empty() && rng.random_bool(foreground) {
-                let i = labelled[rng.random_range(0..labelled.len())];
-                [i % nx, (i / nx) % ny, i / (nx * ny)]
-            } else {
-                [
-                    rng.random_range(0..nx),
-                    rng.random_range(0..ny),
-                    rng.random_range(0..nz),
-                ]
-            };
-            // Keep the patch inside the volume where the volume is big enough.
-            let start: [i64; 3] = std::array::from_fn(|a| {
-                let n = size[a] as i64;
-                let s = side as i64;
-                if n <= s {
-                    0
-                } else {
-                    (centre[a] as i64 - s / 2).clamp(0, n - s)
-                }
-            });
-            let mut image = vec![0.0; side * side * side];
-            let mut mask = vec![0; side * side * side];
-            for z in 0..side {
-                for y in 0..side {
-                    for x in 0..side {
-                        let [sx, sy, sz] = [x, y, z].map(|v| v as i64);
-                        let (px, py, pz) = (start[0] + sx, start[1] + sy, start[2] + sz);
-                        if px >= nx as i64 || py >= ny as i64 || pz >= nz as i64 {
-                            continue;
-                        }
-                        let from = px as usize + nx * (py as usize + ny * pz as usize);
-                        let to = x + side * (y + side * z);
-                        image[to] = intensities[from] as f32 / 255.0;
-                        mask[to] = labels[from];
-                    }
-                }
-            }
-            Patch { image, mask }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::volume::Geometry;
-    use rand::SeedableRng;
 
     fn volume<T: Copy>(size: [usize; 3], spacing: [f64; 3], voxels: Vec<T>) -> Volume<T> {
         Volume::new(
@@ -323,41 +188,5 @@ mod tests {
             ["c#1", "c#2"]
         );
         assert_eq!(slices[1].mask, vec![0, 0, 0, 3]);
-    }
-
-    #[test]
-    fn resampling_keeps_extent_values_and_labels() {
-        // 4 x 1 x 2 voxels of 1 x 1 x 3 mm onto 2 mm: 2 x 1 x 3.
-        let image = volume(
-            [4, 1, 2],
-            [1.0, 1.0, 3.0],
-            vec![0.0, 10.0, 20.0, 30.0, 0.0, 10.0, 20.0, 30.0],
-        );
-        let (size, out) = resample_linear(&image, [2.0; 3]);
-        assert_eq!(size, [2, 1, 3]);
-        assert_eq!(&out[..2], &[5.0, 25.0]);
-        let labels = volume([4, 1, 2], [1.0, 1.0, 3.0], vec![0, 0, 2, 2, 1, 1, 0, 0]);
-        let (_, out) = resample_nearest(&labels, [2.0; 3]);
-        assert!(out.iter().all(|l| [0, 1, 2].contains(l)));
-        assert_eq!(&out[..2], &[0, 2]);
-    }
-
-    #[test]
-    fn foreground_patches_hold_labels_and_have_the_right_size() {
-        let size = [20, 20, 20];
-        let mut labels = vec![0u8; 8000];
-        labels[10 + 20 * (10 + 20 * 10)] = 1;
-        let intensities = vec![255u8; 8000];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let patches = sample_patches(size, &intensities, &labels, 8, 5, 1.0, &mut rng);
-        assert_eq!(patches.len(), 5);
-        for p in &patches {
-            assert_eq!(p.image.len(), 512);
-            assert!(p.mask.contains(&1));
-            assert!(p.image.iter().all(|&v| v == 1.0));
-        }
-        // A volume smaller than the patch is padded, not refused.
-        let small = sample_patches([2, 2, 2], &[255; 8], &[0; 8], 4, 1, 0.5, &mut rng);
-        assert_eq!(small[0].image.iter().filter(|&&v| v == 1.0).count(), 8);
     }
 }

@@ -194,7 +194,7 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
             }
         }
     }
-    Volume::new(grid.clone(), labels).map_err(err)
+    Volume::new(grid.clone(), labels).map_err(|e| err(e.to_string()))
 }
 
 /// A numeric attribute of a frame's functional group; its absence is an error naming the frame.

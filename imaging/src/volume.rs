@@ -8,6 +8,26 @@
 //! and flip axes to get there, never resample, so voxel values are exactly those of the file;
 //! an oblique acquisition keeps its small residual rotation in `direction`.
 
+/// Why voxels and a grid do not make a volume.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GridError {
+    #[error("axis {0} of the affine has no length")]
+    AxisWithoutLength(usize),
+    #[error("the affine's axes are parallel (singular affine)")]
+    SingularAffine,
+    #[error("{voxels} voxels for a {size:?} grid")]
+    VoxelCount { voxels: usize, size: [usize; 3] },
+    #[error(
+        "a {grid:?} grid at {grid_origin:.2?} is not a reordering of this {size:?} grid at {origin:.2?}"
+    )]
+    NotAReordering {
+        grid: [usize; 3],
+        grid_origin: [f64; 3],
+        size: [usize; 3],
+        origin: [f64; 3],
+    },
+}
+
 /// Where a voxel grid lies in patient space.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Geometry {
@@ -49,14 +69,14 @@ impl Geometry {
 
     /// A grid from a 4x4 (top three rows) voxel-to-LPS affine: each column's length is the
     /// spacing along that axis, its direction the axis.
-    pub fn from_lps_affine(size: [usize; 3], affine: [[f64; 4]; 3]) -> Result<Self, String> {
+    pub fn from_lps_affine(size: [usize; 3], affine: [[f64; 4]; 3]) -> Result<Self, GridError> {
         let mut spacing = [0.0; 3];
         let mut direction = [[0.0; 3]; 3];
         for axis in 0..3 {
             let column = [affine[0][axis], affine[1][axis], affine[2][axis]];
             let length = norm(column);
             if !length.is_finite() || length <= 0.0 {
-                return Err(format!("axis {axis} of the affine has no length"));
+                return Err(GridError::AxisWithoutLength(axis));
             }
             spacing[axis] = length;
             direction[axis] = column.map(|c| c / length);
@@ -68,7 +88,7 @@ impl Geometry {
             direction,
         };
         if determinant(direction).abs() < 1e-3 {
-            return Err("the affine's axes are parallel (singular affine)".into());
+            return Err(GridError::SingularAffine);
         }
         Ok(geometry)
     }
@@ -153,13 +173,12 @@ impl Geometry {
 }
 
 impl<T: Copy> Volume<T> {
-    pub fn new(geometry: Geometry, voxels: Vec<T>) -> Result<Self, String> {
+    pub fn new(geometry: Geometry, voxels: Vec<T>) -> Result<Self, GridError> {
         if voxels.len() != geometry.voxel_count() {
-            return Err(format!(
-                "{} voxels for a {:?} grid",
-                voxels.len(),
-                geometry.size
-            ));
+            return Err(GridError::VoxelCount {
+                voxels: voxels.len(),
+                size: geometry.size,
+            });
         }
         Ok(Self { geometry, voxels })
     }
@@ -202,12 +221,14 @@ impl<T: Copy> Volume<T> {
     /// The voxels of this canonical volume laid out on `grid`, a grid whose canonical form is
     /// this volume's (a file's own grid: the same voxels, axes permuted and reversed). Writers
     /// use it so that what they write overlays the file it came from voxel for voxel.
-    pub fn on_grid(&self, grid: &Geometry) -> Result<Self, String> {
+    pub fn on_grid(&self, grid: &Geometry) -> Result<Self, GridError> {
         if !grid.canonical().same_grid(&self.geometry) {
-            return Err(format!(
-                "a {:?} grid at {:.2?} is not a reordering of this {:?} grid at {:.2?}",
-                grid.size, grid.origin, self.geometry.size, self.geometry.origin
-            ));
+            return Err(GridError::NotAReordering {
+                grid: grid.size,
+                grid_origin: grid.origin,
+                size: self.geometry.size,
+                origin: self.geometry.origin,
+            });
         }
         let (source, flip) = grid.canonical_plan();
         let canonical = self.geometry.size;

@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use crate::domain::{DomainError, ModelHeader, RunConfig, RunEvent, RunInfo, SiteInfo};
 use crate::identity::Role;
 use crate::kit::{ClientKit, KitError};
-use crate::pb::{self, admin_client};
+use crate::pb::{self, admin_client, federation_client};
 use crate::transfer::{ModelReceiveError, framed, receive_model};
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,28 @@ impl AdminClient {
             .into_inner();
         Ok(receive_model(stream, version).await?)
     }
+}
+
+/// A model version (the newest when empty) with any kit: through the Admin service with an
+/// admin kit, through the Federation service with a site's, the same checks either way.
+pub async fn pull_model_with_kit(
+    kit_dir: &Path,
+    version: &str,
+) -> Result<(ModelHeader, Bytes), ClientError> {
+    let kit = ClientKit::load(kit_dir)?;
+    let channel = kit.connect().await?;
+    if kit.identity.role == Role::Admin {
+        return AdminClient::from(admin_client::AdminClient::new(channel))
+            .pull_model(version)
+            .await;
+    }
+    let stream = federation_client::FederationClient::new(channel)
+        .pull_model(pb::PullModelRequest {
+            version: version.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(receive_model(stream, version).await?)
 }
 
 fn request(run_id: &str) -> pb::GetRunRequest {

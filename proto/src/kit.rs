@@ -80,7 +80,7 @@ impl ClientKit {
             path: path.clone(),
             message,
         };
-        if kit_role(&text).map_err(parse_error)? == Role::Coordinator {
+        if kit_role(&text).map_err(|e| parse_error(e.to_string()))? == Role::Coordinator {
             return Err(KitError::Invalid {
                 path,
                 message: "this is the coordinator's kit; use it with `alveolus coordinator`".into(),
@@ -136,14 +136,12 @@ impl ClientKit {
 
 /// The `role` a kit.toml declares, read before the role's own strict schema is applied so that a
 /// kit used in the wrong place gets a clear message instead of "unknown field".
-pub fn kit_role(text: &str) -> Result<Role, String> {
+pub fn kit_role(text: &str) -> Result<Role, toml::de::Error> {
     #[derive(Deserialize)]
     struct RoleOnly {
         role: Role,
     }
-    toml::from_str::<RoleOnly>(text)
-        .map(|r| r.role)
-        .map_err(|e| e.to_string())
+    toml::from_str::<RoleOnly>(text).map(|r| r.role)
 }
 
 /// The host part of `HOST:PORT`, `[V6]:PORT` included.

@@ -5,11 +5,13 @@
 pub mod bench;
 pub mod data;
 pub mod local;
+pub mod model;
 pub mod privacy;
 pub mod project;
 pub mod run;
 pub mod segment;
 pub mod service;
+pub mod sites;
 
 use std::path::Path;
 

@@ -1,20 +1,16 @@
-//! The researcher's commands (admin kit): `run start|status|list|watch|abort`, `sites list`,
-//! and `model pull` (admin or site kit), over the typed Admin client of `alveolus_proto`.
+//! The researcher's commands (admin kit): `run start|status|list|watch|abort`, over the typed
+//! Admin client of `alveolus_proto`.
 
 use std::path::{Path, PathBuf};
 
+use alveolus_models::ModelSpec;
 use alveolus_models::spec::Norm;
-use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, RunEvent, RunInfo, RunState,
     SecureAggregationConfig, TrainingConfig,
 };
-use alveolus_proto::identity::Role;
-use alveolus_proto::kit::ClientKit;
-use alveolus_proto::pb::{self, federation_client::FederationClient};
-use alveolus_proto::transfer::receive_model;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 
@@ -186,28 +182,6 @@ impl AggregationChoice {
             Self::TrimmedMean => AggregationRule::TrimmedMean { trim_fraction },
         }
     }
-}
-
-#[derive(Subcommand)]
-pub enum SitesCommand {
-    List {
-        #[arg(long)]
-        kit: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-pub enum ModelCommand {
-    /// Download a model (the latest by default); its digest is verified. The manifest goes
-    /// beside it as FILE with the extension .json.
-    Pull {
-        #[arg(long)]
-        kit: PathBuf,
-        #[arg(long, default_value = "")]
-        version: String,
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 pub async fn run_command(command: RunCommand) -> Result<()> {
@@ -390,112 +364,4 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn format_time(unix_ms: i64) -> String {
-    if unix_ms == 0 {
-        return "never".into();
-    }
-    let ago = (alveolus_coordinator::clock::unix_ms() - unix_ms).max(0) / 1000;
-    match ago {
-        0..60 => format!("{ago} s ago"),
-        60..3600 => format!("{} min ago", ago / 60),
-        _ => format!("{} h ago", ago / 3600),
-    }
-}
-
-pub async fn sites_command(command: SitesCommand) -> Result<()> {
-    let SitesCommand::List { kit } = command;
-    let sites = AdminClient::connect(&kit).await?.sites().await?;
-    if sites.is_empty() {
-        println!("no site has connected yet");
-    }
-    for site in sites {
-        let contributed: Vec<String> = site
-            .contributions
-            .iter()
-            .map(|(run, rounds)| format!("{run}: rounds {}", compact_rounds(rounds)))
-            .collect();
-        println!(
-            "{:<20} last contact {:<12} {}",
-            site.name,
-            format_time(site.last_contact_unix_ms),
-            if contributed.is_empty() {
-                "no contributions yet".to_string()
-            } else {
-                contributed.join("; ")
-            }
-        );
-    }
-    Ok(())
-}
-
-/// `1,2,3,5` -> `1-3,5`.
-fn compact_rounds(rounds: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < rounds.len() {
-        let mut j = i;
-        while j + 1 < rounds.len() && rounds[j + 1] == rounds[j] + 1 {
-            j += 1;
-        }
-        parts.push(if i == j {
-            rounds[i].to_string()
-        } else {
-            format!("{}-{}", rounds[i], rounds[j])
-        });
-        i = j + 1;
-    }
-    parts.join(",")
-}
-
-/// Downloads a model with a site or an admin kit, digest verified, and writes it and its
-/// manifest.
-pub async fn model_command(command: ModelCommand) -> Result<()> {
-    let ModelCommand::Pull { kit, version, out } = command;
-    let kit = ClientKit::load(&kit)?;
-    let (header, bytes) = match kit.identity.role {
-        Role::Admin => {
-            let channel = kit.connect().await?;
-            AdminClient::from(pb::admin_client::AdminClient::new(channel))
-                .pull_model(&version)
-                .await?
-        }
-        _ => {
-            let request = pb::PullModelRequest {
-                version: version.clone(),
-            };
-            let stream = FederationClient::new(kit.connect().await?)
-                .pull_model(request)
-                .await
-                .map_err(|e| anyhow::anyhow!("coordinator: {} ({:?})", e.message(), e.code()))?
-                .into_inner();
-            receive_model(stream, &version).await?
-        }
-    };
-    Weights::decode(&bytes).context("the coordinator sent a model that does not parse")?;
-    std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
-    let manifest = out.with_extension("json");
-    std::fs::write(&manifest, &header.manifest_json)
-        .with_context(|| format!("cannot write {}", manifest.display()))?;
-    println!(
-        "model {} ({} bytes, sha256 verified)",
-        header.version,
-        bytes.len()
-    );
-    println!(
-        "written to {} with its manifest {}",
-        out.display(),
-        manifest.display()
-    );
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rounds_are_compacted() {
-        assert_eq!(super::compact_rounds(&[1, 2, 3, 5, 7, 8]), "1-3,5,7-8");
-        assert_eq!(super::compact_rounds(&[]), "");
-    }
 }

@@ -6,13 +6,12 @@ use std::path::PathBuf;
 use alveolus_imaging::dataset::Purpose;
 use alveolus_imaging::evaluate::{add_hausdorff, evaluate};
 use alveolus_models::augment::AugmentConfig;
-use alveolus_models::spec::Norm;
 use alveolus_models::{DeviceChoice, Schedule, TrainOptions};
 use alveolus_proto::domain::TrainingConfig;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{load_data, print_report, read_model, slice_model};
+use super::{NetworkArgs, load_data, print_report, read_model};
 use crate::progress::TrainingProgress;
 
 #[derive(Args)]
@@ -26,15 +25,8 @@ pub struct TrainArgs {
     /// Where to write the trained model (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Network preset: tiny, small (128 px) or default (256 px).
-    #[arg(long, default_value = "small")]
-    model: String,
-    /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
-    #[arg(long, default_value_t = 3)]
-    classes: usize,
-    /// Normalisation: batch or instance.
-    #[arg(long, default_value = "batch")]
-    norm: Norm,
+    #[command(flatten)]
+    network: NetworkArgs,
     #[arg(long, default_value_t = 10)]
     epochs: u32,
     /// Learning-rate schedule: cosine (5% warm-up, then cosine decay) or constant.
@@ -102,7 +94,7 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     let config = TrainingConfig::from(&args);
     config.validate()?;
     let options = TrainOptions::from(&args);
-    let spec = slice_model(&args.model, args.classes, args.norm)?;
+    let spec = args.network.spec()?;
     let dataset = load_data(&args.data, Purpose::Training, args.skip_bad_cases)?;
     let validation = args
         .validate

@@ -60,16 +60,32 @@ pub fn write_stdout(text: &str) -> Result<()> {
     }
 }
 
-/// A preset with the chosen classes and normalisation, checked for slice training.
-pub fn slice_model(preset: &str, classes: usize, norm: Norm) -> Result<ModelSpec> {
-    let spec = ModelSpec {
-        classes,
-        norm,
-        ..ModelSpec::preset(preset)?
-    };
-    spec.validate()?;
-    slices_only(&spec)?;
-    Ok(spec)
+/// The network a command makes from scratch (`train`, `run start`).
+#[derive(clap::Args)]
+pub struct NetworkArgs {
+    /// Network preset: tiny, small (128 px) or default (256 px).
+    #[arg(long, default_value = "small")]
+    pub model: String,
+    /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
+    #[arg(long, default_value_t = 3)]
+    pub classes: usize,
+    /// Normalisation: batch or instance (no running statistics shared between sites).
+    #[arg(long, default_value = "batch")]
+    pub norm: Norm,
+}
+
+impl NetworkArgs {
+    /// The preset with the chosen classes and normalisation, checked for slice training.
+    pub fn spec(&self) -> Result<ModelSpec> {
+        let spec = ModelSpec {
+            classes: self.classes,
+            norm: self.norm,
+            ..ModelSpec::preset(&self.model)?
+        };
+        spec.validate()?;
+        slices_only(&spec)?;
+        Ok(spec)
+    }
 }
 
 /// Agents and `train` learn from slice folders, which only a 2D network can use.

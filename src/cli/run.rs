@@ -4,17 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use alveolus_models::ModelSpec;
-use alveolus_models::spec::Norm;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, PrivacyConfig, RunConfig, RunEvent, RunInfo, RunState,
-    SecureAggregationConfig, TrainingConfig,
+    AggregationConfig, AggregationRule, PrivacyConfig, RoundSummary, RunConfig, RunEvent, RunInfo,
+    RunState, SecureAggregationConfig, TrainingConfig,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 
-use super::{read_model, slice_model, slices_only};
+use super::{NetworkArgs, read_model, slices_only};
 
 #[derive(Subcommand)]
 pub enum RunCommand {
@@ -67,15 +66,8 @@ pub struct StartArgs {
     deadline: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Network preset: small (128 px) or default (256 px).
-    #[arg(long, default_value = "small")]
-    model: String,
-    /// Output classes: 2 (infection), 3 (GGO, consolidation) or 4 (and lung).
-    #[arg(long, default_value_t = 3)]
-    classes: usize,
-    /// Normalisation: batch or instance (no running statistics shared between sites).
-    #[arg(long, default_value = "batch")]
-    norm: Norm,
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Start from this model file instead of a fresh network.
     #[arg(long)]
     init: Option<PathBuf>,
@@ -227,10 +219,7 @@ async fn start(args: StartArgs) -> Result<()> {
     config.validate()?;
     let weights = match &args.init {
         Some(path) => read_model(path)?,
-        None => alveolus_models::train::initial_weights(
-            &slice_model(&args.model, args.classes, args.norm)?,
-            args.seed,
-        )?,
+        None => alveolus_models::train::initial_weights(&args.network.spec()?, args.seed)?,
     };
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
@@ -305,18 +294,7 @@ fn print_run(info: &RunInfo) {
         );
     }
     for r in &info.rounds {
-        println!(
-            "  round {:>3}  sites {}  samples {:>5}  loss {:.4}  train dice {:.3}  model {}{}",
-            r.round,
-            r.sites.len(),
-            r.samples,
-            r.loss,
-            r.dice,
-            &r.version[..12],
-            r.epsilon
-                .map(|e| format!("  epsilon {e:.4}"))
-                .unwrap_or_default()
-        );
+        println!("  round {:>3}  {}", r.round, round_line(r, "  "));
     }
     if let Some(reason) = &info.stop_reason {
         let how = if info.state == RunState::Failed {
@@ -330,6 +308,19 @@ fn print_run(info: &RunInfo) {
         println!("  reported this round: {}", info.reported.join(", "));
     }
     println!("  latest model {}", info.latest_version());
+}
+
+/// A finished round's numbers, `separator` between them.
+fn round_line(r: &RoundSummary, separator: &str) -> String {
+    let mut parts = vec![
+        format!("{} sites", r.sites.len()),
+        format!("{} samples", r.samples),
+        format!("loss {:.4}", r.loss),
+        format!("train dice {:.3}", r.dice),
+        format!("model {}", &r.version[..12]),
+    ];
+    parts.extend(r.epsilon.map(|e| format!("epsilon {e:.4}")));
+    parts.join(separator)
 }
 
 async fn watch(kit: &Path, run: &str) -> Result<()> {
@@ -346,18 +337,9 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
             RunEvent::UpdateAccepted { round, site } => {
                 println!("round {round}: update from {site}")
             }
-            RunEvent::RoundFinished(r) => println!(
-                "round {} finished: {} sites, {} samples, loss {:.4}, train dice {:.3}, model {}{}",
-                r.round,
-                r.sites.len(),
-                r.samples,
-                r.loss,
-                r.dice,
-                &r.version[..12],
-                r.epsilon
-                    .map(|e| format!(", epsilon {e:.4}"))
-                    .unwrap_or_default()
-            ),
+            RunEvent::RoundFinished(r) => {
+                println!("round {} finished: {}", r.round, round_line(&r, ", "))
+            }
             RunEvent::RunFinished(info) => {
                 println!("run {} {}", info.run_id, info.state.as_str());
             }

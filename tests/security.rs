@@ -182,3 +182,27 @@ async fn an_agent_speaking_another_protocol_version_is_told_both_versions() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_revoked_while_connected_is_refused_at_its_next_call() {
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+    let mut admin = admin(&project).await;
+    let model = tiny_model(3);
+    start_run(&mut admin, run_config(1, 1, 600), &model).await;
+    let mut site = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    let task = join_and_take_task(&mut site, "test", 5).await;
+
+    // The connection stays open; the certificate is revoked under it.
+    revoke(&project.root, Role::Site, "alpha").unwrap();
+    let refused = push_update(&mut site, &task, &constant_update(&model, 0.01), 4)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    let refused = site
+        .next_task(pb::NextTaskRequest { wait_seconds: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+}

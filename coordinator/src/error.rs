@@ -37,6 +37,8 @@ pub enum CoordinatorError {
     RefusedThisRound { site: String, round: u32 },
     #[error("secure aggregation: {0}")]
     SecureAggregation(String),
+    #[error("round {round} cannot make a model: {reason}")]
+    Aggregation { round: u32, reason: String },
     #[error("no run `{0}`")]
     UnknownRun(String),
     #[error("no model version `{0}`")]
@@ -80,7 +82,8 @@ impl From<CoordinatorError> for Status {
             | E::WrongBase { .. }
             | E::UpdateNorm { .. }
             | E::RefusedThisRound { .. }
-            | E::SecureAggregation(_) => Status::failed_precondition(message),
+            | E::SecureAggregation(_)
+            | E::Aggregation { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),

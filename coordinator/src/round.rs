@@ -194,7 +194,30 @@ impl Round {
     /// What the round's updates add up to: base + the aggregate of the updates (or of the
     /// unmasked sum). `dp`: the run is differentially private. This is the slow part of
     /// closing a round (a median's sort, a secure round's unmasking).
+    ///
+    /// An outcome that is not finite (its model or its metrics) is an error: every update was
+    /// checked, but DP noise or a secure round's unmasked sum is not checked until here, and no
+    /// such model may be written or handed out.
     pub fn aggregate(&self, dp: bool) -> Result<Outcome, CoordinatorError> {
+        let refuse = |reason: String| CoordinatorError::Aggregation {
+            round: self.round,
+            reason,
+        };
+        let outcome = self.outcome(dp).map_err(|e| refuse(e.to_string()))?;
+        outcome
+            .weights
+            .check_finite()
+            .map_err(|e| refuse(format!("the aggregate is not finite: {e}")))?;
+        if !outcome.metrics.loss.is_finite() || !outcome.metrics.dice.is_finite() {
+            return Err(refuse(format!(
+                "the mean metrics are not finite (loss {}, dice {})",
+                outcome.metrics.loss, outcome.metrics.dice
+            )));
+        }
+        Ok(outcome)
+    }
+
+    fn outcome(&self, dp: bool) -> Result<Outcome, CoordinatorError> {
         let mut sites: Vec<String> = self.reports.iter().map(|r| r.site.clone()).collect();
         sites.sort();
         let Some(secure) = &self.secure else {
@@ -387,5 +410,21 @@ mod tests {
             round.admits("b", &masked),
             Err(CoordinatorError::SecureAggregation(_))
         ));
+    }
+
+    #[test]
+    fn a_round_whose_model_would_not_be_finite_makes_none() {
+        let now = Instant::now();
+        let mut round = Round::open("run-1", &config(60), 1, "v0".into(), model(3e38), now);
+        // Each update is finite; the model they make is not (the engine refuses such updates
+        // one by one; this is the last check, for what no single update shows).
+        report(&mut round, "a", 3e38, 1);
+        report(&mut round, "b", 3e38, 1);
+        let refused = round.aggregate(false).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(&refused, CoordinatorError::Aggregation { round: 1, reason }
+                if reason.contains("not finite")),
+            "{refused}"
+        );
     }
 }

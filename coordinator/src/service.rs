@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_proto::PROTOCOL_VERSION;
-use alveolus_proto::domain::{ModelHeader, RunConfig, UpdateHeader};
+use alveolus_proto::domain::{Join, ModelHeader, RunConfig, UpdateHeader};
 use alveolus_proto::identity::{Identity, Role};
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
 use alveolus_proto::transfer::{framed, receive_header, receive_payload};
@@ -136,7 +136,8 @@ impl Federation for Services {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
-        let agent = request.get_ref().protocol_version;
+        let join = Join::try_from(request.into_inner()).map_err(CoordinatorError::from)?;
+        let agent = join.protocol_version;
         if agent != PROTOCOL_VERSION {
             tracing::warn!(site = %site.name, agent, "refused agent with another protocol version");
             return Err(CoordinatorError::ProtocolVersion {
@@ -146,7 +147,7 @@ impl Federation for Services {
             .into());
         }
         self.coordinator.join(&site.name);
-        tracing::info!(site = %site.name, agent_version = %request.get_ref().agent_version, "site joined");
+        tracing::info!(site = %site.name, agent_version = %join.agent_version, "site joined");
         Ok(Response::new(pb::JoinResponse {
             protocol_version: PROTOCOL_VERSION,
             site: site.name,

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use alveolus_proto::identity::{Identity, Role};
@@ -115,6 +115,13 @@ impl TlsState {
 
     /// The acceptor for the next connection, rebuilt when the CRL file changed.
     pub fn acceptor(&self) -> TlsAcceptor {
+        self.current().1.clone()
+    }
+
+    /// The revocations and acceptor, reloaded first if the CRL file changed. Every call asks,
+    /// not only every new connection: a site revoked while connected is refused at its next
+    /// call (a `stat` per call is the price).
+    fn current(&self) -> MutexGuard<'_, (Revocations, TlsAcceptor)> {
         let mut current = self.current.lock().expect("tls state lock");
         let modified = std::fs::metadata(&self.crl_path)
             .ok()
@@ -136,7 +143,7 @@ impl TlsState {
                 }
             }
         }
-        current.1.clone()
+        current
     }
 
     /// The caller's identity, from the certificate the TLS layer already verified.
@@ -152,14 +159,7 @@ impl TlsState {
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| {
             CoordinatorError::Unauthenticated("unreadable client certificate".into())
         })?;
-        if self
-            .current
-            .lock()
-            .expect("tls state lock")
-            .0
-            .serials
-            .contains(cert.raw_serial())
-        {
+        if self.current().0.serials.contains(cert.raw_serial()) {
             return Err(CoordinatorError::PermissionDenied(
                 "this certificate has been revoked".into(),
             ));
@@ -179,14 +179,26 @@ impl TlsState {
                     .collect()
             })
             .unwrap_or_default();
-        let identity = uris
+        // Exactly one identity: a certificate naming a site and an admin would otherwise be
+        // whichever came first.
+        let identities: Vec<Identity> = uris
             .iter()
-            .find_map(|u| Identity::parse_uri(u).ok())
-            .ok_or_else(|| {
-                CoordinatorError::Unauthenticated(
+            .filter_map(|u| Identity::parse_uri(u).ok())
+            .collect();
+        let identity = match <[Identity; 1]>::try_from(identities) {
+            Ok([identity]) => identity,
+            Err(identities) if identities.is_empty() => {
+                return Err(CoordinatorError::Unauthenticated(
                     "the certificate carries no Alveolus identity".into(),
-                )
-            })?;
+                ));
+            }
+            Err(identities) => {
+                return Err(CoordinatorError::Unauthenticated(format!(
+                    "the certificate carries {} Alveolus identities; one is required",
+                    identities.len()
+                )));
+            }
+        };
         if identity.project != self.project {
             return Err(CoordinatorError::PermissionDenied(format!(
                 "certificate belongs to project `{}`, this coordinator serves `{}`",

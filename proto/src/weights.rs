@@ -176,6 +176,32 @@ impl Weights {
         Ok(())
     }
 
+    /// Refuses an update (`self`) that would take a value of `base` out of f32's range: each
+    /// update may be finite and the model it makes not (3e38 on 3e38), and the aggregate of
+    /// such updates would be infinite. Layouts must already match.
+    pub fn check_finite_on(&self, base: &Weights) -> Result<(), WeightsError> {
+        for (name, tensor) in &self.tensors {
+            let Some(b) = base.tensors.get(name) else {
+                continue;
+            };
+            if let Some((index, value)) = tensor
+                .values
+                .iter()
+                .zip(&b.values)
+                .map(|(u, b)| u + b)
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+            {
+                return Err(WeightsError::NonFinite {
+                    name: format!("{name} (the model this update makes)"),
+                    index,
+                    value,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Element-wise `self - base`, for two models of the same layout: the update a site sends.
     pub fn minus(&self, base: &Weights) -> Result<Weights, WeightsError> {
         base.check_same_layout(self)?;

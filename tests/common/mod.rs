@@ -89,6 +89,16 @@ impl Drop for InProcessCoordinator {
     }
 }
 
+impl InProcessCoordinator {
+    /// Stops the coordinator and waits until it has let go of its port and state.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap();
+    }
+}
+
 pub async fn start_coordinator(project: &Project) -> InProcessCoordinator {
     let settings =
         CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
@@ -352,16 +362,28 @@ pub async fn push_update(
     update: &Weights,
     samples: u64,
 ) -> Result<u32, tonic::Status> {
+    let metrics = pb::Metrics {
+        loss: 1.0,
+        dice: 0.5,
+    };
+    push_update_reporting(client, task, update, samples, metrics).await
+}
+
+/// Pushes `update` as the answer to `task` with the given sample count and metrics.
+pub async fn push_update_reporting(
+    client: &mut FederationClient<Channel>,
+    task: &TrainTask,
+    update: &Weights,
+    samples: u64,
+    metrics: pb::Metrics,
+) -> Result<u32, tonic::Status> {
     let bytes = update.encode();
     let header = pb::UpdateHeader {
         run_id: task.run_id.clone(),
         round: task.round,
         base_version: task.model_version.clone(),
         num_samples: samples,
-        metrics: Some(pb::Metrics {
-            loss: 1.0,
-            dice: 0.5,
-        }),
+        metrics: Some(metrics),
         total_bytes: bytes.len() as u64,
         masked: false,
     };

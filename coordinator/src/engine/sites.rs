@@ -196,6 +196,9 @@ impl Coordinator {
         let base = self.check_update(site, header)?;
         base.check_same_layout(update)?;
         update.check_finite()?;
+        // Updates that are well formed but unusable: the site is left out of this round, as a
+        // site whose update was refused, so that the round does not wait for it.
+        let overflow = update.check_finite_on(&base).err();
         let norm = alveolus_privacy::dp::l2_norm(update);
         let mut state = self.lock();
         // The round may have closed while the data streamed in: check again under the lock.
@@ -204,17 +207,19 @@ impl Coordinator {
         let open = state.open_round_mut()?;
         open.admits(site, header)?;
         let round = open.round;
-        if let Some(bound) = limit
-            && norm > bound
-        {
-            open.refuse(site);
-            tracing::warn!(%site, round, norm, bound, "update refused for its norm");
-            self.settle(state, true);
-            return Err(CoordinatorError::UpdateNorm {
+        let unusable = match (overflow, limit) {
+            (Some(e), _) => Some(CoordinatorError::from(e)),
+            (None, Some(bound)) if norm > bound => Some(CoordinatorError::UpdateNorm {
                 site: site.to_string(),
                 norm,
                 bound,
-            });
+            }),
+            _ => None,
+        };
+        if let Some(e) = unusable {
+            open.refuse(site);
+            self.settle(state, true);
+            return Err(e);
         }
         open.add_update(update, header.num_samples);
         let reports = open.record(site, header.num_samples, header.metrics);

@@ -207,3 +207,42 @@ async fn a_restarted_coordinator_resumes_at_the_next_round_and_an_aborted_run_st
     assert_eq!(again.run(&run.run_id).unwrap().state, RunState::Aborted);
     assert!(again.try_task("a").is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_round_that_makes_no_finite_model_fails_its_run_and_keeps_the_last_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = open(dir.path());
+    // Noise far beyond f32's range: every update is fine, the noised sum is not.
+    let mut config = config(1, 60);
+    config.privacy = Some(alveolus_proto::domain::PrivacyConfig {
+        clip_norm: 1e30,
+        noise_multiplier: 1e10,
+        delta: 1e-5,
+        epsilon_budget: None,
+    });
+    let run = coordinator
+        .start_run(config, &model(0.0).encode())
+        .await
+        .unwrap();
+    let task = take_task(&coordinator, "a");
+    push(&coordinator, "a", &task, 1.0).unwrap();
+    let mut changes = coordinator.changed.subscribe();
+    let info = loop {
+        let info = coordinator.run(&run.run_id).unwrap();
+        if info.state != RunState::Running {
+            break info;
+        }
+        changes.changed().await.unwrap();
+    };
+    assert_eq!(info.state, RunState::Failed);
+    assert!(info.rounds.is_empty());
+    let reason = info.stop_reason.unwrap();
+    assert!(
+        reason.contains("not finite") && reason.contains(&task.model_version),
+        "{reason}"
+    );
+    // Durably so, and the initial model is still the latest.
+    let stored = Store::open(dir.path()).unwrap().load_runs().unwrap();
+    assert_eq!(stored[0].state, RunState::Failed);
+    assert_eq!(stored[0].latest_version(), task.model_version);
+}

@@ -33,7 +33,7 @@ impl Coordinator {
         }
         match self.finish_round(round, index).await {
             Ok(()) => self.announce(),
-            Err((e, round)) => {
+            Err(Unfinished::Write(e, round)) => {
                 tracing::error!(
                     round = round.round,
                     "closing the round failed, will retry: {e}"
@@ -43,6 +43,16 @@ impl Coordinator {
                     state.phase = Phase::Open(round);
                 }
             }
+            Err(Unfinished::Aggregate(e, base)) => {
+                // No retry can change what the round received: the run ends here, and its
+                // latest model stays the one the round started from.
+                tracing::error!(round = number, "{e}");
+                drop(_writer);
+                let reason = format!("{e}; the run keeps model {base}");
+                if let Err(e) = self.end_run(index, RunState::Failed, Some(reason)).await {
+                    tracing::error!("cannot record the failed run: {e}");
+                }
+            }
         }
     }
 
@@ -50,7 +60,7 @@ impl Coordinator {
         &self,
         round: Box<Round>,
         index: usize,
-    ) -> Result<(), (CoordinatorError, Box<Round>)> {
+    ) -> Result<(), Unfinished> {
         let info = self.lock().runs[index].info.clone();
         let config = info.config.clone();
         let store = self.store.clone();
@@ -62,7 +72,10 @@ impl Coordinator {
         .await;
         let (outcome, manifest) = match written {
             Ok(written) => written,
-            Err(e) => return Err((e, round)),
+            Err(e @ CoordinatorError::Aggregation { .. }) => {
+                return Err(Unfinished::Aggregate(e, round.base_version.clone()));
+            }
+            Err(e) => return Err(Unfinished::Write(e, round)),
         };
         let summary = RoundSummary {
             round: round.round,
@@ -106,7 +119,7 @@ impl Coordinator {
         })
         .await
         {
-            return Err((e, round));
+            return Err(Unfinished::Write(e, round));
         }
         tracing::info!(
             run = %round.run_id,
@@ -258,6 +271,14 @@ impl Coordinator {
         tracing::info!(run = %info.run_id, "run aborted");
         Ok(info)
     }
+}
+
+/// Why a round did not finish.
+pub(super) enum Unfinished {
+    /// A write failed: the round is reopened and closing it is tried again.
+    Write(CoordinatorError, Box<Round>),
+    /// The updates make no usable model (with the version the round started from).
+    Aggregate(CoordinatorError, String),
 }
 
 /// The round's outcome, written as a checkpoint with its manifest (fsynced).

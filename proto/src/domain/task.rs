@@ -120,11 +120,24 @@ impl From<Metrics> for pb::Metrics {
     }
 }
 
+/// The most samples one update may stand for: far above any site's slices, and low enough
+/// that the sum over 2^31 sites, and every sample-weighted sum, stays exact in a u64 and finite
+/// in an f64.
+pub const MAX_SAMPLES: u64 = 1 << 32;
+
+/// The largest mean training loss a site may report. The loss is cross-entropy plus soft Dice
+/// on f32 probabilities, so above about 105 it means a broken model, not a bad round; the bound
+/// keeps every sample-weighted mean of losses finite.
+pub const MAX_LOSS: f64 = 1e6;
+
 impl TryFrom<pb::Metrics> for Metrics {
     type Error = DomainError;
     fn try_from(m: pb::Metrics) -> Result<Self, DomainError> {
-        if !m.loss.is_finite() {
-            return Err(invalid("metrics.loss", "not finite"));
+        if !(0.0..=MAX_LOSS).contains(&m.loss) {
+            return Err(invalid(
+                "metrics.loss",
+                format!("{} is not in [0, {MAX_LOSS:e}]", m.loss),
+            ));
         }
         if !(0.0..=1.0).contains(&m.dice) {
             return Err(invalid(
@@ -180,6 +193,12 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 "an update must come from at least one sample",
             ));
         }
+        if h.num_samples > MAX_SAMPLES {
+            return Err(invalid(
+                "num_samples",
+                format!("{} is above the limit of {MAX_SAMPLES}", h.num_samples),
+            ));
+        }
         Ok(Self {
             run_id: h.run_id,
             round: h.round,
@@ -191,6 +210,42 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 .try_into()?,
             total_bytes: h.total_bytes,
             masked: false,
+        })
+    }
+}
+
+/// What an agent says of itself when it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    pub protocol_version: u32,
+    /// Only ever logged: short, printable ASCII, so that it cannot forge a log line.
+    pub agent_version: String,
+}
+
+/// The longest agent version a coordinator takes (`0.4.0-rc.1+build.2` is 18).
+pub const MAX_AGENT_VERSION: usize = 64;
+
+impl TryFrom<pb::JoinRequest> for Join {
+    type Error = DomainError;
+    fn try_from(j: pb::JoinRequest) -> Result<Self, DomainError> {
+        if j.agent_version.len() > MAX_AGENT_VERSION {
+            return Err(invalid(
+                "agent_version",
+                format!(
+                    "{} bytes, more than {MAX_AGENT_VERSION}",
+                    j.agent_version.len()
+                ),
+            ));
+        }
+        if !j.agent_version.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(invalid(
+                "agent_version",
+                "only printable ASCII without spaces is taken",
+            ));
+        }
+        Ok(Self {
+            protocol_version: j.protocol_version,
+            agent_version: j.agent_version,
         })
     }
 }
@@ -230,8 +285,46 @@ mod tests {
             dice: 0.2,
         });
         assert!(UpdateHeader::try_from(bad).is_err());
-        let mut bad = good;
-        bad.num_samples = 0;
-        assert!(UpdateHeader::try_from(bad).is_err());
+        for (loss, dice) in [
+            (1.7e308, 0.2),
+            (-1.0, 0.2),
+            (f64::INFINITY, 0.2),
+            (0.5, 1.5),
+        ] {
+            let mut bad = good.clone();
+            bad.metrics = Some(pb::Metrics { loss, dice });
+            assert!(
+                UpdateHeader::try_from(bad).is_err(),
+                "loss {loss}, dice {dice}"
+            );
+        }
+        for samples in [0, MAX_SAMPLES + 1, 1 << 63] {
+            let mut bad = good.clone();
+            bad.num_samples = samples;
+            assert!(UpdateHeader::try_from(bad).is_err(), "{samples} samples");
+        }
+        let mut most = good;
+        most.num_samples = MAX_SAMPLES;
+        assert!(UpdateHeader::try_from(most).is_ok());
+    }
+
+    #[test]
+    fn an_agent_version_is_short_printable_ascii() {
+        let join = |agent_version: &str| {
+            Join::try_from(pb::JoinRequest {
+                protocol_version: 1,
+                agent_version: agent_version.into(),
+            })
+        };
+        assert!(join("0.4.0-rc.1+build.2").is_ok());
+        for bad in [
+            "1.0\nERROR forged",
+            "1.0 x",
+            "1.0\u{1b}[2J",
+            "é",
+            &"9".repeat(65),
+        ] {
+            assert!(join(bad).is_err(), "{bad:?}");
+        }
     }
 }

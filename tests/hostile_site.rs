@@ -1,0 +1,139 @@
+//! One authenticated site, buggy or hostile, costs at most its own contribution: numbers out of
+//! their meaning, updates that would overflow the model, and forged log lines are refused at the
+//! edge, and the run, its record and a restart go on. The tests play the site themselves, with
+//! the site's real certificate, against a coordinator on a loopback port.
+
+mod common;
+
+use std::time::Duration;
+
+use alveolus_proto::PROTOCOL_VERSION;
+use alveolus_proto::client::pull_model_with_kit;
+use alveolus_proto::domain::RunState;
+use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::weights::Weights;
+use common::*;
+use tonic::Code;
+
+fn metrics(loss: f64) -> pb::Metrics {
+    pb::Metrics { loss, dice: 0.5 }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn numbers_out_of_their_meaning_are_refused_and_the_run_and_a_restart_go_on() {
+    let project = project(&["alpha"]);
+    let coordinator = start_coordinator(&project).await;
+    let mut site = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    let mut admin = admin(&project).await;
+    let model = tiny_model(1);
+    let run = start_run(&mut admin, run_config(1, 1, 600), &model).await;
+    let task = join_and_take_task(&mut site, "test", 5).await;
+    let update = constant_update(&model, 0.01);
+
+    // A finite loss whose sample-weighted mean would overflow to infinity.
+    let status = push_update_reporting(&mut site, &task, &update, 4, metrics(1.7e308))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("metrics.loss"), "{status:?}");
+    // Sample counts whose sum would wrap around.
+    for samples in [1u64 << 63, u64::MAX] {
+        let status = push_update_reporting(&mut site, &task, &update, samples, metrics(0.5))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("num_samples"), "{status:?}");
+    }
+
+    // The same site, honest now, still completes the run.
+    push_update_reporting(&mut site, &task, &update, 4, metrics(0.5))
+        .await
+        .unwrap();
+    let info = wait_for(&mut admin, &run.run_id, Duration::from_secs(30), |r| {
+        r.state == RunState::Completed
+    })
+    .await;
+    assert_eq!(info.rounds[0].samples, 4);
+    assert_eq!(info.rounds[0].loss, 0.5);
+
+    // A restarted coordinator reads its own state back and serves the model.
+    coordinator.stop().await;
+    let _coordinator = start_coordinator(&project).await;
+    let mut admin = common::admin(&project).await;
+    let again = get_run(&mut admin, &run.run_id).await;
+    assert_eq!(again.rounds, info.rounds);
+    let (header, bytes) = pull_model_with_kit(&project.site_kit("alpha"), "")
+        .await
+        .unwrap();
+    assert_eq!(header.version, info.rounds[0].version);
+    Weights::decode(&bytes).unwrap().check_finite().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_that_would_overflow_the_model_are_refused_and_the_round_goes_on_without_them() {
+    let project = project(&["alpha", "beta"]);
+    let _coordinator = start_coordinator(&project).await;
+    let mut alpha = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    let mut beta = FederationClient::new(connect(&project.site_kit("beta")).await);
+    let mut admin = admin(&project).await;
+    let model = tiny_model(2);
+    let run = start_run(&mut admin, run_config(2, 1, 600), &model).await;
+
+    // Round 1: alpha alone, with values near f32's largest. Finite, so taken.
+    let task = join_and_take_task(&mut alpha, "test", 5).await;
+    push_update(&mut alpha, &task, &constant_update(&model, 3e38), 1)
+        .await
+        .unwrap();
+    wait_for(&mut admin, &run.run_id, Duration::from_secs(30), |r| {
+        r.rounds.len() == 1
+    })
+    .await;
+
+    // Round 2: the same again would make every value infinite. It is refused, and the round
+    // does not wait for alpha: beta's update closes it.
+    let task = join_and_take_task(&mut alpha, "test", 5).await;
+    assert_eq!(task.round, 2);
+    let status = push_update(&mut alpha, &task, &constant_update(&model, 3e38), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("the model this update makes"),
+        "{status:?}"
+    );
+    let task = join_and_take_task(&mut beta, "test", 5).await;
+    assert_eq!(task.round, 2);
+    push_update(&mut beta, &task, &constant_update(&model, -1e38), 1)
+        .await
+        .unwrap();
+    let info = wait_for(&mut admin, &run.run_id, Duration::from_secs(30), |r| {
+        r.state == RunState::Completed
+    })
+    .await;
+    assert_eq!(info.rounds[1].sites, vec!["beta".to_string()]);
+    let (_, bytes) = pull_model_with_kit(&project.site_kit("beta"), "")
+        .await
+        .unwrap();
+    Weights::decode(&bytes).unwrap().check_finite().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_version_cannot_forge_a_log_line() {
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+    let mut site = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    for forged in [
+        "1.0\n2026-11-28T00:00:00Z ERROR coordinator: forged".to_string(),
+        "9".repeat(1 << 20),
+    ] {
+        let status = site
+            .join(pb::JoinRequest {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: forged,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("agent_version"), "{status:?}");
+    }
+}

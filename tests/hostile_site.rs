@@ -137,3 +137,99 @@ async fn an_agent_version_cannot_forge_a_log_line() {
         assert!(status.message().contains("agent_version"), "{status:?}");
     }
 }
+
+/// Opens an upload for `task` that sends its header and then nothing, as a stalled or hostile
+/// site would; the returned sender keeps the stream open.
+fn stalled_upload(
+    site: &FederationClient<tonic::transport::Channel>,
+    task: &alveolus_proto::domain::TrainTask,
+    model: &Weights,
+) -> (
+    tokio::sync::mpsc::Sender<pb::UpdateChunk>,
+    tokio::task::JoinHandle<Result<tonic::Response<pb::PushUpdateResponse>, tonic::Status>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            base_version: task.model_version.clone(),
+            num_samples: 4,
+            metrics: Some(metrics(0.5)),
+            total_bytes: constant_update(model, 0.0).encode().len() as u64,
+            masked: false,
+        })),
+    };
+    tx.try_send(header).unwrap();
+    let mut site = site.clone();
+    let call = tokio::spawn(async move {
+        site.push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (tx, call)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_site_cannot_take_every_upload_slot() {
+    let project = project(&["alpha", "beta"]);
+    let _coordinator = start_coordinator(&project).await;
+    let mut alpha = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    let mut beta = FederationClient::new(connect(&project.site_kit("beta")).await);
+    let mut admin = admin(&project).await;
+    let model = tiny_model(4);
+    start_run(&mut admin, run_config(1, 2, 600), &model).await;
+    let alpha_task = join_and_take_task(&mut alpha, "test", 5).await;
+    let beta_task = join_and_take_task(&mut beta, "test", 5).await;
+
+    // Alpha holds one of the two slots with an upload that never sends data; its second
+    // upload is refused at once instead of taking the other.
+    let (_keep, first) = stalled_upload(&alpha, &alpha_task, &model);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !first.is_finished(),
+        "the stalled upload should still be open"
+    );
+    let (_keep2, second) = stalled_upload(&alpha, &alpha_task, &model);
+    let status = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("a second upload from the same site must not wait")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // An honest site's upload goes through meanwhile.
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(10),
+        push_update(&mut beta, &beta_task, &constant_update(&model, 0.01), 4),
+    )
+    .await
+    .expect("an honest upload waited behind a stalled one");
+    pushed.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_an_upload_slot_ends_with_the_round_deadline() {
+    let project = project(&["alpha", "beta"]);
+    let _coordinator = start_coordinator_with(&project, |s| s.upload_slots = 1).await;
+    let mut alpha = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    let mut beta = FederationClient::new(connect(&project.site_kit("beta")).await);
+    let mut admin = admin(&project).await;
+    let model = tiny_model(5);
+    start_run(&mut admin, run_config(1, 1, 2), &model).await;
+    let alpha_task = join_and_take_task(&mut alpha, "test", 5).await;
+    let beta_task = join_and_take_task(&mut beta, "test", 5).await;
+
+    let (_keep, _stalled) = stalled_upload(&alpha, &alpha_task, &model);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        push_update(&mut beta, &beta_task, &constant_update(&model, 0.01), 4),
+    )
+    .await
+    .expect("the wait for a slot outlived the round's deadline by far");
+    let status = waited.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("deadline"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

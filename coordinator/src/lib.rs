@@ -27,13 +27,28 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use config::CoordinatorSettings;
-pub use engine::Coordinator;
+pub use engine::{Coordinator, UPLOAD_TIMEOUT};
 pub use error::CoordinatorError;
 use service::Services;
 use tls::TlsState;
 
 /// How often the round deadline is checked.
 const TICK: Duration = Duration::from_millis(250);
+
+/// HTTP/2 streams one connection may have open. An agent uses one at a time (two while a long
+/// poll overlaps a pull), the CLI a few; each open stream costs the coordinator buffers, so a
+/// peer opening thousands is held to this.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Longest any call may take, from its request to its response: an upload ([`UPLOAD_TIMEOUT`])
+/// and its wait for a slot, with room to spare. Long polls are far shorter.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(UPLOAD_TIMEOUT.as_secs() + 120);
+
+/// A connection that answers no HTTP/2 ping within this is closed, with its streams.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Largest header block a peer may send: gRPC's headers are a few hundred bytes.
+const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
 /// Serves until `shutdown` completes. The listener is already bound, so tests can use port 0.
 pub async fn run(
@@ -98,8 +113,12 @@ pub async fn run(
     });
 
     let mut serve_stop = stop_rx;
-    let mut server =
-        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .timeout(REQUEST_TIMEOUT);
     services
         .routes(&mut server)
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {

@@ -14,12 +14,13 @@ use alveolus_proto::weights::Weights;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::Coordinator;
+use crate::engine::{Coordinator, UPLOAD_TIMEOUT, Upload};
 use crate::error::CoordinatorError;
 use crate::tls::TlsState;
 
-/// Longest an update upload may take once its slot is granted.
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest an upload may go without sending anything: a site that opens an upload and stalls
+/// gives its slot back after this, not at the round's deadline.
+const UPLOAD_IDLE: Duration = Duration::from_secs(30);
 
 /// Room for an update's safetensors header (tensor names and shapes) beyond its values.
 const UPDATE_HEADER_SLACK: u64 = 1 << 20;
@@ -62,20 +63,31 @@ impl Services {
     }
 }
 
-/// Receives an update's data, bounded in size and in time: a site that opens an upload and
-/// stalls must not hold its slot forever.
+/// Receives an update's data, bounded in size and in time (the upload's `until`, and
+/// [`UPLOAD_IDLE`] between messages): a site that opens an upload and stalls must not hold its
+/// slot for long.
 async fn receive_update(
     site: &str,
-    stream: &mut Streaming<pb::UpdateChunk>,
+    stream: Streaming<pb::UpdateChunk>,
+    upload: &Upload,
     total_bytes: u64,
     limit: u64,
 ) -> Result<bytes::Bytes, CoordinatorError> {
-    let receiving = receive_payload(stream, total_bytes, limit);
-    tokio::time::timeout(UPLOAD_TIMEOUT, receiving)
+    let idle = tokio_stream::StreamExt::timeout(stream, UPLOAD_IDLE).map(|message| {
+        message.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "nothing received for {} s",
+                UPLOAD_IDLE.as_secs()
+            )))
+        })
+    });
+    let mut idle = std::pin::pin!(idle);
+    let receiving = receive_payload(&mut idle, total_bytes, limit);
+    tokio::time::timeout_at(upload.until, receiving)
         .await
         .map_err(|_| {
             CoordinatorError::Stream(format!(
-                "upload not finished within {} s",
+                "upload not finished in time (the round's deadline, at most {} s)",
                 UPLOAD_TIMEOUT.as_secs()
             ))
         })?
@@ -90,7 +102,7 @@ impl Services {
         &self,
         site: &str,
         header: &UpdateHeader,
-        mut stream: Streaming<pb::UpdateChunk>,
+        stream: Streaming<pb::UpdateChunk>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let expected = self.coordinator.masked_bytes(site, header)?;
         if header.total_bytes != expected {
@@ -100,8 +112,8 @@ impl Services {
             ))
             .into());
         }
-        let _slot = self.coordinator.upload_slot().await;
-        let bytes = receive_update(site, &mut stream, expected, expected).await?;
+        let upload = self.coordinator.upload_slot(site).await?;
+        let bytes = receive_update(site, stream, &upload, expected, expected).await?;
         let reports = self
             .coordinator
             .accept_masked_update(site, header, &bytes)
@@ -196,8 +208,8 @@ impl Federation for Services {
         // cannot make the coordinator reserve more than a model's worth of memory.
         let limit = (base.num_values() as u64 * 4 + UPDATE_HEADER_SLACK)
             .min(self.coordinator.max_model_bytes());
-        let _slot = self.coordinator.upload_slot().await;
-        let bytes = receive_update(&site.name, &mut stream, header.total_bytes, limit).await?;
+        let upload = self.coordinator.upload_slot(&site.name).await?;
+        let bytes = receive_update(&site.name, stream, &upload, header.total_bytes, limit).await?;
         let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
         // The raw bytes are no longer needed: free them before folding.
         drop(bytes);

@@ -22,8 +22,22 @@ use alveolus_models::spec::Norm;
 use alveolus_models::{ModelSpec, Weights};
 use anyhow::{Context, Result, bail};
 
+/// Reads a model file, refusing anything larger than a model can be (`/dev/zero` included)
+/// before it fills memory.
 pub fn read_model(path: &Path) -> Result<Weights> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    use std::io::Read;
+    let limit = alveolus_proto::transfer::MAX_MODEL_BYTES;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!(
+            "{} is larger than a model can be ({} GiB)",
+            path.display(),
+            limit >> 30
+        );
+    }
     Weights::decode(&bytes).with_context(|| format!("{} is not a model file", path.display()))
 }
 

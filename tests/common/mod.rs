@@ -100,8 +100,17 @@ impl InProcessCoordinator {
 }
 
 pub async fn start_coordinator(project: &Project) -> InProcessCoordinator {
-    let settings =
+    start_coordinator_with(project, |_| {}).await
+}
+
+/// A coordinator with some of its kit's settings changed.
+pub async fn start_coordinator_with(
+    project: &Project,
+    change: impl FnOnce(&mut CoordinatorSettings),
+) -> InProcessCoordinator {
+    let mut settings =
         CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
+    change(&mut settings);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", project.port))
         .await
         .unwrap();

@@ -166,6 +166,8 @@ pub struct Coordinator {
     changed: watch::Sender<u64>,
     /// Bounds how many update buffers exist at once (memory O(model), not O(model x sites)).
     upload_slots: Arc<Semaphore>,
+    /// Sites with an update streaming in: one each, so that one site cannot take every slot.
+    uploading: Arc<Mutex<BTreeSet<String>>>,
     max_model_bytes: u64,
     max_long_poll: Duration,
 }
@@ -218,6 +220,7 @@ impl Coordinator {
             writer: tokio::sync::Mutex::new(()),
             changed: watch::Sender::new(0),
             upload_slots: Arc::new(Semaphore::new(settings.upload_slots)),
+            uploading: Arc::default(),
             max_model_bytes: settings.max_model_bytes,
             max_long_poll: settings.max_long_poll,
         }))
@@ -383,7 +386,10 @@ impl Coordinator {
 }
 
 mod sites;
+mod uploads;
 mod writes;
+
+pub use uploads::{UPLOAD_TIMEOUT, Upload};
 
 #[cfg(test)]
 mod tests;

@@ -176,15 +176,6 @@ impl Coordinator {
         Ok(reports)
     }
 
-    /// A permit to hold one update buffer; waits while all slots are taken.
-    pub async fn upload_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
-        self.upload_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the upload semaphore is never closed")
-    }
-
     /// Folds a complete, verified update into the round. Layout and finiteness are checked
     /// here again so that nothing unchecked reaches the aggregate.
     pub fn accept_update(

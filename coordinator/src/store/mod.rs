@@ -12,6 +12,7 @@
 pub mod format;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use alveolus_proto::domain::{
     AggregationConfig, Metrics, PrivacyConfig, RunInfo, SecureAggregationConfig, SiteInfo,
@@ -60,6 +61,9 @@ impl Manifest {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// The model read last, with its manifest: every site pulls the same version in a round,
+    /// and each pull then shares these bytes instead of reading and hashing its own copy.
+    last_read: Arc<Mutex<Option<(Bytes, Manifest)>>>,
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> CoordinatorError {
@@ -74,6 +78,7 @@ impl Store {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            last_read: Arc::default(),
         })
     }
 
@@ -96,6 +101,12 @@ impl Store {
         let version = sha256_hex(bytes);
         manifest.sha256 = version.clone();
         manifest.bytes = bytes.len() as u64;
+        // Content-addressed: the same bytes made again (a round that changed nothing, two runs
+        // that agree) keep the manifest written first, so that no version's lineage is ever
+        // rewritten. Each run's own account of the round is in its run log.
+        if self.manifest_path(&version).exists() && self.read_model(&version).is_ok() {
+            return Ok(manifest);
+        }
         let path = self.model_path(&version);
         write_atomic(&path, bytes, false).map_err(|e| store_err(&path, e))?;
         let path = self.manifest_path(&version);
@@ -108,6 +119,17 @@ impl Store {
     pub fn get_model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
         validate_version(version)
             .map_err(|_| CoordinatorError::UnknownVersion(version.to_string()))?;
+        if let Some(last) = self.last_read.lock().expect("model cache lock").as_ref()
+            && last.1.sha256 == version
+        {
+            return Ok(last.clone());
+        }
+        let read = self.read_model(version)?;
+        *self.last_read.lock().expect("model cache lock") = Some(read.clone());
+        Ok(read)
+    }
+
+    fn read_model(&self, version: &str) -> Result<(Bytes, Manifest), CoordinatorError> {
         let path = self.model_path(version);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -166,5 +188,49 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(store_err(&path, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(run_id: &str, round: u32, parent: Option<&str>) -> Manifest {
+        Manifest {
+            sha256: String::new(),
+            bytes: 0,
+            run_id: run_id.into(),
+            round,
+            parent: parent.map(str::to_string),
+            sites: vec![],
+            samples: 0,
+            metrics: None,
+            created_unix_ms: 0,
+            aggregation: None,
+            privacy: None,
+            secure_aggregation: None,
+            epsilon: None,
+        }
+    }
+
+    #[test]
+    fn the_same_bytes_again_keep_their_first_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = store
+            .put_model(b"model", manifest("run-1", 0, None))
+            .unwrap();
+        // A round that changed nothing makes its base's bytes again, and a later run the same.
+        let again = store
+            .put_model(b"model", manifest("run-1", 1, Some(&first.sha256)))
+            .unwrap();
+        assert_eq!(again.sha256, first.sha256);
+        store
+            .put_model(b"model", manifest("run-2", 3, None))
+            .unwrap();
+        let reopened = Store::open(dir.path()).unwrap();
+        let (_, stored) = reopened.get_model(&first.sha256).unwrap();
+        assert_eq!((stored.run_id.as_str(), stored.round), ("run-1", 0));
+        assert_eq!(stored.parent, None);
     }
 }

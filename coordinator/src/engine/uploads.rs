@@ -1,0 +1,87 @@
+//! Who may stream an update in, and for how long. Each upload holds a model-sized buffer, so
+//! they are few (`upload_slots`); one site holds at most one of them, and neither the wait for
+//! a slot nor the upload outlasts the round it is for by more than a grace period, so that a
+//! site that opens uploads and stalls costs others nothing beyond one slot for a while.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Coordinator;
+use crate::clock::{self, Instant};
+use crate::error::CoordinatorError;
+
+/// The longest an upload may take, whatever the round's deadline.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Past the round's deadline (a round that has not reached its quorum still takes updates),
+/// how long a site may still wait for a slot.
+const SLOT_GRACE: Duration = Duration::from_secs(5);
+
+/// Past the round's deadline, how long an upload that has its slot may still take.
+const UPLOAD_GRACE: Duration = Duration::from_secs(60);
+
+/// An update being received: one upload slot and this site's one upload in flight, both given
+/// back when it is dropped.
+pub struct Upload {
+    _slot: OwnedSemaphorePermit,
+    _site: Uploading,
+    /// When the upload must be complete.
+    pub until: Instant,
+}
+
+/// A site's upload in flight, registered until dropped.
+struct Uploading {
+    sites: Arc<Mutex<BTreeSet<String>>>,
+    site: String,
+}
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        self.sites
+            .lock()
+            .expect("upload registry lock")
+            .remove(&self.site);
+    }
+}
+
+impl Coordinator {
+    /// A slot to receive `site`'s update for the open round in. Refused at once if the site
+    /// already has an upload streaming; waits for a slot until the round's deadline (or a short
+    /// grace after it).
+    pub async fn upload_slot(&self, site: &str) -> Result<Upload, CoordinatorError> {
+        let (round, deadline) = {
+            let state = self.lock();
+            let open = state.open_round()?;
+            (open.round, open.deadline)
+        };
+        if !self
+            .uploading
+            .lock()
+            .expect("upload registry lock")
+            .insert(site.to_string())
+        {
+            return Err(CoordinatorError::UploadInProgress {
+                site: site.to_string(),
+            });
+        }
+        let registered = Uploading {
+            sites: self.uploading.clone(),
+            site: site.to_string(),
+        };
+        let now = clock::now();
+        let wait_until = deadline.max(now + SLOT_GRACE);
+        let slot = tokio::time::timeout_at(wait_until, self.upload_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| CoordinatorError::NoUploadSlot { round })?
+            .expect("the upload semaphore is never closed");
+        let now = clock::now();
+        Ok(Upload {
+            _slot: slot,
+            _site: registered,
+            until: deadline.max(now + UPLOAD_GRACE).min(now + UPLOAD_TIMEOUT),
+        })
+    }
+}

@@ -202,16 +202,35 @@ impl Coordinator {
                 store.put_run(&info)?;
                 state.runs[i].ended(info);
             }
-            let info = &state.runs[last].info;
-            tracing::info!(
-                run = %info.run_id,
-                finished_rounds = info.rounds.len(),
-                "resuming run at round {}",
-                info.rounds.len() + 1
-            );
-            let version = info.latest_version().to_string();
-            let (bytes, _) = store.get_model(&version)?;
-            state.open_next_round(last, version, Weights::decode(&bytes)?);
+            let info = state.runs[last].info.clone();
+            match store.resume_point(&info) {
+                Some((resumed, bytes)) => {
+                    if resumed.rounds.len() < info.rounds.len() {
+                        tracing::warn!(
+                            run = %info.run_id,
+                            "going back to round {}: the checkpoints after it do not read",
+                            resumed.rounds.len()
+                        );
+                        store.put_run(&resumed)?;
+                        state.runs[last] = RunRecord::restored(resumed.clone());
+                    }
+                    tracing::info!(
+                        run = %resumed.run_id,
+                        finished_rounds = resumed.rounds.len(),
+                        "resuming run at round {}",
+                        resumed.rounds.len() + 1
+                    );
+                    let version = resumed.latest_version().to_string();
+                    state.open_next_round(last, version, Weights::decode(&bytes)?);
+                }
+                None => {
+                    let reason = "no checkpoint of the run reads, not even its initial model";
+                    tracing::error!(run = %info.run_id, "{reason}");
+                    let info = run::ended(&info, RunState::Failed, Some(reason.into()));
+                    store.put_run(&info)?;
+                    state.runs[last].ended(info);
+                }
+            }
         }
         Ok(Arc::new(Self {
             project: settings.project,

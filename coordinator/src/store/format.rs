@@ -34,21 +34,32 @@ pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
 }
 
 /// A file's body, whatever format (0 or 1) it was written in.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
+    let unreadable = |e: serde_json::Error| FormatError::Unreadable(e.to_string());
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(unreadable)?;
     if let Some(object) = value.as_object_mut()
         && let Some(format) = object.remove("format")
     {
         match format.as_str() {
             Some(FORMAT) => {}
-            _ => {
-                return Err(format!(
-                    "written in state format {format} by a newer Alveolus; this one reads formats 0 and {FORMAT}"
-                ));
-            }
+            _ => return Err(FormatError::Newer(format.to_string())),
         }
     }
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(value).map_err(unreadable)
+}
+
+/// Why a state file does not read.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Written by a newer release: kept as it is and never misread; the coordinator refuses
+    /// to start on it rather than lose it.
+    #[error(
+        "written in state format {0} by a newer Alveolus; this one reads formats 0 and {FORMAT}"
+    )]
+    Newer(String),
+    /// Not a state file of any format (damaged, empty, or not ours).
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// `sites.json`: format 0 was a bare array.
@@ -463,7 +474,9 @@ mod tests {
         let newer = br#"{"format": "2", "name": "a"}"#;
         let error = decode::<SiteV1>(newer).err().unwrap();
         assert!(
-            error.contains("state format \"2\" by a newer Alveolus"),
+            error
+                .to_string()
+                .contains("state format \"2\" by a newer Alveolus"),
             "{error}"
         );
     }

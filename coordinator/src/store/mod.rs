@@ -21,7 +21,7 @@ use alveolus_proto::domain::{
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
 
-use format::{ManifestV1, RunV1, SiteV1, SitesFile, decode, encode};
+use format::{FormatError, ManifestV1, RunV1, SiteV1, SitesFile, decode, encode};
 
 use crate::durable::write_atomic;
 use crate::error::CoordinatorError;
@@ -155,20 +155,60 @@ impl Store {
         write_atomic(&path, &encode(&RunV1::from(run)), false).map_err(|e| store_err(&path, e))
     }
 
-    /// Every run in the log, oldest first.
+    /// Every run in the log, oldest first. A file that is not a run log (damaged, empty, or
+    /// not ours) is moved to `quarantine/` and said so; one of a newer format stops the start.
     pub fn load_runs(&self) -> Result<Vec<RunInfo>, CoordinatorError> {
         let dir = self.root.join("runs");
         let mut runs = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| store_err(&dir, e))? {
             let path = entry.map_err(|e| store_err(&dir, e))?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                let bytes = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
-                let run = decode::<RunV1>(&bytes).map_err(|e| store_err(&path, e))?;
-                runs.push(RunInfo::from(run));
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let read = std::fs::read(&path)
+                .map_err(|e| FormatError::Unreadable(e.to_string()))
+                .and_then(|bytes| decode::<RunV1>(&bytes));
+            match read {
+                Ok(run) => runs.push(RunInfo::from(run)),
+                Err(e @ FormatError::Newer(_)) => return Err(store_err(&path, e)),
+                Err(FormatError::Unreadable(reason)) => self.quarantine(&path, &reason)?,
             }
         }
         runs.sort_by(|a, b| (a.started_unix_ms, &a.run_id).cmp(&(b.started_unix_ms, &b.run_id)));
         Ok(runs)
+    }
+
+    /// Where a run can go on from: its log with the rounds whose checkpoints still read (a
+    /// damaged newest checkpoint gives the round before it, down to the initial model), and that
+    /// checkpoint's bytes. `None` when not even the initial model reads.
+    pub fn resume_point(&self, info: &RunInfo) -> Option<(RunInfo, Bytes)> {
+        let mut info = info.clone();
+        loop {
+            let version = info.latest_version().to_string();
+            match self.get_model(&version) {
+                Ok((bytes, _)) => return Some((info, bytes)),
+                Err(e) => {
+                    tracing::warn!(run = %info.run_id, %version, "checkpoint does not read: {e}");
+                    info.rounds.pop()?;
+                }
+            }
+        }
+    }
+
+    /// Moves a state file that does not read out of the way, into `quarantine/` under a name
+    /// that keeps every earlier one, so that nothing is lost and nothing reuses its name.
+    pub fn quarantine(&self, path: &Path, reason: &str) -> Result<(), CoordinatorError> {
+        let dir = self.root.join("quarantine");
+        std::fs::create_dir_all(&dir).map_err(|e| store_err(&dir, e))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let target = dir.join(format!("{}.{name}", crate::clock::unix_ms()));
+        std::fs::rename(path, &target).map_err(|e| store_err(path, e))?;
+        tracing::warn!(
+            file = %path.display(),
+            moved_to = %target.display(),
+            "state file quarantined: {reason}"
+        );
+        Ok(())
     }
 
     pub fn put_sites(&self, sites: &[SiteInfo]) -> Result<(), CoordinatorError> {
@@ -179,14 +219,23 @@ impl Store {
         write_atomic(&path, &encode(&file), false).map_err(|e| store_err(&path, e))
     }
 
+    /// The known sites. The list is only a record of contacts, rebuilt as sites call: one that
+    /// does not read is quarantined and the coordinator starts with none.
     pub fn load_sites(&self) -> Result<Vec<SiteInfo>, CoordinatorError> {
         let path = self.root.join("sites.json");
-        match std::fs::read(&path) {
-            Ok(bytes) => decode::<SitesFile>(&bytes)
-                .map(SitesFile::into_sites)
-                .map_err(|e| store_err(&path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(store_err(&path, e)),
+        let read = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            read => read
+                .map_err(|e| FormatError::Unreadable(e.to_string()))
+                .and_then(|bytes| decode::<SitesFile>(&bytes)),
+        };
+        match read {
+            Ok(file) => Ok(file.into_sites()),
+            Err(e @ FormatError::Newer(_)) => Err(store_err(&path, e)),
+            Err(FormatError::Unreadable(reason)) => {
+                self.quarantine(&path, &reason)?;
+                Ok(Vec::new())
+            }
         }
     }
 }

@@ -233,3 +233,34 @@ async fn waiting_for_an_upload_slot_ends_with_the_round_deadline() {
     assert!(status.message().contains("deadline"), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_start_holds_one_slot_and_a_second_from_the_same_admin_is_refused() {
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+    let admin = admin(&project).await;
+    let model = tiny_model(7);
+    let header = start_run_stream(run_config(1, 1, 600), &model);
+    let header: Vec<pb::StartRunChunk> = futures::StreamExt::collect(header).await;
+    let stalled = |admin: &pb::admin_client::AdminClient<tonic::transport::Channel>| {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.try_send(header[0].clone()).unwrap();
+        let mut admin = admin.clone();
+        let call = tokio::spawn(async move {
+            admin
+                .start_run(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        (tx, call)
+    };
+    let (_keep, first) = stalled(&admin);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!first.is_finished());
+    let (_keep2, second) = stalled(&admin);
+    let status = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("a second start from the same admin must not wait")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}

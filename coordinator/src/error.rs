@@ -37,8 +37,10 @@ pub enum CoordinatorError {
     RefusedThisRound { site: String, round: u32 },
     #[error("secure aggregation: {0}")]
     SecureAggregation(String),
-    #[error("site `{site}` already has an update streaming in; one at a time")]
+    #[error("`{site}` already has an upload streaming in; one at a time")]
     UploadInProgress { site: String },
+    #[error("{0}")]
+    Busy(&'static str),
     #[error("every upload slot stayed busy until round {round}'s deadline; try again")]
     NoUploadSlot { round: u32 },
     #[error("round {round} cannot make a model: {reason}")]
@@ -90,7 +92,7 @@ impl From<CoordinatorError> for Status {
             | E::Aggregation { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
             E::UploadInProgress { .. } => Status::resource_exhausted(message),
-            E::NoUploadSlot { .. } => Status::unavailable(message),
+            E::NoUploadSlot { .. } | E::Busy(_) => Status::unavailable(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),
             E::Domain(_) | E::Transfer(_) | E::Weights(_) | E::Stream(_) => {

@@ -9,7 +9,7 @@ use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{Join, ModelHeader, RunConfig, UpdateHeader};
 use alveolus_proto::identity::{Identity, Role};
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
-use alveolus_proto::transfer::{framed, receive_header, receive_payload};
+use alveolus_proto::transfer::{Framed, framed, receive_header, receive_payload};
 use alveolus_proto::weights::Weights;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -73,6 +73,19 @@ async fn receive_update(
     total_bytes: u64,
     limit: u64,
 ) -> Result<bytes::Bytes, CoordinatorError> {
+    receive_bounded(stream, upload, total_bytes, limit)
+        .await
+        .inspect_err(|e| tracing::warn!(%site, "update refused: {e}"))
+}
+
+/// The data of a transfer whose header was read, bounded in size, in time (`upload.until`)
+/// and in silence ([`UPLOAD_IDLE`] between messages).
+async fn receive_bounded<M: Framed>(
+    stream: Streaming<M>,
+    upload: &Upload,
+    total_bytes: u64,
+    limit: u64,
+) -> Result<bytes::Bytes, CoordinatorError> {
     let idle = tokio_stream::StreamExt::timeout(stream, UPLOAD_IDLE).map(|message| {
         message.unwrap_or_else(|_| {
             Err(Status::deadline_exceeded(format!(
@@ -92,7 +105,6 @@ async fn receive_update(
             ))
         })?
         .map_err(CoordinatorError::from)
-        .inspect_err(|e| tracing::warn!(%site, "update refused: {e}"))
 }
 
 impl Services {
@@ -236,9 +248,15 @@ impl Admin for Services {
             .map_err(CoordinatorError::from)?;
         let total_bytes = config.initial_model_bytes;
         let config = RunConfig::try_from(config).map_err(CoordinatorError::from)?;
-        let bytes = receive_payload(&mut stream, total_bytes, self.coordinator.max_model_bytes())
-            .await
-            .map_err(CoordinatorError::from)?;
+        let upload = self.coordinator.start_upload(&admin.name).await?;
+        let bytes = receive_bounded(
+            stream,
+            &upload,
+            total_bytes,
+            self.coordinator.max_model_bytes(),
+        )
+        .await?;
+        drop(upload);
         let info = self.coordinator.start_run(config, &bytes).await?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "run started by admin");
         Ok(Response::new(info.into()))

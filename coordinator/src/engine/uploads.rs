@@ -47,6 +47,9 @@ impl Drop for Uploading {
     }
 }
 
+/// How long an initial model's upload (StartRun) may wait for a slot.
+const START_SLOT_WAIT: Duration = Duration::from_secs(30);
+
 impl Coordinator {
     /// A slot to receive `site`'s update for the open round in. Refused at once if the site
     /// already has an upload streaming; waits for a slot until the round's deadline (or a short
@@ -57,31 +60,57 @@ impl Coordinator {
             let open = state.open_round()?;
             (open.round, open.deadline)
         };
-        if !self
-            .uploading
-            .lock()
-            .expect("upload registry lock")
-            .insert(site.to_string())
-        {
-            return Err(CoordinatorError::UploadInProgress {
-                site: site.to_string(),
-            });
-        }
-        let registered = Uploading {
-            sites: self.uploading.clone(),
-            site: site.to_string(),
-        };
+        let registered = self.register(site)?;
         let now = clock::now();
-        let wait_until = deadline.max(now + SLOT_GRACE);
-        let slot = tokio::time::timeout_at(wait_until, self.upload_slots.clone().acquire_owned())
+        let slot = self
+            .take_slot(deadline.max(now + SLOT_GRACE))
             .await
-            .map_err(|_| CoordinatorError::NoUploadSlot { round })?
-            .expect("the upload semaphore is never closed");
+            .ok_or(CoordinatorError::NoUploadSlot { round })?;
         let now = clock::now();
         Ok(Upload {
             _slot: slot,
             _site: registered,
             until: deadline.max(now + UPLOAD_GRACE).min(now + UPLOAD_TIMEOUT),
         })
+    }
+
+    /// A slot to receive an initial model in (StartRun): the same slots as updates, so that
+    /// stalled starts cannot hold more memory than uploads may; one per admin at a time.
+    pub async fn start_upload(&self, admin: &str) -> Result<Upload, CoordinatorError> {
+        let registered = self.register(&format!("admin/{admin}"))?;
+        let slot =
+            self.take_slot(clock::now() + START_SLOT_WAIT)
+                .await
+                .ok_or(CoordinatorError::Busy(
+                    "every upload slot stayed busy; try again",
+                ))?;
+        Ok(Upload {
+            _slot: slot,
+            _site: registered,
+            until: clock::now() + UPLOAD_TIMEOUT,
+        })
+    }
+
+    /// Registers `who`'s upload, refused if it already has one streaming.
+    fn register(&self, who: &str) -> Result<Uploading, CoordinatorError> {
+        if !self
+            .uploading
+            .lock()
+            .expect("upload registry lock")
+            .insert(who.to_string())
+        {
+            return Err(CoordinatorError::UploadInProgress {
+                site: who.to_string(),
+            });
+        }
+        Ok(Uploading {
+            sites: self.uploading.clone(),
+            site: who.to_string(),
+        })
+    }
+
+    async fn take_slot(&self, until: Instant) -> Option<OwnedSemaphorePermit> {
+        let slot = tokio::time::timeout_at(until, self.upload_slots.clone().acquire_owned()).await;
+        Some(slot.ok()?.expect("the upload semaphore is never closed"))
     }
 }

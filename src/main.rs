@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// Create a project CA and a startup kit for the coordinator, each site and each admin.
     Provision(ProvisionArgs),
-    /// Revoke a site's or admin's certificate; the coordinator refuses it from its next connection on.
+    /// Revoke a site's or admin's certificate; the coordinator refuses it from its next call on.
     Revoke(RevokeArgs),
     /// Run the coordinator from its kit.
     Coordinator(CoordinatorArgs),

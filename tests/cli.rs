@@ -87,6 +87,17 @@ fn provision_refuses_bad_names_addresses_and_existing_projects() {
         !ok && text.contains("no certificate was issued to site/nobody"),
         "{text}"
     );
+    // A site added later: its kit, and its name in the roster; not twice, not with a bad name.
+    let (ok, text) = alveolus(&["provision", "--add-site", "beta", "--project-dir", existing]);
+    assert!(ok && text.contains("roster.toml"), "{text}");
+    let roster = std::fs::read_to_string(project.coordinator_kit().join("roster.toml")).unwrap();
+    assert!(roster.contains("\"beta\""), "{roster}");
+    let (ok, text) = alveolus(&["provision", "--add-site", "beta", "--project-dir", existing]);
+    assert!(!ok && text.contains("`beta` is given twice"), "{text}");
+    let (ok, text) = alveolus(&["provision", "--add-site", "a/b", "--project-dir", existing]);
+    assert!(!ok && text.contains("not a valid name"), "{text}");
+    let (ok, text) = alveolus(&["provision", "--add-site", "gamma"]);
+    assert!(!ok && text.contains("--project-dir"), "{text}");
 }
 
 #[test]

@@ -206,3 +206,58 @@ async fn a_site_revoked_while_connected_is_refused_at_its_next_call() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_provisioned_names_get_in_and_a_site_added_later_does() {
+    use alveolus_coordinator::config::Roster;
+    use alveolus_coordinator::roster::add_site;
+
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+
+    // A hospital joins later: a kit of its own, no one else's re-issued, taken at once.
+    let kit = add_site(&project.root, "gamma", 30).unwrap();
+    assert_eq!(kit, project.site_kit("gamma"));
+    let mut gamma = FederationClient::new(connect(&kit).await);
+    let joined = gamma
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.site, "gamma");
+    assert!(add_site(&project.root, "gamma", 30).is_err(), "added twice");
+
+    // Out of the roster, a certificate of the project CA is no longer enough.
+    let roster_path = project.coordinator_kit().join("roster.toml");
+    let mut roster = Roster::read(&roster_path).unwrap().unwrap();
+    assert!(roster.sites.remove("gamma"));
+    std::fs::write(&roster_path, roster.to_toml()).unwrap();
+    let refused = gamma
+        .next_task(pb::NextTaskRequest { wait_seconds: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("never provisioned"),
+        "{refused:?}"
+    );
+    // Others are unaffected.
+    let mut alpha = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    join_and_take_task_or_wait(&mut alpha).await;
+}
+
+/// Joins and asks for a task (there is no run: the answer is to wait).
+async fn join_and_take_task_or_wait(site: &mut FederationClient<tonic::transport::Channel>) {
+    site.join(pb::JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+    })
+    .await
+    .unwrap();
+    site.next_task(pb::NextTaskRequest { wait_seconds: 0 })
+        .await
+        .unwrap();
+}

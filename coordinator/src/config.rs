@@ -1,14 +1,67 @@
 //! The coordinator's `kit.toml`, validated into a [`CoordinatorSettings`].
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alveolus_proto::identity::{Role, validate_name};
+use alveolus_proto::identity::{Identity, Role, validate_name};
 use alveolus_proto::kit::{KIT_FILE, kit_role};
 use serde::{Deserialize, Serialize};
 
 /// The revocation list's file name, in the CA folder and in the coordinator's kit.
 pub const CRL_FILE: &str = "revoked.crl.pem";
+
+/// The roster's file name in the coordinator's kit.
+pub const ROSTER_FILE: &str = "roster.toml";
+
+/// Who was provisioned: the only site and admin names the coordinator takes, whatever else the
+/// project CA may have signed. `provision` writes it, `provision --add-site` extends it, and a
+/// running coordinator re-reads it when it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Roster {
+    pub sites: BTreeSet<String>,
+    pub admins: BTreeSet<String>,
+}
+
+impl Roster {
+    /// Whether `identity` was provisioned (the coordinator's own is not a caller).
+    pub fn admits(&self, identity: &Identity) -> bool {
+        match identity.role {
+            Role::Site => self.sites.contains(&identity.name),
+            Role::Admin => self.admins.contains(&identity.name),
+            Role::Coordinator => false,
+        }
+    }
+
+    /// The roster at `path`; `None` if there is none (a kit provisioned before rosters).
+    pub fn read(path: &Path) -> Result<Option<Self>, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
+    }
+
+    pub fn to_toml(&self) -> String {
+        format!(
+            "# The names provisioned for this project: the coordinator refuses any other, even with a\n\
+             # certificate of the project CA. `alveolus provision --add-site` extends it.\n{}",
+            toml::to_string_pretty(self).expect("names serialise")
+        )
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,6 +96,14 @@ pub struct CoordinatorKitConfig {
     /// digest is checked, so this bounds memory at `upload_slots x model size`.
     #[serde(default = "default_upload_slots")]
     pub upload_slots: usize,
+    /// The names provisioned ([`Roster`]); re-read when it changes. Without the file (a kit
+    /// provisioned before rosters) any certificate of the project CA is taken, with a warning.
+    #[serde(default = "default_roster")]
+    pub roster: PathBuf,
+}
+
+fn default_roster() -> PathBuf {
+    ROSTER_FILE.into()
 }
 
 fn default_max_model_bytes() -> u64 {
@@ -66,6 +127,7 @@ impl CoordinatorKitConfig {
             state_dir: "state".into(),
             max_model_bytes: default_max_model_bytes(),
             upload_slots: default_upload_slots(),
+            roster: default_roster(),
         }
     }
 }
@@ -79,6 +141,7 @@ pub struct CoordinatorSettings {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub revocation_list: PathBuf,
+    pub roster: PathBuf,
     pub state_dir: PathBuf,
     pub max_model_bytes: u64,
     pub upload_slots: usize,
@@ -119,6 +182,7 @@ impl CoordinatorSettings {
             cert_pem: read(&kit_dir.join(&config.cert))?,
             key_pem: read(&kit_dir.join(&config.key))?,
             revocation_list: kit_dir.join(&config.revocation_list),
+            roster: kit_dir.join(&config.roster),
             state_dir: state_override
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| kit_dir.join(&config.state_dir)),

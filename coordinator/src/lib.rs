@@ -10,6 +10,7 @@ pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod provision;
+pub mod roster;
 pub mod round;
 pub mod run;
 pub mod secure;

@@ -22,7 +22,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-use crate::config::{CRL_FILE, CoordinatorKitConfig};
+use crate::config::{CRL_FILE, CoordinatorKitConfig, ROSTER_FILE, Roster};
 use crate::durable::write_atomic;
 
 pub const CA_DIR: &str = "ca";
@@ -52,7 +52,7 @@ pub enum ProvisionError {
     UnknownIdentity(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
     move |source| ProvisionError::Io {
         path: path.to_path_buf(),
         source,
@@ -103,16 +103,16 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), ProvisionError> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), ProvisionError> {
     write_atomic(path, contents, secret).map_err(io_err(path))
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ProvisionError> {
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ProvisionError> {
     let text = serde_json::to_vec_pretty(value).expect("plain records serialise");
     write_file(path, &text, false)
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ProvisionError> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ProvisionError> {
     let text = std::fs::read(path).map_err(io_err(path))?;
     serde_json::from_slice(&text).map_err(|e| ProvisionError::Corrupt {
         path: path.to_path_buf(),
@@ -260,37 +260,34 @@ pub fn provision(request: &ProvisionRequest) -> Result<ProvisionSummary, Provisi
     )?;
     issued.push(leaf.record);
 
-    let mut kits = |role: Role, names: &[String], folder: &str| {
+    let mut kits = |role: Role, names: &[String]| {
         let mut out = Vec::new();
         for name in names {
             let identity = Identity::new(&request.project, role, name)?;
-            let leaf = issue(&issuer, &identity, None, now, request.validity_days)?;
-            let dir = request.out.join(folder).join(name);
-            write_leaf(&dir, &leaf, &ca_pem)?;
-            let kit = ClientKitConfig {
-                project: request.project.clone(),
-                role,
-                name: name.clone(),
-                coordinator: request.coordinator.clone(),
-                server_name: None,
-                ca_cert: "ca.pem".into(),
-                cert: "cert.pem".into(),
-                key: "key.pem".into(),
-            };
-            write_file(
-                &dir.join(KIT_FILE),
-                toml::to_string_pretty(&kit)
-                    .expect("config serialises")
-                    .as_bytes(),
-                false,
+            let (record, dir) = client_kit(
+                &issuer,
+                &ca_pem,
+                &identity,
+                &request.coordinator,
+                &request.out,
+                request.validity_days,
             )?;
-            issued.push(leaf.record);
+            issued.push(record);
             out.push((name.clone(), dir));
         }
         Ok::<_, ProvisionError>(out)
     };
-    let site_kits = kits(Role::Site, &request.sites, "sites")?;
-    let admin_kits = kits(Role::Admin, &request.admins, "admins")?;
+    let site_kits = kits(Role::Site, &request.sites)?;
+    let admin_kits = kits(Role::Admin, &request.admins)?;
+    let roster = Roster {
+        sites: request.sites.iter().cloned().collect(),
+        admins: request.admins.iter().cloned().collect(),
+    };
+    write_file(
+        &coordinator_dir.join(ROSTER_FILE),
+        roster.to_toml().as_bytes(),
+        false,
+    )?;
     write_json(&ca_dir.join("issued.json"), &issued)?;
     write_json(&ca_dir.join("revoked.json"), &Vec::<RevokedCert>::new())?;
     let crl = crl_pem(&issuer, &[], 1)?;
@@ -301,6 +298,65 @@ pub fn provision(request: &ProvisionRequest) -> Result<ProvisionSummary, Provisi
         site_kits,
         admin_kits,
         ca_dir,
+    })
+}
+
+/// The kit of a site or an admin, in `sites/NAME` or `admins/NAME` under `project_dir`: its
+/// certificate and key, the CA, and a kit.toml dialling `coordinator`.
+pub(crate) fn client_kit(
+    issuer: &Issuer<'_, KeyPair>,
+    ca_pem: &str,
+    identity: &Identity,
+    coordinator: &str,
+    project_dir: &Path,
+    validity_days: u32,
+) -> Result<(IssuedCert, PathBuf), ProvisionError> {
+    let folder = match identity.role {
+        Role::Admin => "admins",
+        _ => "sites",
+    };
+    let leaf = issue(
+        issuer,
+        identity,
+        None,
+        OffsetDateTime::now_utc(),
+        validity_days,
+    )?;
+    let dir = project_dir.join(folder).join(&identity.name);
+    write_leaf(&dir, &leaf, ca_pem)?;
+    let kit = ClientKitConfig {
+        project: identity.project.clone(),
+        role: identity.role,
+        name: identity.name.clone(),
+        coordinator: coordinator.to_string(),
+        server_name: None,
+        ca_cert: "ca.pem".into(),
+        cert: "cert.pem".into(),
+        key: "key.pem".into(),
+    };
+    write_file(
+        &dir.join(KIT_FILE),
+        toml::to_string_pretty(&kit)
+            .expect("config serialises")
+            .as_bytes(),
+        false,
+    )?;
+    Ok((leaf.record, dir))
+}
+
+/// The project CA as an issuer, from the CA folder of a provisioned project.
+pub(crate) fn load_issuer(ca_dir: &Path) -> Result<Issuer<'static, KeyPair>, ProvisionError> {
+    let ca_pem_path = ca_dir.join("ca.pem");
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
+    let key_pem = std::fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| ProvisionError::Corrupt {
+        path: ca_key_path.clone(),
+        message: e.to_string(),
+    })?;
+    Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| ProvisionError::Corrupt {
+        path: ca_pem_path,
+        message: e.to_string(),
     })
 }
 
@@ -339,7 +395,7 @@ fn crl_pem(
 
 /// Revokes the certificate issued to `role/name` and rewrites the CRL in the CA folder and in
 /// the coordinator kit of the same project folder. A running coordinator picks the new list
-/// up on its next connection.
+/// up at the next call it serves.
 pub fn revoke(project_dir: &Path, role: Role, name: &str) -> Result<Vec<PathBuf>, ProvisionError> {
     let ca_dir = project_dir.join(CA_DIR);
     let issued: Vec<IssuedCert> = read_json(&ca_dir.join("issued.json"))?;
@@ -359,18 +415,7 @@ pub fn revoke(project_dir: &Path, role: Role, name: &str) -> Result<Vec<PathBuf>
             });
         }
     }
-    let ca_pem_path = ca_dir.join("ca.pem");
-    let ca_key_path = ca_dir.join("ca.key");
-    let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
-    let key_pem = std::fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| ProvisionError::Corrupt {
-        path: ca_key_path.clone(),
-        message: e.to_string(),
-    })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| ProvisionError::Corrupt {
-        path: ca_pem_path,
-        message: e.to_string(),
-    })?;
+    let issuer = load_issuer(&ca_dir)?;
     let crl = crl_pem(&issuer, &revoked, revoked.len() as u64 + 1)?;
     write_json(&revoked_path, &revoked)?;
     let mut written = vec![ca_dir.join(CRL_FILE)];

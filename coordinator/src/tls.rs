@@ -13,7 +13,7 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::CoordinatorSettings;
+use crate::config::{CoordinatorSettings, Roster};
 use crate::error::CoordinatorError;
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> CoordinatorError {
@@ -73,7 +73,8 @@ fn build_acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Builds TLS acceptors and knows what is revoked; both follow the CRL file.
+/// Builds TLS acceptors and knows what is revoked and who was provisioned; each follows its
+/// file.
 pub struct TlsState {
     project: String,
     roots: Arc<RootCertStore>,
@@ -81,6 +82,19 @@ pub struct TlsState {
     key: PrivateKeyDer<'static>,
     crl_path: PathBuf,
     current: Mutex<(Revocations, TlsAcceptor)>,
+    roster_path: PathBuf,
+    roster: Mutex<RosterFile>,
+}
+
+/// The roster as last read, with its file's modification time.
+struct RosterFile {
+    modified: Option<SystemTime>,
+    /// `None`: no roster file (a kit provisioned before rosters): any identity of the project.
+    roster: Option<Roster>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).ok().and_then(|m| m.modified().ok())
 }
 
 impl TlsState {
@@ -101,6 +115,16 @@ impl TlsState {
         let key = PrivateKeyDer::from_pem_slice(&settings.key_pem)
             .map_err(|e| tls_err("coordinator key", e))?;
         let revocations = read_revocations(&settings.revocation_list)?;
+        let roster = RosterFile {
+            modified: modified(&settings.roster),
+            roster: Roster::read(&settings.roster).map_err(|e| tls_err("roster", e))?,
+        };
+        if roster.roster.is_none() {
+            tracing::warn!(
+                roster = %settings.roster.display(),
+                "no roster: any certificate of the project CA is taken; `alveolus provision --add-site` on the project writes one"
+            );
+        }
         let roots = Arc::new(roots);
         let acceptor = build_acceptor(&roots, &chain, &key, &revocations)?;
         Ok(Self {
@@ -110,6 +134,8 @@ impl TlsState {
             key,
             crl_path: settings.revocation_list.clone(),
             current: Mutex::new((revocations, acceptor)),
+            roster_path: settings.roster.clone(),
+            roster: Mutex::new(roster),
         })
     }
 
@@ -146,6 +172,26 @@ impl TlsState {
         current
     }
 
+    /// Whether `identity` was provisioned, by the roster as it is on disk now (re-read when its
+    /// file changed; a broken file keeps the last good roster).
+    fn provisioned(&self, identity: &Identity) -> bool {
+        let mut file = self.roster.lock().expect("roster lock");
+        let now = modified(&self.roster_path);
+        if now != file.modified {
+            match Roster::read(&self.roster_path) {
+                Ok(roster) => {
+                    tracing::info!("roster reloaded");
+                    *file = RosterFile {
+                        modified: now,
+                        roster,
+                    };
+                }
+                Err(e) => tracing::error!("roster not reloaded, keeping the previous one: {e}"),
+            }
+        }
+        file.roster.as_ref().is_none_or(|r| r.admits(identity))
+    }
+
     /// The caller's identity, from the certificate the TLS layer already verified.
     pub fn identify(
         &self,
@@ -164,45 +210,16 @@ impl TlsState {
                 "this certificate has been revoked".into(),
             ));
         }
-        let uris: Vec<&str> = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|ext| {
-                ext.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Exactly one identity: a certificate naming a site and an admin would otherwise be
-        // whichever came first.
-        let identities: Vec<Identity> = uris
-            .iter()
-            .filter_map(|u| Identity::parse_uri(u).ok())
-            .collect();
-        let identity = match <[Identity; 1]>::try_from(identities) {
-            Ok([identity]) => identity,
-            Err(identities) if identities.is_empty() => {
-                return Err(CoordinatorError::Unauthenticated(
-                    "the certificate carries no Alveolus identity".into(),
-                ));
-            }
-            Err(identities) => {
-                return Err(CoordinatorError::Unauthenticated(format!(
-                    "the certificate carries {} Alveolus identities; one is required",
-                    identities.len()
-                )));
-            }
-        };
+        let identity = identity_of(&cert)?;
         if identity.project != self.project {
             return Err(CoordinatorError::PermissionDenied(format!(
                 "certificate belongs to project `{}`, this coordinator serves `{}`",
                 identity.project, self.project
+            )));
+        }
+        if !self.provisioned(&identity) {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "{identity} was never provisioned for this project (it is not in the coordinator's roster)"
             )));
         }
         Ok(identity)
@@ -221,5 +238,78 @@ impl TlsState {
             )));
         }
         Ok(identity)
+    }
+}
+
+/// The one Alveolus identity a certificate carries in its URI SANs. A certificate naming two
+/// (a site and an admin, say) is refused: otherwise it would be whichever came first.
+fn identity_of(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Identity, CoordinatorError> {
+    let uris: Vec<&str> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let identities: Vec<Identity> = uris
+        .iter()
+        .filter_map(|u| Identity::parse_uri(u).ok())
+        .collect();
+    match <[Identity; 1]>::try_from(identities) {
+        Ok([identity]) => Ok(identity),
+        Err(identities) if identities.is_empty() => Err(CoordinatorError::Unauthenticated(
+            "the certificate carries no Alveolus identity".into(),
+        )),
+        Err(identities) => Err(CoordinatorError::Unauthenticated(format!(
+            "the certificate carries {} Alveolus identities; one is required",
+            identities.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert_with(uris: &[&str]) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn identity(uris: &[&str]) -> Result<Identity, CoordinatorError> {
+        let der = cert_with(uris);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        identity_of(&cert)
+    }
+
+    #[test]
+    fn a_certificate_names_exactly_one_identity() {
+        let site = identity(&["spiffe://lungs/site/alpha"]).unwrap();
+        assert_eq!((site.role, site.name.as_str()), (Role::Site, "alpha"));
+        // Other URIs beside it do not count.
+        assert!(identity(&["https://hospital.example/", "spiffe://lungs/site/alpha"]).is_ok());
+        let two = identity(&["spiffe://lungs/site/alpha", "spiffe://lungs/admin/alice"]);
+        assert!(
+            two.as_ref()
+                .is_err_and(|e| e.to_string().contains("2 Alveolus identities")),
+            "{two:?}"
+        );
+        assert!(identity(&["https://hospital.example/"]).is_err());
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Weights;
 
-pub const METADATA_KEY: &str = "alveolus.model";
+pub use alveolus_proto::weights::MODEL_METADATA_KEY as METADATA_KEY;
 
 /// What the label values in a dataset's masks mean. Models with fewer classes merge them (see
 /// [`ModelSpec::class_of_label`]).

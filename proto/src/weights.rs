@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 /// One tensor: its shape and its values in row-major order.
+/// The safetensors metadata key under which a model file describes its network (JSON, read by
+/// `alveolus_models::ModelSpec`): what makes a file of tensors a model agents can train.
+pub const MODEL_METADATA_KEY: &str = "alveolus.model";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,

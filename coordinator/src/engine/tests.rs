@@ -17,6 +17,10 @@ use alveolus_proto::weights::Tensor;
 
 fn model(value: f32) -> Weights {
     let mut weights = Weights::default();
+    weights.metadata.insert(
+        alveolus_proto::weights::MODEL_METADATA_KEY.into(),
+        r#"{"kind":"unet2d"}"#.into(),
+    );
     weights.tensors.insert(
         "w".into(),
         Tensor {
@@ -245,4 +249,28 @@ async fn a_round_that_makes_no_finite_model_fails_its_run_and_keeps_the_last_mod
     let stored = Store::open(dir.path()).unwrap().load_runs().unwrap();
     assert_eq!(stored[0].state, RunState::Failed);
     assert_eq!(stored[0].latest_version(), task.model_version);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_initial_model_that_describes_no_network_starts_no_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = open(dir.path());
+    let mut bare = model(0.0);
+    bare.metadata.clear();
+    let refused = coordinator
+        .start_run(config(1, 60), &bare.encode())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("alveolus.model"), "{refused}");
+    let mut garbled = model(0.0);
+    garbled
+        .metadata
+        .insert("alveolus.model".into(), "not json".into());
+    assert!(
+        coordinator
+            .start_run(config(1, 60), &garbled.encode())
+            .await
+            .is_err()
+    );
+    assert!(coordinator.runs().is_empty());
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use alveolus_proto::domain::{RoundSummary, RunConfig, RunInfo, RunState, SiteInfo};
-use alveolus_proto::weights::Weights;
+use alveolus_proto::weights::{MODEL_METADATA_KEY, Weights};
 use bytes::Bytes;
 
 use super::{Coordinator, Phase, State};
@@ -200,6 +200,18 @@ impl Coordinator {
             return Err(CoordinatorError::Stream(
                 "the initial model has no tensors".into(),
             ));
+        }
+        // The network itself is the agents' to build; a file that does not describe one would
+        // start a run no agent can take part in.
+        let description = weights.metadata.get(MODEL_METADATA_KEY).ok_or_else(|| {
+            CoordinatorError::Stream(format!(
+                "the initial model does not describe its network (no `{MODEL_METADATA_KEY}` metadata); make it with `alveolus run start` or `alveolus train`"
+            ))
+        })?;
+        if !serde_json::from_str::<serde_json::Value>(description).is_ok_and(|v| v.is_object()) {
+            return Err(CoordinatorError::Stream(format!(
+                "the initial model's `{MODEL_METADATA_KEY}` metadata is not a JSON object"
+            )));
         }
         let _writer = self.writer.lock().await;
         let run_id = {

@@ -264,3 +264,34 @@ async fn a_stalled_start_holds_one_slot_and_a_second_from_the_same_admin_is_refu
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_holds_at_most_two_long_polls() {
+    let project = project(&["alpha", "beta"]);
+    let _coordinator = start_coordinator(&project).await;
+    let alpha = FederationClient::new(connect(&project.site_kit("alpha")).await);
+    // No run: long polls wait their whole time.
+    let polls: Vec<_> = (0..3)
+        .map(|_| {
+            let mut alpha = alpha.clone();
+            tokio::spawn(async move {
+                alpha
+                    .next_task(pb::NextTaskRequest { wait_seconds: 3 })
+                    .await
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for poll in polls {
+        if let Err(status) = poll.await.unwrap() {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1);
+    // Another site is not counted with alpha.
+    let mut beta = FederationClient::new(connect(&project.site_kit("beta")).await);
+    beta.next_task(pb::NextTaskRequest { wait_seconds: 0 })
+        .await
+        .unwrap();
+}

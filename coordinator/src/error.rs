@@ -41,6 +41,8 @@ pub enum CoordinatorError {
     UploadInProgress { site: String },
     #[error("{0}")]
     Busy(&'static str),
+    #[error("too many {what} open from this identity (at most {limit} at once)")]
+    TooMany { what: &'static str, limit: usize },
     #[error("every upload slot stayed busy until round {round}'s deadline; try again")]
     NoUploadSlot { round: u32 },
     #[error("round {round} cannot make a model: {reason}")]
@@ -91,7 +93,7 @@ impl From<CoordinatorError> for Status {
             | E::SecureAggregation(_)
             | E::Aggregation { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
-            E::UploadInProgress { .. } => Status::resource_exhausted(message),
+            E::UploadInProgress { .. } | E::TooMany { .. } => Status::resource_exhausted(message),
             E::NoUploadSlot { .. } | E::Busy(_) => Status::unavailable(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod durable;
 pub mod engine;
 pub mod error;
+pub mod limits;
 pub mod provision;
 pub mod roster;
 pub mod round;
@@ -59,10 +60,7 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     let coordinator = Coordinator::open(&settings)?;
     let tls = Arc::new(TlsState::new(&settings)?);
-    let services = Services {
-        coordinator: coordinator.clone(),
-        tls: tls.clone(),
-    };
+    let services = Services::new(coordinator.clone(), tls.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Coordinator, UPLOAD_TIMEOUT, Upload};
 use crate::error::CoordinatorError;
+use crate::limits::PerIdentity;
 use crate::tls::TlsState;
 
 /// Longest an upload may go without sending anything: a site that opens an upload and stalls
@@ -27,14 +28,34 @@ const UPDATE_HEADER_SLACK: u64 = 1 << 20;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Long polls (NextTask, secure-aggregation steps) one identity may have waiting at once; an
+/// agent has one.
+const WAITING_CALLS_PER_IDENTITY: usize = 2;
+
+/// Model downloads one identity may have streaming at once; an agent has one.
+const PULLS_PER_IDENTITY: usize = 2;
+
 /// Both services share the coordinator and the TLS state (for identities and revocation).
 #[derive(Clone)]
 pub struct Services {
     pub coordinator: Arc<Coordinator>,
     pub tls: Arc<TlsState>,
+    /// Calls that wait (long polls), counted per identity.
+    waiting: PerIdentity,
+    /// Model downloads in progress, counted per identity.
+    pulls: PerIdentity,
 }
 
 impl Services {
+    pub fn new(coordinator: Arc<Coordinator>, tls: Arc<TlsState>) -> Self {
+        Self {
+            coordinator,
+            tls,
+            waiting: PerIdentity::new("waiting calls", WAITING_CALLS_PER_IDENTITY),
+            pulls: PerIdentity::new("model downloads", PULLS_PER_IDENTITY),
+        }
+    }
+
     /// The Federation and Admin services on `server`, sharing these handles.
     pub fn routes(self, server: &mut tonic::transport::Server) -> tonic::transport::server::Router {
         server
@@ -49,7 +70,13 @@ impl Services {
             .require(certs.as_deref().map(Vec::as_slice), role)?)
     }
 
-    fn model_stream(&self, version: &str) -> Result<ResponseStream<pb::ModelChunk>, Status> {
+    /// A model download, counted against `who`'s downloads until the stream is dropped.
+    fn model_stream(
+        &self,
+        who: &Identity,
+        version: &str,
+    ) -> Result<ResponseStream<pb::ModelChunk>, Status> {
+        let held = self.pulls.take(&who.to_string())?;
         let (bytes, manifest) = self.coordinator.model(version)?;
         let header = ModelHeader {
             version: manifest.sha256.clone(),
@@ -57,9 +84,10 @@ impl Services {
             manifest_json: manifest.to_json(),
         };
         let messages: Vec<pb::ModelChunk> = framed(header.into(), &bytes);
-        Ok(Box::pin(futures::stream::iter(
-            messages.into_iter().map(Ok),
-        )))
+        Ok(Box::pin(futures::stream::iter(messages).map(move |m| {
+            let _counted = &held;
+            Ok(m)
+        })))
     }
 }
 
@@ -143,6 +171,7 @@ impl Federation for Services {
         request: Request<pb::SecAggRequest>,
     ) -> Result<Response<pb::SecAggReply>, Status> {
         let site = self.caller(&request, Role::Site)?;
+        let _waiting = self.waiting.take(&site.to_string())?;
         let request = alveolus_privacy::wire::Request::try_from(request.into_inner())
             .map_err(CoordinatorError::from)?;
         let reply = self
@@ -184,6 +213,7 @@ impl Federation for Services {
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         let site = self.caller(&request, Role::Site)?;
+        let _waiting = self.waiting.take(&site.to_string())?;
         let wait = Duration::from_secs(request.get_ref().wait_seconds.into());
         let task = self.coordinator.next_task(&site.name, wait).await;
         Ok(Response::new(task.into()))
@@ -195,9 +225,9 @@ impl Federation for Services {
         &self,
         request: Request<pb::PullModelRequest>,
     ) -> Result<Response<Self::PullModelStream>, Status> {
-        self.caller(&request, Role::Site)?;
+        let site = self.caller(&request, Role::Site)?;
         Ok(Response::new(
-            self.model_stream(&request.get_ref().version)?,
+            self.model_stream(&site, &request.get_ref().version)?,
         ))
     }
 
@@ -329,9 +359,9 @@ impl Admin for Services {
         &self,
         request: Request<pb::PullModelRequest>,
     ) -> Result<Response<Self::PullModelStream>, Status> {
-        self.caller(&request, Role::Admin)?;
+        let admin = self.caller(&request, Role::Admin)?;
         Ok(Response::new(
-            self.model_stream(&request.get_ref().version)?,
+            self.model_stream(&admin, &request.get_ref().version)?,
         ))
     }
 }

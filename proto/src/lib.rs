@@ -7,6 +7,8 @@
 
 pub mod client;
 pub mod domain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod kit;
 pub mod transfer;

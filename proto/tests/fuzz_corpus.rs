@@ -42,11 +42,17 @@ fn update_upload_corpus() {
     replay("update_upload", fuzzing::update_upload);
     // ... and from whole uploads, plain and masked.
     assert!(fuzzing::update_upload(&seed("update_upload", "seed-plain")));
-    assert!(fuzzing::update_upload(&seed("update_upload", "seed-masked")));
+    assert!(fuzzing::update_upload(&seed(
+        "update_upload",
+        "seed-masked"
+    )));
 }
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
-    let path = inputs(target).into_iter().find(|p| p.ends_with(name)).unwrap();
+    let path = inputs(target)
+        .into_iter()
+        .find(|p| p.ends_with(name))
+        .unwrap();
     std::fs::read(path).unwrap()
 }
 

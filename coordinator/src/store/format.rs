@@ -5,6 +5,9 @@
 //! Every file carries `"format": "1"`. Files without a `format` are format 0, written before
 //! formats were tagged: the same fields, so they read as format 1's body. A file of a format
 //! this coordinator does not know is refused with a message naming it, never misread.
+//!
+//! It is long for one idea: every stored domain type has its mirror here, field for field, with
+//! both conversions, and the tests that pin each file's shape.
 
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, Metrics, PrivacyConfig, RoundSummary, RunConfig, RunInfo,

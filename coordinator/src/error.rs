@@ -37,8 +37,6 @@ pub enum CoordinatorError {
     RefusedThisRound { site: String, round: u32 },
     #[error("secure aggregation: {0}")]
     SecureAggregation(String),
-    #[error("`{site}` already has an upload streaming in; one at a time")]
-    UploadInProgress { site: String },
     #[error("{0}")]
     Busy(&'static str),
     #[error("too many {what} open from this identity (at most {limit} at once)")]
@@ -93,7 +91,7 @@ impl From<CoordinatorError> for Status {
             | E::SecureAggregation(_)
             | E::Aggregation { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
-            E::UploadInProgress { .. } | E::TooMany { .. } => Status::resource_exhausted(message),
+            E::TooMany { .. } => Status::resource_exhausted(message),
             E::NoUploadSlot { .. } | E::Busy(_) => Status::unavailable(message),
             E::UnknownRun(_) | E::UnknownVersion(_) => Status::not_found(message),
             E::Transfer(TransferError::DigestMismatch { .. }) => Status::data_loss(message),

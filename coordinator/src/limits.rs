@@ -1,5 +1,5 @@
 //! Per-identity limits on calls that hold the coordinator's resources while they wait or
-//! stream (long polls, model downloads): an agent needs one or two at a time, so a site that
+//! stream (long polls, model downloads, uploads): an agent needs one or two at a time, so a site that
 //! opens hundreds is refused beyond that instead of holding a waiter or a download each.
 
 use std::collections::HashMap;

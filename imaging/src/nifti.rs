@@ -9,6 +9,10 @@
 //! NIfTI affines map voxels to RAS (+x towards the patient's right, +y anterior); LPS differs
 //! only in the sign of x and y, so every affine is turned into LPS before it becomes a
 //! [`Geometry`], and back into RAS when written.
+//!
+//! One format, read and written: about 640 lines of code (the header's fields, its affine and
+//! quaternion geometry, bounded reading of plain and gzip files, the writer) and 370 of tests.
+//! The header codec with its geometry is the seam along which it would split next.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};

@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::clock::{self, Instant, unix_ms};
 use crate::config::CoordinatorSettings;
 use crate::error::CoordinatorError;
+use crate::limits::PerIdentity;
 use crate::round::Round;
 use crate::run::{self, RunRecord};
 use crate::secure::Progress;
@@ -167,7 +168,7 @@ pub struct Coordinator {
     /// Bounds how many update buffers exist at once (memory O(model), not O(model x sites)).
     upload_slots: Arc<Semaphore>,
     /// Sites with an update streaming in: one each, so that one site cannot take every slot.
-    uploading: Arc<Mutex<BTreeSet<String>>>,
+    uploading: PerIdentity,
     max_model_bytes: u64,
     max_long_poll: Duration,
 }
@@ -239,7 +240,7 @@ impl Coordinator {
             writer: tokio::sync::Mutex::new(()),
             changed: watch::Sender::new(0),
             upload_slots: Arc::new(Semaphore::new(settings.upload_slots)),
-            uploading: Arc::default(),
+            uploading: PerIdentity::new("uploads", 1),
             max_model_bytes: settings.max_model_bytes,
             max_long_poll: settings.max_long_poll,
         }))

@@ -3,8 +3,6 @@
 //! a slot nor the upload outlasts the round it is for by more than a grace period, so that a
 //! site that opens uploads and stalls costs others nothing beyond one slot for a while.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -12,6 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::Coordinator;
 use crate::clock::{self, Instant};
 use crate::error::CoordinatorError;
+use crate::limits::Held;
 
 /// The longest an upload may take, whatever the round's deadline.
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -27,24 +26,9 @@ const UPLOAD_GRACE: Duration = Duration::from_secs(60);
 /// back when it is dropped.
 pub struct Upload {
     _slot: OwnedSemaphorePermit,
-    _site: Uploading,
+    _site: Held,
     /// When the upload must be complete.
     pub until: Instant,
-}
-
-/// A site's upload in flight, registered until dropped.
-struct Uploading {
-    sites: Arc<Mutex<BTreeSet<String>>>,
-    site: String,
-}
-
-impl Drop for Uploading {
-    fn drop(&mut self) {
-        self.sites
-            .lock()
-            .expect("upload registry lock")
-            .remove(&self.site);
-    }
 }
 
 /// How long an initial model's upload (StartRun) may wait for a slot.
@@ -60,7 +44,7 @@ impl Coordinator {
             let open = state.open_round()?;
             (open.round, open.deadline)
         };
-        let registered = self.register(site)?;
+        let registered = self.uploading.take(site)?;
         let now = clock::now();
         let slot = self
             .take_slot(deadline.max(now + SLOT_GRACE))
@@ -77,7 +61,7 @@ impl Coordinator {
     /// A slot to receive an initial model in (StartRun): the same slots as updates, so that
     /// stalled starts cannot hold more memory than uploads may; one per admin at a time.
     pub async fn start_upload(&self, admin: &str) -> Result<Upload, CoordinatorError> {
-        let registered = self.register(&format!("admin/{admin}"))?;
+        let registered = self.uploading.take(&format!("admin/{admin}"))?;
         let slot =
             self.take_slot(clock::now() + START_SLOT_WAIT)
                 .await
@@ -88,24 +72,6 @@ impl Coordinator {
             _slot: slot,
             _site: registered,
             until: clock::now() + UPLOAD_TIMEOUT,
-        })
-    }
-
-    /// Registers `who`'s upload, refused if it already has one streaming.
-    fn register(&self, who: &str) -> Result<Uploading, CoordinatorError> {
-        if !self
-            .uploading
-            .lock()
-            .expect("upload registry lock")
-            .insert(who.to_string())
-        {
-            return Err(CoordinatorError::UploadInProgress {
-                site: who.to_string(),
-            });
-        }
-        Ok(Uploading {
-            sites: self.uploading.clone(),
-            site: who.to_string(),
         })
     }
 

@@ -7,6 +7,8 @@ mod demo;
 mod progress;
 mod secagg_bench;
 mod segment_bench;
+mod simulated;
+mod soak_bench;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

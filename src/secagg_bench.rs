@@ -9,22 +9,18 @@ use std::time::Duration;
 
 use alveolus_agent::secure;
 use alveolus_agent::transport::{Traffic, push_update};
-use alveolus_coordinator::CoordinatorSettings;
-use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::bench::median;
 use alveolus_models::{ModelSpec, Weights};
-use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
-    Metrics, RunConfig, RunState, SecureAggregationConfig, Task, TrainTask, TrainingConfig,
-    UpdateHeader,
+    Metrics, RunConfig, RunState, SecureAggregationConfig, TrainingConfig, UpdateHeader,
 };
-use alveolus_proto::kit::ClientKit;
-use alveolus_proto::pb::{self, federation_client::FederationClient};
+use alveolus_proto::pb::federation_client::FederationClient;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
+
+use crate::simulated::{SimulatedFederation, fixed_update, take_task};
 
 /// What secure aggregation costs against aggregation in the clear: bytes per site and round
 /// wall time with N simulated sites over mTLS; with --dice, the demo's final Dice with DP at the
@@ -64,30 +60,8 @@ pub async fn run(options: SecAggBenchOptions) -> Result<()> {
     sites.sort_unstable();
     sites.dedup();
     let most = *sites.last().context("--sites is empty")?;
-    let dir = tempfile::tempdir()?;
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = std_listener.local_addr()?.port();
-    let names: Vec<String> = (1..=most).map(|i| format!("site-{i:03}")).collect();
-    let project = dir.path().join("project");
-    provision(&ProvisionRequest {
-        project: "bench".into(),
-        coordinator: format!("127.0.0.1:{port}"),
-        sites: names.clone(),
-        admins: vec!["bench".into()],
-        out: project.clone(),
-        validity_days: 1,
-    })?;
-    let settings = CoordinatorSettings::load(
-        &project.join("coordinator"),
-        Some(&dir.path().join("state")),
-    )?;
-    std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(alveolus_coordinator::run(listener, settings, async {
-        let _ = stopped.await;
-    }));
-    let mut admin = AdminClient::connect(&project.join("admins").join("bench")).await?;
+    let federation = SimulatedFederation::start(most)?;
+    let mut admin = federation.admin().await?;
 
     let model = alveolus_models::train::initial_weights(&ModelSpec::small(), 7)?;
     let update = fixed_update(&model);
@@ -115,16 +89,8 @@ pub async fn run(options: SecAggBenchOptions) -> Result<()> {
     let mut clients = Vec::new();
     for &n in &sites {
         while clients.len() < n {
-            let name = &names[clients.len()];
-            let kit = ClientKit::load(&project.join("sites").join(name))?;
-            let mut client = FederationClient::new(kit.connect().await?);
-            client
-                .join(pb::JoinRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    agent_version: env!("CARGO_PKG_VERSION").into(),
-                })
-                .await?;
-            clients.push((name.clone(), client));
+            let name = federation.sites[clients.len()].clone();
+            clients.push((name.clone(), federation.join(&name).await?));
         }
         let threshold = (2 * n).div_ceil(3).max(2) as u32;
         let mut clear = Vec::new();
@@ -151,25 +117,12 @@ pub async fn run(options: SecAggBenchOptions) -> Result<()> {
             secure_ms / clear_ms
         );
     }
-    let _ = stop.send(());
-    server.await??;
+    federation.stop()?;
 
     if let Some(noise) = options.dice_noise {
         dice_with_dp(&noise, options.dice_rounds, options.dp_clip).await?;
     }
     Ok(())
-}
-
-/// A fixed update of plausible size (a few local epochs' change), the same for every site.
-fn fixed_update(model: &Weights) -> Weights {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut update = model.clone();
-    for t in update.tensors.values_mut() {
-        for v in &mut t.values {
-            *v = rng.random_range(-0.01..0.01);
-        }
-    }
-    update
 }
 
 /// One single-round run with every site; returns the median site's traffic and the round's
@@ -247,18 +200,6 @@ async fn measure(
         ),
         round_ms: (round.finished_unix_ms - info.started_unix_ms) as f64,
     })
-}
-
-async fn take_task(client: &mut FederationClient<Channel>) -> Result<TrainTask> {
-    loop {
-        let task = client
-            .next_task(pb::NextTaskRequest { wait_seconds: 10 })
-            .await?
-            .into_inner();
-        if let Task::Train(task) = Task::try_from(task)? {
-            return Ok(task);
-        }
-    }
 }
 
 /// Runs `alveolus demo` with secure aggregation, without DP and at each noise multiplier, and

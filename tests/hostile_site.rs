@@ -295,3 +295,39 @@ async fn a_site_holds_at_most_two_long_polls() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_holds_at_most_eight_connections() {
+    let project = project(&["alpha", "beta"]);
+    let _coordinator = start_coordinator(&project).await;
+    let kit = project.site_kit("alpha");
+    let poll = |mut site: FederationClient<_>| async move {
+        site.next_task(pb::NextTaskRequest { wait_seconds: 0 })
+            .await
+            .map(|_| site)
+    };
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let site = FederationClient::new(connect(&kit).await);
+        open.push(poll(site).await.unwrap());
+    }
+    // The ninth is closed once its certificate is read: no call gets through on it.
+    let ninth = FederationClient::new(connect(&kit).await);
+    assert!(poll(ninth).await.is_err());
+    // Another site is not counted with alpha.
+    let beta = FederationClient::new(connect(&project.site_kit("beta")).await);
+    poll(beta).await.unwrap();
+    // A closed connection frees its place (the coordinator sees the close a moment later).
+    open.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let site = FederationClient::new(connect(&kit).await);
+        match poll(site).await {
+            Ok(site) => break open.push(site),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(status) => panic!("no connection after one closed: {status:?}"),
+        }
+    }
+}

@@ -31,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 pub use config::CoordinatorSettings;
 pub use engine::{Coordinator, UPLOAD_TIMEOUT};
 pub use error::CoordinatorError;
+use limits::{CountedConnection, PerIdentity};
 use service::Services;
 use tls::TlsState;
 
@@ -52,6 +53,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest header block a peer may send: gRPC's headers are a few hundred bytes.
 const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
+/// Connections one identity may hold open at once. An agent holds one and the CLI one per
+/// command; with [`MAX_STREAMS_PER_CONNECTION`] this bounds the streams one identity can open.
+const CONNECTIONS_PER_IDENTITY: usize = 8;
+
 /// Serves until `shutdown` completes. The listener is already bound, so tests can use port 0.
 pub async fn run(
     listener: TcpListener,
@@ -70,6 +75,7 @@ pub async fn run(
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
     let mut accept_stop = stop_rx.clone();
     let handshake_timeout = settings.handshake_timeout;
+    let connections = PerIdentity::new("connections", CONNECTIONS_PER_IDENTITY);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -85,11 +91,24 @@ pub async fn run(
             };
             let acceptor = tls.acceptor();
             let conn_tx = conn_tx.clone();
+            let tls = tls.clone();
+            let connections = connections.clone();
             // Handshakes run on their own tasks, bounded in time, so a slow or hostile client
             // cannot hold up others.
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
+                        let held = match tls.identify(stream.get_ref().1.peer_certificates()) {
+                            Ok(identity) => match connections.take(&identity.to_string()) {
+                                Ok(held) => Some(held),
+                                Err(e) => {
+                                    tracing::warn!(%peer, %identity, "connection closed: {e}");
+                                    return;
+                                }
+                            },
+                            Err(_) => None,
+                        };
+                        let stream = CountedConnection::new(stream, held);
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
                     Ok(Err(e)) => tracing::info!(%peer, "TLS handshake refused: {e}"),

@@ -1,9 +1,16 @@
-//! Per-identity limits on calls that hold the coordinator's resources while they wait or
-//! stream (long polls, model downloads, uploads): an agent needs one or two at a time, so a site that
-//! opens hundreds is refused beyond that instead of holding a waiter or a download each.
+//! Per-identity limits on what holds the coordinator's resources while it waits or streams
+//! (connections, long polls, model downloads, uploads): an agent needs one or two at a time, so
+//! a site that opens hundreds is refused beyond that instead of holding a waiter, a download or
+//! a connection's buffers each.
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
 
 use crate::error::CoordinatorError;
 
@@ -58,6 +65,69 @@ impl PerIdentity {
             open: self.open.clone(),
             who: who.to_string(),
         })
+    }
+}
+
+/// A connection counted against its identity's connections until it closes.
+pub struct CountedConnection<S> {
+    inner: S,
+    /// `None` for a connection whose certificate names no admitted identity: each of its calls
+    /// is refused with the reason, at no cost worth counting.
+    _held: Option<Held>,
+}
+
+impl<S> CountedConnection<S> {
+    pub fn new(inner: S, held: Option<Held>) -> Self {
+        Self { inner, _held: held }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountedConnection<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountedConnection<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The calls on it see the TLS connection's peer certificates, as without the count.
+impl<S: Connected> Connected for CountedConnection<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 

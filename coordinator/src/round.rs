@@ -38,7 +38,15 @@ pub struct Round {
     aggregator: Option<Aggregator>,
     /// Present when the run uses secure aggregation: the masked sum and the protocol's phases.
     pub secure: Option<SecureRound>,
+    /// Times closing the round failed to write its checkpoint or record (a full disk, say);
+    /// each failure doubles the wait before the next try.
+    write_failures: u32,
+    /// Not closed again before this: a failing disk is not hammered every tick.
+    retry_at: Option<Instant>,
 }
+
+/// Longest wait between two tries at writing a round that did not write.
+const MAX_WRITE_RETRY: Duration = Duration::from_secs(30);
 
 /// What a closed round adds up to.
 pub struct Outcome {
@@ -83,6 +91,8 @@ impl Round {
                 .then(|| Aggregator::new(&base, config.aggregation.rule, config.privacy.as_ref())),
             secure,
             base: Arc::new(base),
+            write_failures: 0,
+            retry_at: None,
         }
     }
 
@@ -188,7 +198,18 @@ impl Round {
     /// round closes when its protocol completes: see [`SecureRound::advance`].)
     pub fn ready(&self, now: Instant, min_sites: usize) -> bool {
         let everyone = self.participants.iter().all(|p| self.done_with(p));
-        self.reports.len() >= min_sites && (everyone || now >= self.deadline)
+        self.reports.len() >= min_sites
+            && (everyone || now >= self.deadline)
+            && self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// Closing the round at `now` could not write it: it is tried again after the returned
+    /// wait (1 s, doubling, at most [`MAX_WRITE_RETRY`]).
+    pub fn write_failed(&mut self, now: Instant) -> Duration {
+        let wait = Duration::from_secs(1u64 << self.write_failures.min(5)).min(MAX_WRITE_RETRY);
+        self.write_failures += 1;
+        self.retry_at = Some(now + wait);
+        wait
     }
 
     /// What the round's updates add up to: base + the aggregate of the updates (or of the
@@ -342,6 +363,19 @@ mod tests {
         assert_eq!(outcome.samples, 4);
         assert_eq!(outcome.sites, vec!["a", "b", "c"]);
         assert!((outcome.metrics.loss - 2.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_round_that_did_not_write_is_tried_again_later_and_later() {
+        let now = Instant::now();
+        let mut round = round_at(now);
+        round.hand_task("a");
+        report(&mut round, "a", 1.0, 1);
+        assert!(round.ready(now, 1));
+        let waits: Vec<u64> = (0..8).map(|_| round.write_failed(now).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert!(!round.ready(now + Duration::from_secs(29), 1));
+        assert!(round.ready(now + Duration::from_secs(30), 1));
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub fn after_round(info: &RunInfo, summary: RoundSummary) -> RunInfo {
     let round = summary.round;
     info.rounds.push(summary);
     info.reported.clear();
+    info.held_up = None;
     let mut done = info.rounds.len() as u32 >= info.config.rounds;
     if !done
         && let Some(privacy) = &info.config.privacy
@@ -118,6 +119,7 @@ pub fn ended(info: &RunInfo, end: RunState, reason: Option<String>) -> RunInfo {
     let mut info = info.clone();
     info.state = end;
     info.reported.clear();
+    info.held_up = None;
     if reason.is_some() {
         info.stop_reason = reason;
     }
@@ -200,6 +202,7 @@ mod tests {
             reported: vec!["a".into()],
             started_unix_ms: 0,
             stop_reason: None,
+            held_up: None,
         }
     }
 

@@ -61,3 +61,12 @@ fn libtorch_training_steps_lower_the_loss() {
         losses[29]
     );
 }
+
+#[test]
+fn a_missing_gpu_is_named_not_a_panic() {
+    let err = DeviceChoice::Cuda(64).resolve().unwrap_err();
+    assert!(
+        matches!(err, alveolus_models::DeviceError::NoSuchGpu { .. }),
+        "{err}"
+    );
+}

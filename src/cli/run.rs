@@ -296,6 +296,9 @@ fn print_run(info: &RunInfo) {
     for r in &info.rounds {
         println!("  round {:>3}  {}", r.round, round_line(r, "  "));
     }
+    if let Some(held_up) = &info.held_up {
+        println!("  held up: {held_up}");
+    }
     if let Some(reason) = &info.stop_reason {
         let how = if info.state == RunState::Failed {
             "failed"

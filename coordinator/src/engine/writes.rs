@@ -33,13 +33,16 @@ impl Coordinator {
         }
         match self.finish_round(round, index).await {
             Ok(()) => self.announce(),
-            Err(Unfinished::Write(e, round)) => {
-                tracing::error!(
-                    round = round.round,
-                    "closing the round failed, will retry: {e}"
+            Err(Unfinished::Write(e, mut round)) => {
+                let wait = round.write_failed(crate::clock::now());
+                let held_up = format!(
+                    "round {number} is aggregated but cannot be saved, retrying in {} s: {e}",
+                    wait.as_secs()
                 );
+                tracing::error!(run = %id, "{held_up}");
                 let mut state = self.lock();
                 if closing(&state) {
+                    state.runs[index].info.held_up = Some(held_up);
                     state.phase = Phase::Open(round);
                 }
             }
@@ -258,6 +261,7 @@ impl Coordinator {
                 reported: Vec::new(),
                 started_unix_ms: started,
                 stop_reason: None,
+                held_up: None,
             };
             store.put_run(&info)?;
             Ok::<_, CoordinatorError>(info)

@@ -194,6 +194,46 @@ pub struct ManifestV1 {
     secure_aggregation: Option<SecureV1>,
     #[serde(default)]
     epsilon: Option<f64>,
+    /// sha256 of the other fields: an edited or damaged manifest is refused, not served.
+    /// Manifests written before it existed have none and are checked against their model only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    check: Option<String>,
+}
+
+impl ManifestV1 {
+    /// The manifest of `m` as it is written, with its check.
+    pub fn sealed(m: &Manifest) -> Self {
+        let mut file = Self::from(m);
+        file.check = Some(file.digest());
+        file
+    }
+
+    /// The digest of every field but the check, over the compact JSON of the fields as read
+    /// (floats read back exactly: serde_json's `float_roundtrip`).
+    fn digest(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("manifests serialise");
+        if let Some(object) = value.as_object_mut() {
+            object.remove("check");
+        }
+        alveolus_proto::sha256_hex(&serde_json::to_vec(&value).expect("manifests serialise"))
+    }
+
+    /// Whether this is, unaltered, the manifest of the checkpoint `version` of `bytes` bytes.
+    pub fn verify(&self, version: &str, bytes: u64) -> Result<(), String> {
+        if self.sha256 != version || self.bytes != bytes {
+            return Err(format!(
+                "describes another checkpoint ({}, {} bytes), not this one",
+                self.sha256, self.bytes
+            ));
+        }
+        match &self.check {
+            Some(check) if *check != self.digest() => Err(
+                "has been changed since it was written (its check does not match its fields)"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -230,6 +270,7 @@ impl From<RunV1> for RunInfo {
             reported: r.reported,
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason,
+            held_up: None,
         }
     }
 }
@@ -433,6 +474,7 @@ impl From<&Manifest> for ManifestV1 {
             privacy: m.privacy.as_ref().map(Into::into),
             secure_aggregation: m.secure_aggregation.map(Into::into),
             epsilon: m.epsilon,
+            check: None,
         }
     }
 }

@@ -54,7 +54,7 @@ pub struct Manifest {
 impl Manifest {
     /// The manifest as its file says it (and as sites receive it with the model).
     pub fn to_json(&self) -> String {
-        String::from_utf8(encode(&ManifestV1::from(self))).expect("JSON is UTF-8")
+        String::from_utf8(encode(&ManifestV1::sealed(self))).expect("JSON is UTF-8")
     }
 }
 
@@ -147,6 +147,9 @@ impl Store {
         let path = self.manifest_path(version);
         let manifest = std::fs::read(&path).map_err(|e| store_err(&path, e))?;
         let manifest = decode::<ManifestV1>(&manifest).map_err(|e| store_err(&path, e))?;
+        manifest
+            .verify(version, bytes.len() as u64)
+            .map_err(|e| store_err(&path, e))?;
         Ok((Bytes::from(bytes), manifest.into()))
     }
 
@@ -281,5 +284,50 @@ mod tests {
         let (_, stored) = reopened.get_model(&first.sha256).unwrap();
         assert_eq!((stored.run_id.as_str(), stored.round), ("run-1", 0));
         assert_eq!(stored.parent, None);
+    }
+
+    #[test]
+    fn an_edited_manifest_is_refused_and_an_unchecked_one_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut written = manifest("run-1", 4, Some(&"a".repeat(64)));
+        // Floats that print long: the check must survive their trip through the file.
+        written.metrics = Some(Metrics {
+            loss: 0.1 + 0.2,
+            dice: 1.0 / 3.0,
+        });
+        written.epsilon = Some(f64::MIN_POSITIVE * 3.7);
+        let version = store.put_model(b"weights", written).unwrap().sha256;
+        let (_, read) = Store::open(dir.path())
+            .unwrap()
+            .get_model(&version)
+            .unwrap();
+        assert_eq!(read.metrics.unwrap().loss, 0.1 + 0.2);
+
+        let path = store.manifest_path(&version);
+        let file = std::fs::read_to_string(&path).unwrap();
+        let edited = file.replace("\"round\": 4", "\"round\": 5");
+        assert_ne!(edited, file);
+        std::fs::write(&path, &edited).unwrap();
+        let err = Store::open(dir.path())
+            .unwrap()
+            .get_model(&version)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("changed since it was written"), "{err}");
+
+        // One written before manifests had a check reads, as long as it names its model.
+        let mut unchecked: serde_json::Value = serde_json::from_str(&file).unwrap();
+        unchecked.as_object_mut().unwrap().remove("check").unwrap();
+        std::fs::write(&path, unchecked.to_string()).unwrap();
+        assert!(Store::open(dir.path()).unwrap().get_model(&version).is_ok());
+        unchecked["bytes"] = 3.into();
+        std::fs::write(&path, unchecked.to_string()).unwrap();
+        let err = Store::open(dir.path())
+            .unwrap()
+            .get_model(&version)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("describes another checkpoint"), "{err}");
     }
 }

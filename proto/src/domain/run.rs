@@ -55,6 +55,10 @@ pub struct RunInfo {
     /// Why the run ended before its last round, e.g. its privacy budget.
     #[serde(default)]
     pub stop_reason: Option<String>,
+    /// What holds a running run up now (a checkpoint the coordinator cannot write and retries);
+    /// cleared when the run goes on. Never stored: it is the coordinator's present, not history.
+    #[serde(default)]
+    pub held_up: Option<String>,
 }
 
 impl RunInfo {
@@ -135,6 +139,7 @@ impl From<RunInfo> for pb::RunInfo {
             reported: r.reported,
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason.unwrap_or_default(),
+            held_up: r.held_up.unwrap_or_default(),
         }
     }
 }
@@ -158,6 +163,7 @@ impl TryFrom<pb::RunInfo> for RunInfo {
             reported: r.reported,
             started_unix_ms: r.started_unix_ms,
             stop_reason: (!r.stop_reason.is_empty()).then_some(r.stop_reason),
+            held_up: (!r.held_up.is_empty()).then_some(r.held_up),
         })
     }
 }

@@ -229,12 +229,15 @@ async fn agents_behind_a_faulty_network_finish_every_round() {
         assert!(Instant::now() < deadline, "the coordinator did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Connection 0 is the test's own; 1-3 are the agents' first. A model is ~490 KB each way.
+    // Connection 0 is the test's own; 1-3 are the agents' first: two break half-way through
+    // their first download, one half-way through its second upload.
+    let model = tiny_model(2);
+    let size = model.encode().len() as u64;
     let faults = vec![
         Fault::None,
-        Fault::ResetDown(150_000),
-        Fault::SilentDown(150_000),
-        Fault::ResetUp(200_000),
+        Fault::ResetDown(size / 2),
+        Fault::SilentDown(size / 2),
+        Fault::ResetUp(size + size / 2),
     ];
     let fired = fault_proxy(
         proxy,
@@ -247,7 +250,7 @@ async fn agents_behind_a_faulty_network_finish_every_round() {
     let _agents = agents(&project);
     wait_for_sites(&mut admin, &SITES).await;
     let rounds = 3;
-    let run = start_run(&mut admin, run_config(rounds, 3, 240), &tiny_model(2)).await;
+    let run = start_run(&mut admin, run_config(rounds, 3, 240), &model).await;
     let done = wait_for(&mut admin, &run.run_id, Duration::from_secs(400), |r| {
         r.state != RunState::Running
     })
@@ -299,6 +302,9 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
     const KILLS: u32 = 20;
     // The first 12 kills hit plain runs, the rest secure-aggregation runs.
     const PLAIN_KILLS: u32 = 12;
+    // Long enough that most runs see several kills; a run that ends first is followed by
+    // another until all 20 have been made.
+    const ROUNDS: u32 = 10;
     let seed = std::env::var("ALVEOLUS_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -319,7 +325,7 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
     let mut kills = 0;
     let mut runs = Vec::new();
     while kills < KILLS {
-        let config = run_config(5, 3, 120);
+        let config = run_config(ROUNDS, 3, 120);
         let config = if kills < PLAIN_KILLS {
             config
         } else {
@@ -369,7 +375,7 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
         })
         .await;
         assert_eq!(done.state, RunState::Completed, "{done:?}");
-        assert_eq!(done.rounds.len(), 5);
+        assert_eq!(done.rounds.len(), ROUNDS as usize);
         every_checkpoint_reads(&project, &done).await;
     }
     println!(

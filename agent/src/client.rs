@@ -84,7 +84,7 @@ impl Agent {
     async fn run_forever(&mut self) -> Result<(), AgentError> {
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.session().await {
+            match self.session(&mut backoff).await {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
                 Err(
@@ -104,11 +104,14 @@ impl Agent {
         }
     }
 
-    /// One connection's worth of work; returns on any transport error.
-    async fn session(&mut self) -> Result<(), AgentError> {
+    /// One connection's worth of work; returns on any transport error. A session that joined
+    /// resets `backoff`: a coordinator that restarts after hours of rounds is rejoined in
+    /// half a second, not after the wait earlier outages built up.
+    async fn session(&mut self, backoff: &mut Duration) -> Result<(), AgentError> {
         let channel = self.kit.connect().await?;
         let mut client = Federation::new(channel);
         let joined = join(&mut client).await?;
+        *backoff = Duration::from_millis(500);
         tracing::info!(site = %joined.site, project = %joined.project, "joined the coordinator");
         loop {
             let task = next_task(&mut client, self.options.poll_seconds).await?;

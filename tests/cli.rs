@@ -200,6 +200,36 @@ fn evaluate_reports_dice_and_refuses_broken_inputs() {
 }
 
 #[test]
+fn an_initial_model_that_is_endless_or_too_large_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = dir.path().join("no-kit");
+    let start = |init: &str| {
+        let started = std::time::Instant::now();
+        let out = alveolus(&[
+            "run",
+            "start",
+            "--kit",
+            kit.to_str().unwrap(),
+            "--init",
+            init,
+        ]);
+        (out, started.elapsed())
+    };
+    let ((ok, text), took) = start("/dev/zero");
+    assert!(!ok && text.contains("not a regular file"), "{text}");
+    assert!(took.as_secs() < 10, "{took:?}");
+    // A sparse file one byte over the limit: refused by its size, not by reading it.
+    let huge = dir.path().join("huge.safetensors");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(alveolus_proto::transfer::MAX_MODEL_BYTES + 1)
+        .unwrap();
+    let ((ok, text), took) = start(huge.to_str().unwrap());
+    assert!(!ok && text.contains("larger than a model can be"), "{text}");
+    assert!(took.as_secs() < 10, "{took:?}");
+}
+
+#[test]
 fn training_flags_are_checked_before_training() {
     let project = project(&["alpha"]);
     let data = site_data(&project, "alpha", 0, 2);

@@ -331,3 +331,36 @@ async fn a_site_holds_at_most_eight_connections() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_carries_at_most_sixteen_streams() {
+    let project = project(&["alpha"]);
+    let _coordinator = start_coordinator(&project).await;
+    let mut admin = admin(&project).await;
+    let run = start_run(&mut admin, run_config(1, 1, 600), &tiny_model(4)).await;
+    let watch = |mut admin: pb::admin_client::AdminClient<_>, run_id: String| async move {
+        let mut events = admin
+            .watch_run(pb::GetRunRequest { run_id })
+            .await?
+            .into_inner();
+        events.message().await.map(|_| events)
+    };
+    // Watching a running run holds a stream open until the run ends.
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        open.push(watch(admin.clone(), run.run_id.clone()).await.unwrap());
+    }
+    // A seventeenth on the same connection waits for one of them to close.
+    let seventeenth = tokio::spawn(watch(admin.clone(), run.run_id.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !seventeenth.is_finished(),
+        "a seventeenth stream was opened"
+    );
+    open.pop();
+    tokio::time::timeout(Duration::from_secs(10), seventeenth)
+        .await
+        .expect("a closed stream frees its place")
+        .unwrap()
+        .unwrap();
+}

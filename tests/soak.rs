@@ -11,7 +11,9 @@ fn a_hundred_rounds_of_eight_sites_leave_memory_descriptors_and_tasks_flat() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_alveolus"))
-        .args(["bench", "soak", "--rounds", "100", "--sites", "8", "--every", "20"])
+        .args([
+            "bench", "soak", "--rounds", "100", "--sites", "8", "--every", "20",
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -26,7 +28,11 @@ fn a_hundred_rounds_of_eight_sites_leave_memory_descriptors_and_tasks_flat() {
     // Every sample is printed: 20, 40, ... 100.
     let samples = stdout
         .lines()
-        .filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<u32>().is_ok()))
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<u32>().is_ok())
+        })
         .count();
     assert_eq!(samples, 5, "{stdout}");
 }

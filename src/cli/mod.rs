@@ -22,21 +22,39 @@ use alveolus_models::spec::Norm;
 use alveolus_models::{ModelSpec, Weights};
 use anyhow::{Context, Result, bail};
 
-/// Reads a model file, refusing anything larger than a model can be (`/dev/zero` included)
-/// before it fills memory.
+/// Reads a model file, refusing anything larger than a model can be, and anything that is not
+/// a file (`/dev/zero`, a pipe), before it fills memory.
 pub fn read_model(path: &Path) -> Result<Weights> {
     use std::io::Read;
     let limit = alveolus_proto::transfer::MAX_MODEL_BYTES;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let metadata = file
+        .metadata()
         .with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.len() as u64 > limit {
+    if !metadata.is_file() {
         bail!(
+            "{} is not a regular file; a model is read from a file whose size is known",
+            path.display()
+        );
+    }
+    let too_large = || {
+        anyhow::anyhow!(
             "{} is larger than a model can be ({} GiB)",
             path.display(),
             limit >> 30
-        );
+        )
+    };
+    if metadata.len() > limit {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    // The file may grow while it is read: the limit holds for what is read, too.
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
     }
     Weights::decode(&bytes).with_context(|| format!("{} is not a model file", path.display()))
 }

@@ -1,6 +1,7 @@
 //! Faults the federation must outlive, with real agents and a coordinator process: a network
 //! that delays, throttles, resets and goes silent mid-transfer; the coordinator SIGKILLed at 20
-//! random moments (plain and secure rounds, uploads, checkpoint writes); and its disk filling up
+//! random moments (plain and secure rounds; half of them just as an update is accepted, while
+//! other uploads stream and the checkpoint is about to be written); and its disk filling up
 //! while it writes a checkpoint. Every finished round stays intact and every run completes.
 //!
 //! Slow (minutes), so it runs only with ALVEOLUS_SLOW_TESTS=1, as CI does. The disk test mounts
@@ -343,6 +344,21 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
             tokio::time::sleep(wait).await;
             let before = run_info(&project, &run.run_id).await;
             assert_kept(&seen, &before, "before a kill");
+            // Every other kill waits, after its random delay, for the next accepted update:
+            // the other sites' uploads are then streaming and the checkpoint is about to be
+            // written.
+            if kills % 2 == 1 {
+                let current = project.path(&log(kills));
+                let accepted = || {
+                    let text = std::fs::read_to_string(&current).unwrap_or_default();
+                    text.matches("update accepted").count()
+                };
+                let seen_before = accepted();
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until && accepted() == seen_before {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
             seen = before.rounds.clone();
             if before.state != RunState::Running || kills == KILLS {
                 break;

@@ -13,14 +13,14 @@ use alveolus_models::bench::median;
 use alveolus_models::{ModelSpec, Weights};
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
-    Metrics, RunConfig, RunState, SecureAggregationConfig, TrainingConfig, UpdateHeader,
+    Metrics, RunConfig, RunState, SecureAggregationConfig, TrainingConfig,
 };
 use alveolus_proto::pb::federation_client::FederationClient;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tonic::transport::Channel;
 
-use crate::simulated::{SimulatedFederation, fixed_update, take_task};
+use crate::simulated::{SimulatedFederation, fixed_update, push_plain, take_task};
 
 /// What secure aggregation costs against aggregation in the clear: bytes per site and round
 /// wall time with N simulated sites over mTLS; with --dice, the demo's final Dice with DP at the
@@ -160,17 +160,7 @@ async fn measure(
                 push_update(&mut client, header, &bytes, &mut traffic).await?;
                 secure::reveal(&mut client, &task, &session, &mut traffic).await?;
             } else {
-                let bytes = update.encode();
-                let header = UpdateHeader {
-                    run_id: task.run_id.clone(),
-                    round: task.round,
-                    base_version: task.model_version.clone(),
-                    num_samples: 10,
-                    metrics,
-                    total_bytes: bytes.len() as u64,
-                    masked: false,
-                };
-                push_update(&mut client, header, &bytes, &mut traffic).await?;
+                push_plain(&mut client, &task, &update, metrics, &mut traffic).await?;
             }
             anyhow::Ok(traffic)
         }));

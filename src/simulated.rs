@@ -5,12 +5,13 @@
 
 use std::path::PathBuf;
 
+use alveolus_agent::transport::{Traffic, push_update};
 use alveolus_coordinator::CoordinatorSettings;
 use alveolus_coordinator::provision::{ProvisionRequest, provision};
 use alveolus_models::Weights;
 use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::client::AdminClient;
-use alveolus_proto::domain::{Task, TrainTask};
+use alveolus_proto::domain::{Metrics, Task, TrainTask, UpdateHeader};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use anyhow::{Context, Result};
@@ -120,6 +121,28 @@ pub fn fixed_update(model: &Weights) -> Weights {
         }
     }
     update
+}
+
+/// Answers `task` with `update` in the clear, as an agent would, claiming 10 samples.
+pub async fn push_plain(
+    client: &mut FederationClient<Channel>,
+    task: &TrainTask,
+    update: &Weights,
+    metrics: Metrics,
+    traffic: &mut Traffic,
+) -> Result<()> {
+    let bytes = update.encode();
+    let header = UpdateHeader {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        base_version: task.model_version.clone(),
+        num_samples: 10,
+        metrics,
+        total_bytes: bytes.len() as u64,
+        masked: false,
+    };
+    push_update(client, header, &bytes, traffic).await?;
+    Ok(())
 }
 
 /// The next training task, long-polled as an agent does.

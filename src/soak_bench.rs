@@ -7,13 +7,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use alveolus_agent::transport::{Traffic, pull_model, push_update};
+use alveolus_agent::transport::{Traffic, pull_model};
 use alveolus_models::ModelSpec;
-use alveolus_proto::domain::{Metrics, RunConfig, RunState, TrainingConfig, UpdateHeader};
+use alveolus_proto::domain::{Metrics, RunConfig, RunState, TrainingConfig};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 
-use crate::simulated::{SimulatedFederation, fixed_update, take_task};
+use crate::simulated::{SimulatedFederation, fixed_update, push_plain, take_task};
 
 /// A long run's resources, sampled every few rounds: they must stay flat.
 #[derive(Args)]
@@ -62,20 +62,18 @@ pub async fn run(options: SoakOptions) -> Result<()> {
                 let task = take_task(&mut client).await?;
                 // What an agent does, without the training: the model is pulled and decoded.
                 let _global = pull_model(&mut client, &task.model_version).await?;
-                let bytes = update.encode();
-                let header = UpdateHeader {
-                    run_id: task.run_id.clone(),
-                    round: task.round,
-                    base_version: task.model_version.clone(),
-                    num_samples: 10,
-                    metrics: Metrics {
-                        loss: 0.5,
-                        dice: 0.5,
-                    },
-                    total_bytes: bytes.len() as u64,
-                    masked: false,
+                let metrics = Metrics {
+                    loss: 0.5,
+                    dice: 0.5,
                 };
-                push_update(&mut client, header, &bytes, &mut Traffic::default()).await?;
+                push_plain(
+                    &mut client,
+                    &task,
+                    &update,
+                    metrics,
+                    &mut Traffic::default(),
+                )
+                .await?;
             }
             #[allow(unreachable_code)]
             anyhow::Ok(())

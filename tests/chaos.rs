@@ -33,22 +33,6 @@ fn slow_tests_enabled() -> bool {
 
 const SITES: [&str; 3] = ["alpha", "beta", "gamma"];
 
-/// A coordinator process serving `project`'s state on `port`, logging to `log`.
-fn coordinator_on(project: &Project, port: u16, log: &str) -> Process {
-    spawn(
-        &[
-            "coordinator",
-            "--kit",
-            project.coordinator_kit().to_str().unwrap(),
-            "--state",
-            project.state().to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &project.path(log),
-    )
-}
-
 fn agents(project: &Project) -> Vec<Process> {
     SITES
         .iter()
@@ -224,7 +208,7 @@ async fn agents_behind_a_faulty_network_finish_every_round() {
     let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let project = project_on(proxy.local_addr().unwrap().port(), "lungs", &SITES);
     let coordinator_port = free_port();
-    let _coordinator = coordinator_on(&project, coordinator_port, "coordinator.log");
+    let _coordinator = spawn_coordinator_on(&project, coordinator_port, "coordinator.log");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", coordinator_port)).is_err() {
         assert!(Instant::now() < deadline, "the coordinator did not start");
@@ -319,7 +303,7 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
     let mut rng = StdRng::seed_from_u64(seed);
     let project = project(&SITES);
     let log = |n: u32| format!("coordinator-{n}.log");
-    let mut coordinator = coordinator_on(&project, project.port, &log(0));
+    let mut coordinator = spawn_coordinator_on(&project, project.port, &log(0));
     let _agents = agents(&project);
     wait_for_sites(&mut admin(&project).await, &SITES).await;
 
@@ -377,7 +361,7 @@ async fn a_coordinator_killed_at_twenty_random_moments_loses_no_finished_round()
                 seen.len(),
                 last_line(&project.path(&log(kills - 1)))
             );
-            coordinator = coordinator_on(&project, project.port, &log(kills));
+            coordinator = spawn_coordinator_on(&project, project.port, &log(kills));
             let after = run_info(&project, &run.run_id).await;
             assert_kept(&seen, &after, "after a restart");
             seen = after.rounds;

@@ -169,6 +169,12 @@ pub fn spawn_agent(project: &Project, site: &str, data: &Path) -> Process {
 }
 
 pub fn spawn_coordinator(project: &Project) -> Process {
+    spawn_coordinator_on(project, project.port, "coordinator.log")
+}
+
+/// A coordinator process on `port` (the kits may name a proxy in front of it), logging to `log`
+/// in the project's folder.
+pub fn spawn_coordinator_on(project: &Project, port: u16, log: &str) -> Process {
     spawn(
         &[
             "coordinator",
@@ -177,9 +183,9 @@ pub fn spawn_coordinator(project: &Project) -> Process {
             "--state",
             project.state().to_str().unwrap(),
             "--listen",
-            &format!("127.0.0.1:{}", project.port),
+            &format!("127.0.0.1:{port}"),
         ],
-        &project.path("coordinator.log"),
+        &project.path(log),
     )
 }
 

@@ -3,11 +3,22 @@
 //! spacing from those positions (Slice Thickness can differ from it), stored values rescaled to
 //! HU. Compressed pixel data goes through dicom-pixeldata's pure-Rust codecs.
 
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_core::Tag;
+use dicom_core::header::{HasLength, Header, Length};
+use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::decode::Decode;
+use dicom_encoding::decode::explicit_le::ExplicitVRLittleEndianDecoder;
+use dicom_encoding::{Codec, TransferSyntax, TransferSyntaxIndex};
+use dicom_object::{DefaultDicomObject, FileMetaTable, InMemDicomObject, OpenFileOptions};
+use dicom_parser::DataSetReader;
+use dicom_parser::dataset::DataToken;
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::ReadError;
 use crate::volume::{Geometry, Volume, cross, dot};
@@ -81,6 +92,7 @@ pub(crate) struct SliceHeader {
 }
 
 pub(crate) fn open_header(path: &Path) -> Result<DefaultDicomObject, ReadError> {
+    check_value_lengths(path, true)?;
     OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
         .open_file(path)
@@ -88,8 +100,203 @@ pub(crate) fn open_header(path: &Path) -> Result<DefaultDicomObject, ReadError> 
 }
 
 pub(crate) fn open_full_object(path: &Path) -> Result<DefaultDicomObject, ReadError> {
+    check_value_lengths(path, false)?;
     dicom_object::open_file(path)
         .map_err(|e| ReadError::new(path, format!("not a readable DICOM file: {e}")))
+}
+
+/// Refuses a file in which a value is longer than what follows its header. dicom-object
+/// allocates each value as long as its header says before reading it, so a few damaged bytes
+/// (a length of 0xF8300002) would otherwise cost gigabytes. The file is parsed first as
+/// dicom-object parses it (the same buffered reader, preamble, file meta group, then the data set
+/// in its transfer syntax with the same parser) and each header is held against the bytes left
+/// before its value is read; with `header_only`, only as far as [`open_header`] reads. Anything
+/// else wrong is left to dicom-object, which names it.
+fn check_value_lengths(path: &Path, header_only: bool) -> Result<(), ReadError> {
+    let too_long = |tag: Tag, declared: u32, left: u64| {
+        ReadError::new(
+            path,
+            format!(
+                "not a readable DICOM file: {tag} declares a value of {declared} bytes, but only {left} bytes follow it"
+            ),
+        )
+    };
+    let Ok(file) = File::open(path) else {
+        return Ok(());
+    };
+    let Ok(file_len) = file.metadata().map(|m| m.len()) else {
+        return Ok(());
+    };
+    // Read exactly as dicom-object reads: a deflated data set then inflates in the same pieces,
+    // and a damaged one fails at the same byte.
+    let mut source = BufReader::new(file);
+    let preamble = match source.fill_buf() {
+        Ok(head) if head.len() >= 132 && head[128..132] == *b"DICM" => true,
+        Ok(head) if head.len() >= 4 && head[..4] == *b"DICM" => false,
+        _ => return Ok(()),
+    };
+    if preamble && source.read_exact(&mut [0u8; 128]).is_err() {
+        return Ok(());
+    }
+    check_meta_lengths(path, if preamble { 128 } else { 0 }, file_len, too_long)?;
+    let Ok(meta) = FileMetaTable::from_reader(&mut source) else {
+        return Ok(());
+    };
+    let Ok(data_set_start) = source.stream_position() else {
+        return Ok(());
+    };
+    let Some(syntax) = TransferSyntaxRegistry.get(meta.transfer_syntax()) else {
+        return Ok(());
+    };
+    let file_left = file_len.saturating_sub(data_set_start);
+    let read = Cell::new(0u64);
+    match syntax.codec() {
+        Codec::Dataset(Some(adapter)) => {
+            // How far a damaged stream inflates depends on how it is read; a sound stream
+            // inflates to at most MAX_DEFLATE_RATIO times its size.
+            let stream = Counted {
+                inner: adapter.adapt_reader(Box::new(source)),
+                count: &read,
+            };
+            let left = || {
+                file_left
+                    .saturating_mul(MAX_DEFLATE_RATIO)
+                    .saturating_sub(read.get())
+            };
+            check_data_set(stream, syntax, header_only, left, too_long)
+        }
+        Codec::Dataset(None) => Ok(()),
+        Codec::None | Codec::EncapsulatedPixelData(..) => {
+            let stream = Counted {
+                inner: source,
+                count: &read,
+            };
+            let left = || file_left.saturating_sub(read.get());
+            check_data_set(stream, syntax, header_only, left, too_long)
+        }
+    }
+}
+
+/// Deflate's best case: a 258-byte match in two bits.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// The file meta group part of [`check_value_lengths`], read on a handle of its own: the group
+/// (after the magic code at `start`) is explicit VR little endian and as long as its group length
+/// says, as dicom-object reads it.
+fn check_meta_lengths(
+    path: &Path,
+    start: u64,
+    file_len: u64,
+    too_long: impl Fn(Tag, u32, u64) -> ReadError,
+) -> Result<(), ReadError> {
+    let Ok(file) = File::open(path) else {
+        return Ok(());
+    };
+    let offset = Cell::new(start);
+    let mut source = Counted {
+        inner: BufReader::new(file),
+        count: &offset,
+    };
+    if source.inner.seek(SeekFrom::Start(start)).is_err()
+        || source.read_exact(&mut [0u8; 4]).is_err()
+    {
+        return Ok(());
+    }
+    let file_left = || file_len.saturating_sub(offset.get());
+    let decoder = ExplicitVRLittleEndianDecoder::default();
+    match decoder.decode_header(&mut source) {
+        Ok((header, _)) if header.tag() == Tag(0x0002, 0x0000) && header.length() == Length(4) => {}
+        _ => return Ok(()),
+    }
+    let mut word = [0u8; 4];
+    if source.read_exact(&mut word).is_err() {
+        return Ok(());
+    }
+    let group_length = u32::from_le_bytes(word);
+    let mut meta_read = 0u32;
+    while meta_read < group_length {
+        let Ok((header, header_bytes)) = decoder.decode_header(&mut source) else {
+            return Ok(());
+        };
+        let Some(len) = header.length().get() else {
+            return Ok(());
+        };
+        if u64::from(len) > file_left() {
+            return Err(too_long(header.tag(), len, file_left()));
+        }
+        if io::copy(&mut (&mut source).take(u64::from(len)), &mut io::sink()).is_err() {
+            return Ok(());
+        }
+        meta_read = meta_read
+            .saturating_add(header_bytes as u32)
+            .saturating_add(len);
+    }
+    Ok(())
+}
+
+/// The data set part of [`check_value_lengths`]: `left` says how many bytes the stream has left.
+fn check_data_set(
+    stream: impl Read,
+    syntax: &TransferSyntax,
+    header_only: bool,
+    left: impl Fn() -> u64,
+    too_long: impl Fn(Tag, u32, u64) -> ReadError,
+) -> Result<(), ReadError> {
+    let Ok(reader) = DataSetReader::new_with_ts(stream, syntax) else {
+        return Ok(());
+    };
+    // The sequences entered, each marked when it holds pixel data fragments rather than items
+    // of elements: dicom-object stops a header read at the top level only.
+    let mut open: Vec<bool> = Vec::new();
+    for token in reader {
+        let Ok(token) = token else {
+            return Ok(());
+        };
+        let stops = |tag: Tag| header_only && open.is_empty() && tag >= tags::PIXEL_DATA;
+        // The tokens after which the reader reads a value as long as the header says.
+        let (tag, declared) = match token {
+            DataToken::ElementHeader(header) if stops(header.tag) => return Ok(()),
+            DataToken::ElementHeader(header) => (header.tag, header.len),
+            DataToken::SequenceStart { tag, .. } if stops(tag) => return Ok(()),
+            DataToken::PixelSequenceStart if stops(tags::PIXEL_DATA) => return Ok(()),
+            DataToken::SequenceStart { .. } => {
+                open.push(false);
+                continue;
+            }
+            DataToken::PixelSequenceStart => {
+                open.push(true);
+                continue;
+            }
+            DataToken::SequenceEnd => {
+                open.pop();
+                continue;
+            }
+            DataToken::ItemStart { len } if open.last() == Some(&true) => {
+                (Tag(0xFFFE, 0xE000), len)
+            }
+            _ => continue,
+        };
+        if let Some(declared) = declared.get()
+            && u64::from(declared) > left()
+        {
+            return Err(too_long(tag, declared, left()));
+        }
+    }
+    Ok(())
+}
+
+/// A reader that counts the bytes it delivers.
+struct Counted<'a, R> {
+    inner: R,
+    count: &'a Cell<u64>,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
 }
 
 pub(crate) fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
@@ -237,11 +444,16 @@ pub fn read_series(path: &Path) -> Result<CtImage, ReadError> {
         ));
     }
     let (geometry, order) = series_geometry(path, &headers)?;
-    let mut voxels = Vec::with_capacity(geometry.voxel_count());
+    let mut voxels = Vec::new();
     let mut padding_hu = None;
     for &i in &order {
         let header = &headers[i];
         let (slice, padding) = read_hu(&header.path, header.rows * header.columns)?;
+        if voxels.is_empty() {
+            // Reserved from a slice actually read: the headers alone can promise 65535x65535
+            // pixels a slice in a few hundred bytes.
+            voxels.reserve_exact(slice.len().saturating_mul(order.len()));
+        }
         if padding.is_some() {
             padding_hu = padding;
         }
@@ -429,6 +641,21 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
             native_samples(&value.to_bytes(), bits, bits_stored, signed, expected)
                 .map_err(|e| ReadError::new(path, e))?
         }
+        Some(dicom_core::DicomValue::PixelSequence(sequence))
+            if obj.meta().transfer_syntax() == uids::RLE_LOSSLESS =>
+        {
+            let samples = uint(&obj, tags::SAMPLES_PER_PIXEL, path, "Samples per Pixel")?;
+            if samples.is_some_and(|n| n != 1) {
+                return Err(ReadError::new(
+                    path,
+                    "colour image: a CT slice has one sample per pixel",
+                ));
+            }
+            let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
+            let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
+            rle_samples(sequence.fragments(), bits, bits_stored, signed, expected)
+                .map_err(|e| ReadError::new(path, e))?
+        }
         Some(_) => {
             let syntax = obj
                 .meta()
@@ -490,6 +717,107 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
     Ok((hu, padding.map(|p| (p * slope + intercept) as f32)))
 }
 
+/// RLE Lossless (DICOM PS3.5 annex G), decoded here rather than by dicom-pixeldata, whose
+/// decoder indexes past the end of a short or damaged segment: one fragment holding a 64-byte
+/// header (the number of segments, then where each starts) and one PackBits segment per byte of
+/// the sample, most significant first.
+fn rle_samples(
+    fragments: &[Vec<u8>],
+    bits: usize,
+    bits_stored: usize,
+    signed: bool,
+    expected: usize,
+) -> Result<Vec<f64>, String> {
+    let [fragment] = fragments else {
+        return Err(format!(
+            "{} fragments of RLE pixel data; a single-frame image has one",
+            fragments.len()
+        ));
+    };
+    if !matches!(bits, 8 | 16) {
+        return Err(format!(
+            "{bits} bits allocated in RLE pixel data; CT is stored in 8 or 16"
+        ));
+    }
+    if fragment.len() < RLE_HEADER {
+        return Err(format!(
+            "the RLE fragment holds {} bytes, less than its {RLE_HEADER}-byte header",
+            fragment.len()
+        ));
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes(fragment[at..at + 4].try_into().expect("four bytes")) as usize
+    };
+    let width = bits / 8;
+    let segments = word(0);
+    if segments != width {
+        return Err(format!(
+            "{segments} RLE segments where one {bits}-bit sample per pixel has {width}"
+        ));
+    }
+    let mut planes = Vec::with_capacity(width);
+    for s in 0..width {
+        let start = word(4 + 4 * s);
+        let end = if s + 1 < width {
+            word(8 + 4 * s)
+        } else {
+            fragment.len()
+        };
+        let segment = fragment
+            .get(start..end)
+            .filter(|_| start >= RLE_HEADER)
+            .ok_or_else(|| {
+                format!(
+                    "RLE segment {} at bytes {start}..{end} is not inside its {}-byte fragment",
+                    s + 1,
+                    fragment.len()
+                )
+            })?;
+        planes.push(unpack_bits(segment, expected).ok_or_else(|| {
+            format!(
+                "RLE segment {} ends before the {expected} bytes of the slice",
+                s + 1
+            )
+        })?);
+    }
+    // Back to little-endian samples, for the one reading of stored values.
+    let mut bytes = Vec::with_capacity(expected * width);
+    for k in 0..expected {
+        bytes.extend(planes.iter().rev().map(|plane| plane[k]));
+    }
+    native_samples(&bytes, bits, bits_stored, signed, expected)
+}
+
+/// Where an RLE fragment's segments may start.
+const RLE_HEADER: usize = 64;
+
+/// The first `wanted` bytes a PackBits segment unpacks to: a header byte n, then n + 1 bytes as
+/// they are (n from 0 to 127) or one byte repeated 1 - n times (n from -127 to -1; -128 is
+/// nothing). None where the segment ends first.
+fn unpack_bits(segment: &[u8], wanted: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while out.len() < wanted {
+        let n = *segment.get(at)? as i8;
+        at += 1;
+        match n {
+            0.. => {
+                let literal = segment.get(at..at + n as usize + 1)?;
+                out.extend_from_slice(literal);
+                at += literal.len();
+            }
+            -127..=-1 => {
+                let byte = *segment.get(at)?;
+                at += 1;
+                out.resize(out.len() + (1 - isize::from(n)) as usize, byte);
+            }
+            -128 => {}
+        }
+    }
+    out.truncate(wanted);
+    Some(out)
+}
+
 /// Little-endian native samples as numbers: `bits` allocated per sample, the low `bits_stored`
 /// of them meaningful (two's complement when `signed`).
 fn native_samples(
@@ -505,20 +833,23 @@ fn native_samples(
         ));
     }
     let width = bits / 8;
-    if bytes.len() < expected * width {
-        return Err(format!(
-            "pixel data holds {} bytes, {expected} pixels of {bits} bits need {}",
-            bytes.len(),
-            expected * width
-        ));
-    }
+    let needed = expected
+        .checked_mul(width)
+        .filter(|&n| n <= bytes.len())
+        .ok_or_else(|| {
+            format!(
+                "pixel data holds {} bytes, {expected} pixels of {bits} bits need {}",
+                bytes.len(),
+                expected as u128 * width as u128
+            )
+        })?;
     let mask = if bits_stored == 32 {
         u32::MAX
     } else {
         (1u32 << bits_stored) - 1
     };
     let sign_bit = 1u32 << (bits_stored - 1);
-    Ok(bytes[..expected * width]
+    Ok(bytes[..needed]
         .chunks_exact(width)
         .map(|b| {
             let raw = b
@@ -533,4 +864,50 @@ fn native_samples(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A length field damaged into gigabytes is refused from the bytes left in the file, before
+    /// dicom-object allocates what it declares.
+    #[test]
+    fn a_value_longer_than_its_file_is_refused_before_it_is_read() {
+        let real = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../data/readers/dicom/pydicom_CT_small.dcm"),
+        )
+        .unwrap();
+        let pixel_data = real
+            .windows(6)
+            .position(|w| w == b"\xe0\x7f\x10\x00OW")
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let damaged = |name: &str, length_at: usize| {
+            let mut bytes = real.clone();
+            bytes[length_at..length_at + 4].copy_from_slice(&0xF000_0000u32.to_le_bytes());
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let declared = "declares a value of 4026531840 bytes";
+
+        let pixels = damaged("pixels.dcm", pixel_data + 8);
+        // The header stops before Pixel Data, as dicom-object's header read does.
+        open_header(&pixels).unwrap();
+        let err = read_series(&pixels).unwrap_err();
+        assert!(
+            err.message.contains(&format!("(7FE0,0010) {declared}")),
+            "{err}"
+        );
+
+        // (0002,0001) in the file meta group, right after the group length.
+        let meta = damaged("meta.dcm", 132 + 12 + 8);
+        let err = open_header(&meta).unwrap_err();
+        assert!(
+            err.message.contains(&format!("(0002,0001) {declared}")),
+            "{err}"
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod dicom;
 pub mod dicom_write;
 pub mod evaluate;
+pub mod fuzzing;
 pub mod lung;
 pub mod nifti;
 pub mod outputs;

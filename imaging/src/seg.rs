@@ -181,10 +181,14 @@ pub fn read_seg(path: &Path, grid: &Geometry, series_uid: &str) -> Result<Volume
                 if !present(frame * frame_pixels + r * columns + c) {
                     continue;
                 }
-                let index: [i64; 3] = std::array::from_fn(|a| {
-                    start[a] + c as i64 * row_step[a] + r as i64 * column_step[a]
+                // Wide enough for a start anywhere an i64 reaches, as a far-off frame's does.
+                let index: [i128; 3] = std::array::from_fn(|a| {
+                    i128::from(start[a])
+                        + c as i128 * i128::from(row_step[a])
+                        + r as i128 * i128::from(column_step[a])
                 });
-                let inside = (0..3).all(|a| index[a] >= 0 && (index[a] as usize) < grid.size[a]);
+                let inside =
+                    (0..3).all(|a| index[a] >= 0 && (index[a] as u128) < grid.size[a] as u128);
                 if !inside {
                     return Err(frame_err("reaches outside the series' volume"));
                 }

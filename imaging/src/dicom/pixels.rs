@@ -1,0 +1,150 @@
+//! Stored pixel values as numbers: native little-endian samples, and RLE Lossless.
+
+/// RLE Lossless (DICOM PS3.5 annex G), decoded here rather than by dicom-pixeldata, whose
+/// decoder indexes past the end of a short or damaged segment: one fragment holding a 64-byte
+/// header (the number of segments, then where each starts) and one PackBits segment per byte of
+/// the sample, most significant first.
+pub(super) fn rle_samples(
+    fragments: &[Vec<u8>],
+    bits: usize,
+    bits_stored: usize,
+    signed: bool,
+    expected: usize,
+) -> Result<Vec<f64>, String> {
+    let [fragment] = fragments else {
+        return Err(format!(
+            "{} fragments of RLE pixel data; a single-frame image has one",
+            fragments.len()
+        ));
+    };
+    if !matches!(bits, 8 | 16) {
+        return Err(format!(
+            "{bits} bits allocated in RLE pixel data; CT is stored in 8 or 16"
+        ));
+    }
+    if fragment.len() < RLE_HEADER {
+        return Err(format!(
+            "the RLE fragment holds {} bytes, less than its {RLE_HEADER}-byte header",
+            fragment.len()
+        ));
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes(fragment[at..at + 4].try_into().expect("four bytes")) as usize
+    };
+    let width = bits / 8;
+    let segments = word(0);
+    if segments != width {
+        return Err(format!(
+            "{segments} RLE segments where one {bits}-bit sample per pixel has {width}"
+        ));
+    }
+    let mut planes = Vec::with_capacity(width);
+    for s in 0..width {
+        let start = word(4 + 4 * s);
+        let end = if s + 1 < width {
+            word(8 + 4 * s)
+        } else {
+            fragment.len()
+        };
+        let segment = fragment
+            .get(start..end)
+            .filter(|_| start >= RLE_HEADER)
+            .ok_or_else(|| {
+                format!(
+                    "RLE segment {} at bytes {start}..{end} is not inside its {}-byte fragment",
+                    s + 1,
+                    fragment.len()
+                )
+            })?;
+        planes.push(unpack_bits(segment, expected).ok_or_else(|| {
+            format!(
+                "RLE segment {} ends before the {expected} bytes of the slice",
+                s + 1
+            )
+        })?);
+    }
+    // Back to little-endian samples, for the one reading of stored values.
+    let mut bytes = Vec::with_capacity(expected * width);
+    for k in 0..expected {
+        bytes.extend(planes.iter().rev().map(|plane| plane[k]));
+    }
+    native_samples(&bytes, bits, bits_stored, signed, expected)
+}
+
+/// Where an RLE fragment's segments may start.
+const RLE_HEADER: usize = 64;
+
+/// The first `wanted` bytes a PackBits segment unpacks to: a header byte n, then n + 1 bytes as
+/// they are (n from 0 to 127) or one byte repeated 1 - n times (n from -127 to -1; -128 is
+/// nothing). None where the segment ends first.
+fn unpack_bits(segment: &[u8], wanted: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while out.len() < wanted {
+        let n = *segment.get(at)? as i8;
+        at += 1;
+        match n {
+            0.. => {
+                let literal = segment.get(at..at + n as usize + 1)?;
+                out.extend_from_slice(literal);
+                at += literal.len();
+            }
+            -127..=-1 => {
+                let byte = *segment.get(at)?;
+                at += 1;
+                out.resize(out.len() + (1 - isize::from(n)) as usize, byte);
+            }
+            -128 => {}
+        }
+    }
+    out.truncate(wanted);
+    Some(out)
+}
+
+/// Little-endian native samples as numbers: `bits` allocated per sample, the low `bits_stored`
+/// of them meaningful (two's complement when `signed`).
+pub(super) fn native_samples(
+    bytes: &[u8],
+    bits: usize,
+    bits_stored: usize,
+    signed: bool,
+    expected: usize,
+) -> Result<Vec<f64>, String> {
+    if !matches!(bits, 8 | 16 | 32) || bits_stored == 0 || bits_stored > bits {
+        return Err(format!(
+            "{bits} bits allocated with {bits_stored} stored is not a CT pixel layout"
+        ));
+    }
+    let width = bits / 8;
+    let needed = expected
+        .checked_mul(width)
+        .filter(|&n| n <= bytes.len())
+        .ok_or_else(|| {
+            format!(
+                "pixel data holds {} bytes, {expected} pixels of {bits} bits need {}",
+                bytes.len(),
+                expected as u128 * width as u128
+            )
+        })?;
+    let mask = if bits_stored == 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits_stored) - 1
+    };
+    let sign_bit = 1u32 << (bits_stored - 1);
+    Ok(bytes[..needed]
+        .chunks_exact(width)
+        .map(|b| {
+            let raw = b
+                .iter()
+                .rev()
+                .fold(0u32, |acc, &byte| (acc << 8) | byte as u32)
+                & mask;
+            if signed && raw & sign_bit != 0 {
+                raw as f64 - (mask as f64 + 1.0)
+            } else {
+                raw as f64
+            }
+        })
+        .collect())
+}

@@ -3,6 +3,7 @@
 //! spacing from those positions (Slice Thickness can differ from it), stored values rescaled to
 //! HU. Compressed pixel data goes through dicom-pixeldata's pure-Rust codecs.
 
+mod coded;
 mod lengths;
 mod pixels;
 
@@ -12,6 +13,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 
+use self::coded::{Frame, check_coded_frame};
 use self::lengths::check_value_lengths;
 use self::pixels::{native_samples, rle_samples};
 use crate::ReadError;
@@ -456,12 +458,22 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
             rle_samples(sequence.fragments(), bits, bits_stored, signed, expected)
                 .map_err(|e| ReadError::new(path, e))?
         }
-        Some(_) => {
+        Some(value) => {
             let syntax = obj
                 .meta()
                 .transfer_syntax()
                 .trim_end_matches('\0')
                 .to_string();
+            if let dicom_core::DicomValue::PixelSequence(sequence) = value {
+                let frame = Frame {
+                    rows: uint(&obj, tags::ROWS, path, "Rows")?.unwrap_or(0),
+                    columns: uint(&obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0),
+                    bits_allocated: uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?
+                        .unwrap_or(0),
+                };
+                let data: Vec<u8> = sequence.fragments().concat();
+                check_coded_frame(&syntax, &data, frame).map_err(|e| ReadError::new(path, e))?;
+            }
             let decoded = obj.decode_pixel_data().map_err(|e| {
                 ReadError::new(
                     path,

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_models::train::{TrainError, train};
@@ -17,6 +18,7 @@ use alveolus_proto::kit::ClientKit;
 use alveolus_proto::sha256_hex;
 
 use crate::error::AgentError;
+use crate::metrics::AgentMetrics;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
 use crate::transport::{
@@ -33,6 +35,8 @@ pub struct AgentOptions {
     pub max_backoff: Duration,
     /// How long one long-poll may be held by the coordinator.
     pub poll_seconds: u32,
+    /// Counted whether or not anyone scrapes them; `alveolus agent --metrics` serves them.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl Default for AgentOptions {
@@ -42,6 +46,7 @@ impl Default for AgentOptions {
             audit_dir: None,
             max_backoff: Duration::from_secs(30),
             poll_seconds: 25,
+            metrics: Arc::default(),
         }
     }
 }
@@ -96,6 +101,7 @@ impl Agent {
                     return Err(e);
                 }
                 Err(e) => {
+                    self.options.metrics.reconnecting();
                     tracing::warn!("{e}; reconnecting in {:.1}s", backoff.as_secs_f32());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
@@ -164,6 +170,20 @@ impl Agent {
         // Under secure aggregation the keys are exchanged first, while every site is still
         // waiting for the round, so that training is not held up by the slowest site.
         let mut traffic = Traffic::default();
+        self.options.metrics.round_given(task.round);
+        let outcome = self.take_part(client, &task, &mut traffic).await;
+        self.options.metrics.traffic(traffic.sent, traffic.received);
+        outcome
+    }
+
+    /// A round's work: keys (secure aggregation), pull, training, push, reveal. Counts the
+    /// round's protocol traffic in `traffic` (the model download goes straight to the metrics).
+    async fn take_part(
+        &mut self,
+        client: &mut Federation,
+        task: &TrainTask,
+        traffic: &mut Traffic,
+    ) -> Result<(), AgentError> {
         let session = match task.secure_aggregation {
             None => None,
             Some(secure) => {
@@ -172,13 +192,8 @@ impl Agent {
                     threshold = secure.threshold,
                     "exchanging keys for secure aggregation"
                 );
-                match crate::secure::join_round(
-                    client,
-                    &task,
-                    &self.kit.identity.name,
-                    &mut traffic,
-                )
-                .await
+                match crate::secure::join_round(client, task, &self.kit.identity.name, traffic)
+                    .await
                 {
                     Ok(session) => Some(session),
                     Err(e) => return skip_round(task.round, e),
@@ -186,7 +201,8 @@ impl Agent {
             }
         };
         tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
-        let global = pull_model(client, &task.model_version).await?;
+        let (global, model_bytes) = pull_model(client, &task.model_version).await?;
+        self.options.metrics.traffic(0, model_bytes);
         let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
         self.refresh_data();
         let slices = match &self.prepared {
@@ -225,6 +241,9 @@ impl Agent {
         })
         .await;
         let outcome = training_ended(outcome)??;
+        self.options
+            .metrics
+            .trained(started.elapsed(), outcome.samples);
         let mut update = outcome
             .weights
             .minus(&start)
@@ -264,11 +283,14 @@ impl Agent {
                 };
             let (header, bytes) = crate::secure::masked_message(&task, &words);
             self.keep_audit_copy(&header, &bytes)?;
-            match push_update(client, header, &bytes, &mut traffic).await {
-                Ok(reports) => tracing::info!(round, reports, "masked update accepted"),
+            match push_update(client, header, &bytes, traffic).await {
+                Ok(reports) => {
+                    self.options.metrics.update_accepted();
+                    tracing::info!(round, reports, "masked update accepted")
+                }
                 Err(s) => return skip_round(round, s.into()),
             }
-            return match crate::secure::reveal(client, &task, &session, &mut traffic).await {
+            return match crate::secure::reveal(client, task, &session, traffic).await {
                 Ok(survivors) => {
                     tracing::info!(
                         round,
@@ -293,8 +315,9 @@ impl Agent {
             masked: false,
         };
         self.keep_audit_copy(&header, &bytes)?;
-        match push_update(client, header, &bytes, &mut traffic).await {
+        match push_update(client, header, &bytes, traffic).await {
             Ok(reports) => {
+                self.options.metrics.update_accepted();
                 tracing::info!(round, reports, sent_bytes = traffic.sent, "update accepted");
                 Ok(())
             }

@@ -6,10 +6,12 @@
 
 pub mod client;
 pub mod error;
+pub mod metrics;
 pub mod secure;
 pub mod site_data;
 pub mod transport;
 
 pub use client::{AgentOptions, run_agent};
 pub use error::AgentError;
+pub use metrics::AgentMetrics;
 pub use site_data::SiteData;

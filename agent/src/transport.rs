@@ -115,7 +115,11 @@ pub async fn push_update(
 }
 
 /// Downloads a model version and checks size, digest and that the digest is the version.
-pub async fn pull_model(client: &mut Federation, version: &str) -> Result<Weights, AgentError> {
+/// Returns the model and its size in bytes.
+pub async fn pull_model(
+    client: &mut Federation,
+    version: &str,
+) -> Result<(Weights, u64), AgentError> {
     let stream = client
         .pull_model(pb::PullModelRequest {
             version: version.to_string(),
@@ -127,7 +131,8 @@ pub async fn pull_model(client: &mut Federation, version: &str) -> Result<Weight
         ModelReceiveError::Receive(ReceiveError::Stream(status)) => status_error(status),
         e => AgentError::Transfer(e.to_string()),
     })?;
-    Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))
+    let weights = Weights::decode(&bytes).map_err(|e| AgentError::Transfer(e.to_string()))?;
+    Ok((weights, bytes.len() as u64))
 }
 
 #[cfg(test)]

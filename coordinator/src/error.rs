@@ -72,6 +72,41 @@ impl From<ReceiveError> for CoordinatorError {
     }
 }
 
+impl CoordinatorError {
+    /// A short, fixed name for the metrics' `reason` label: one word per kind of refusal,
+    /// never the message (which can hold numbers and names without bound).
+    pub fn reason(&self) -> &'static str {
+        use CoordinatorError as E;
+        match self {
+            E::Unauthenticated(_) => "unauthenticated",
+            E::PermissionDenied(_) => "permission_denied",
+            E::ProtocolVersion { .. } => "protocol_version",
+            E::NoActiveRun => "no_active_run",
+            E::RunInProgress { .. } => "run_in_progress",
+            E::WrongRun { .. } => "wrong_run",
+            E::WrongRound { .. } => "wrong_round",
+            E::RoundClosing { .. } => "round_closing",
+            E::WrongBase { .. } => "wrong_base",
+            E::AlreadyReported { .. } => "already_reported",
+            E::UpdateNorm { .. } => "update_norm",
+            E::RefusedThisRound { .. } => "refused_this_round",
+            E::SecureAggregation(_) => "secure_aggregation",
+            E::Busy(_) => "busy",
+            E::TooMany { .. } => "too_many",
+            E::NoUploadSlot { .. } => "no_upload_slot",
+            E::Aggregation { .. } => "aggregation",
+            E::UnknownRun(_) => "unknown_run",
+            E::UnknownVersion(_) => "unknown_version",
+            E::Domain(_) => "invalid_message",
+            E::Transfer(_) => "transfer",
+            E::Weights(_) => "weights",
+            E::Stream(_) => "stream",
+            E::Tls(_) => "tls",
+            E::Store(_) => "store",
+        }
+    }
+}
+
 impl From<CoordinatorError> for Status {
     fn from(error: CoordinatorError) -> Status {
         use CoordinatorError as E;

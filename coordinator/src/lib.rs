@@ -10,6 +10,7 @@ pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod provision;
 pub mod roster;
 pub mod round;
@@ -63,6 +64,17 @@ pub async fn run(
     settings: CoordinatorSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    run_with_metrics(listener, None, settings, shutdown).await
+}
+
+/// [`run`], and Prometheus metrics in plain HTTP on `metrics` when it is given (an address the
+/// operator chose: loopback, or a monitoring network; never the sites' port).
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    settings: CoordinatorSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
     let coordinator = Coordinator::open(&settings)?;
     let tls = Arc::new(TlsState::new(&settings)?);
     let services = Services::new(coordinator.clone(), tls.clone());
@@ -71,6 +83,14 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    if let Some(listener) = metrics {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics::register(&coordinator, &mut registry);
+        let mut stop = stop_rx.clone();
+        alveolus_telemetry::spawn(listener, registry, async move {
+            let _ = stop.changed().await;
+        });
+    }
 
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
     let mut accept_stop = stop_rx.clone();

@@ -28,6 +28,8 @@ pub struct Round {
     pub round: u32,
     pub base_version: String,
     pub base: Arc<Weights>,
+    /// When the round opened: its duration, for the metrics, ends when its checkpoint is durable.
+    pub opened: Instant,
     pub deadline: Instant,
     /// Sites handed this round's task; the round waits for all of them until the deadline.
     participants: BTreeSet<String>,
@@ -82,6 +84,7 @@ impl Round {
             run_id: run_id.to_string(),
             round,
             base_version: version,
+            opened: now,
             deadline: now + deadline,
             participants: BTreeSet::new(),
             reports: Vec::new(),

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::engine::{Coordinator, UPLOAD_TIMEOUT, Upload};
 use crate::error::CoordinatorError;
 use crate::limits::PerIdentity;
+use crate::metrics::Transfer;
 use crate::tls::TlsState;
 
 /// Longest an upload may go without sending anything: a site that opens an upload and stalls
@@ -84,8 +85,12 @@ impl Services {
             manifest_json: manifest.to_json(),
         };
         let messages: Vec<pb::ModelChunk> = framed(header.into(), &bytes);
+        let coordinator = self.coordinator.clone();
         Ok(Box::pin(futures::stream::iter(messages).map(move |m| {
             let _counted = &held;
+            // Counted as handed to the transport: a download cut short counts what went out.
+            let sent = prost::Message::encoded_len(&m) as u64;
+            coordinator.metrics().sent(Transfer::Model, sent);
             Ok(m)
         })))
     }
@@ -143,24 +148,53 @@ impl Services {
         site: &str,
         header: &UpdateHeader,
         stream: Streaming<pb::UpdateChunk>,
-    ) -> Result<Response<pb::PushUpdateResponse>, Status> {
+    ) -> Result<usize, CoordinatorError> {
         let expected = self.coordinator.masked_bytes(site, header)?;
         if header.total_bytes != expected {
             return Err(CoordinatorError::SecureAggregation(format!(
                 "a masked update for this model has {expected} bytes, not {}",
                 header.total_bytes
-            ))
-            .into());
+            )));
         }
         let upload = self.coordinator.upload_slot(site).await?;
         let bytes = receive_update(site, stream, &upload, expected, expected).await?;
-        let reports = self
-            .coordinator
+        self.coordinator
+            .metrics()
+            .received(Transfer::Update, bytes.len() as u64);
+        self.coordinator
             .accept_masked_update(site, header, &bytes)
-            .inspect_err(|e| tracing::warn!(%site, "masked update refused: {e}"))?;
-        Ok(Response::new(pb::PushUpdateResponse {
-            reports_this_round: reports as u32,
-        }))
+            .inspect_err(|e| tracing::warn!(%site, "masked update refused: {e}"))
+    }
+
+    /// An update from its header to the round: refused before any data where the header
+    /// says it cannot be used, bounded while it streams, checked again before it is folded.
+    async fn receive_and_fold(
+        &self,
+        site: &str,
+        mut stream: Streaming<pb::UpdateChunk>,
+    ) -> Result<usize, CoordinatorError> {
+        let header = receive_header(&mut stream).await?;
+        let header = UpdateHeader::try_from(header)?;
+        if header.masked {
+            return self.push_masked_update(site, &header, stream).await;
+        }
+        // Refuse stale or duplicate updates before receiving a byte of data.
+        let base = self.coordinator.check_update(site, &header)?;
+        // An update has the base model's tensors: its size is known up to the header, so a site
+        // cannot make the coordinator reserve more than a model's worth of memory.
+        let limit = (base.num_values() as u64 * 4 + UPDATE_HEADER_SLACK)
+            .min(self.coordinator.max_model_bytes());
+        let upload = self.coordinator.upload_slot(site).await?;
+        let bytes = receive_update(site, stream, &upload, header.total_bytes, limit).await?;
+        self.coordinator
+            .metrics()
+            .received(Transfer::Update, bytes.len() as u64);
+        let update = Weights::decode(&bytes)?;
+        // The raw bytes are no longer needed: free them before folding.
+        drop(bytes);
+        self.coordinator
+            .accept_update(site, &header, &update)
+            .inspect_err(|e| tracing::warn!(%site, "update refused: {e}"))
     }
 }
 
@@ -236,31 +270,17 @@ impl Federation for Services {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
-        let mut stream = request.into_inner();
-        let header = receive_header(&mut stream)
-            .await
-            .map_err(CoordinatorError::from)?;
-        let header = UpdateHeader::try_from(header).map_err(CoordinatorError::from)?;
-        if header.masked {
-            return self.push_masked_update(&site.name, &header, stream).await;
+        let started = std::time::Instant::now();
+        let outcome = self
+            .receive_and_fold(&site.name, request.into_inner())
+            .await;
+        let metrics = self.coordinator.metrics();
+        match &outcome {
+            Ok(_) => metrics.update_accepted(&site.name, started.elapsed()),
+            Err(e) => metrics.update_refused(&site.name, e, started.elapsed()),
         }
-        // Refuse stale or duplicate updates before receiving a byte of data.
-        let base = self.coordinator.check_update(&site.name, &header)?;
-        // An update has the base model's tensors: its size is known up to the header, so a site
-        // cannot make the coordinator reserve more than a model's worth of memory.
-        let limit = (base.num_values() as u64 * 4 + UPDATE_HEADER_SLACK)
-            .min(self.coordinator.max_model_bytes());
-        let upload = self.coordinator.upload_slot(&site.name).await?;
-        let bytes = receive_update(&site.name, stream, &upload, header.total_bytes, limit).await?;
-        let update = Weights::decode(&bytes).map_err(CoordinatorError::from)?;
-        // The raw bytes are no longer needed: free them before folding.
-        drop(bytes);
-        let reports = self
-            .coordinator
-            .accept_update(&site.name, &header, &update)
-            .inspect_err(|e| tracing::warn!(site = %site.name, "update refused: {e}"))?;
         Ok(Response::new(pb::PushUpdateResponse {
-            reports_this_round: reports as u32,
+            reports_this_round: outcome? as u32,
         }))
     }
 }
@@ -287,6 +307,9 @@ impl Admin for Services {
         )
         .await?;
         drop(upload);
+        self.coordinator
+            .metrics()
+            .received(Transfer::InitialModel, bytes.len() as u64);
         let info = self.coordinator.start_run(config, &bytes).await?;
         tracing::info!(admin = %admin.name, run = %info.run_id, "run started by admin");
         Ok(Response::new(info.into()))

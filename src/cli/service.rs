@@ -22,6 +22,10 @@ pub struct CoordinatorArgs {
     /// Listen address; defaults to the kit's `listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Serve Prometheus metrics in plain HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    /// Off unless given; choose loopback or a monitoring network, not the sites' address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 pub async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
@@ -30,14 +34,24 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
+    let metrics = bind_metrics(args.metrics.as_deref()).await?;
     tracing::info!(
         project = %settings.project,
         address = %listener.local_addr()?,
         state = %settings.state_dir.display(),
         "coordinator listening"
     );
-    alveolus_coordinator::run(listener, settings, shutdown_signal()).await?;
+    alveolus_coordinator::run_with_metrics(listener, metrics, settings, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The metrics listener, bound before the service starts so that a port in use stops it with
+/// the address named.
+async fn bind_metrics(address: Option<&str>) -> Result<Option<tokio::net::TcpListener>> {
+    match address {
+        None => Ok(None),
+        Some(address) => Ok(Some(alveolus_telemetry::bind(address).await?)),
+    }
 }
 
 #[derive(Args)]
@@ -57,6 +71,11 @@ pub struct AgentArgs {
     /// Keep a copy of every update sent here.
     #[arg(long)]
     audit_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics in plain HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9465).
+    /// Off unless given. The agent still only dials out to the coordinator; this port is for
+    /// the site's own monitoring.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 pub async fn run_agent(args: AgentArgs) -> Result<()> {
@@ -75,6 +94,11 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         audit_dir: args.audit_dir,
         ..AgentOptions::default()
     };
+    if let Some(listener) = bind_metrics(args.metrics.as_deref()).await? {
+        let mut registry = alveolus_telemetry::prometheus_client::registry::Registry::default();
+        options.metrics.register(&mut registry);
+        alveolus_telemetry::spawn(listener, registry, std::future::pending());
+    }
     alveolus_agent::run_agent(kit, data, options, shutdown_signal()).await?;
     Ok(())
 }

@@ -108,6 +108,15 @@ pub async fn start_coordinator_with(
     project: &Project,
     change: impl FnOnce(&mut CoordinatorSettings),
 ) -> InProcessCoordinator {
+    start_coordinator_observed(project, change, None).await
+}
+
+/// A coordinator with changed settings, serving Prometheus metrics on `metrics` if given.
+pub async fn start_coordinator_observed(
+    project: &Project,
+    change: impl FnOnce(&mut CoordinatorSettings),
+    metrics: Option<tokio::net::TcpListener>,
+) -> InProcessCoordinator {
     let mut settings =
         CoordinatorSettings::load(&project.coordinator_kit(), Some(&project.state())).unwrap();
     change(&mut settings);
@@ -116,7 +125,7 @@ pub async fn start_coordinator_with(
         .unwrap();
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
-        alveolus_coordinator::run(listener, settings, async {
+        alveolus_coordinator::run_with_metrics(listener, metrics, settings, async {
             let _ = stopped.await;
         })
         .await
@@ -153,19 +162,24 @@ pub fn spawn(args: &[&str], log: &Path) -> Process {
 }
 
 pub fn spawn_agent(project: &Project, site: &str, data: &Path) -> Process {
+    spawn_agent_with(project, site, data, &[])
+}
+
+/// An agent process with `extra` arguments after the usual ones.
+pub fn spawn_agent_with(project: &Project, site: &str, data: &Path, extra: &[&str]) -> Process {
     let audit = project.path(&format!("audit-{site}"));
-    spawn(
-        &[
-            "agent",
-            "--kit",
-            project.site_kit(site).to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--audit-dir",
-            audit.to_str().unwrap(),
-        ],
-        &project.path(&format!("{site}.log")),
-    )
+    let kit = project.site_kit(site);
+    let mut args = vec![
+        "agent",
+        "--kit",
+        kit.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--audit-dir",
+        audit.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, &project.path(&format!("{site}.log")))
 }
 
 pub fn spawn_coordinator(project: &Project) -> Process {
@@ -175,18 +189,25 @@ pub fn spawn_coordinator(project: &Project) -> Process {
 /// A coordinator process on `port` (the kits may name a proxy in front of it), logging to `log`
 /// in the project's folder.
 pub fn spawn_coordinator_on(project: &Project, port: u16, log: &str) -> Process {
-    spawn(
-        &[
-            "coordinator",
-            "--kit",
-            project.coordinator_kit().to_str().unwrap(),
-            "--state",
-            project.state().to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &project.path(log),
-    )
+    spawn_coordinator_with(project, port, log, &[])
+}
+
+/// [`spawn_coordinator_on`] with `extra` arguments after the usual ones.
+pub fn spawn_coordinator_with(project: &Project, port: u16, log: &str, extra: &[&str]) -> Process {
+    let kit = project.coordinator_kit();
+    let state = project.state();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "coordinator",
+        "--kit",
+        kit.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, &project.path(log))
 }
 
 /// `count` MedSeg slices of `block`, copied into a fresh site folder.

@@ -28,6 +28,7 @@ use crate::clock::{self, Instant, unix_ms};
 use crate::config::CoordinatorSettings;
 use crate::error::CoordinatorError;
 use crate::limits::PerIdentity;
+use crate::metrics::Metrics;
 use crate::round::Round;
 use crate::run::{self, RunRecord};
 use crate::secure::Progress;
@@ -110,6 +111,15 @@ impl State {
         }
     }
 
+    /// Sites heard from within `window` of `now`: those connected, which will ask for the task.
+    fn live(&self, now: Instant, window: Duration) -> BTreeSet<String> {
+        self.seen
+            .iter()
+            .filter(|(_, seen)| now.saturating_duration_since(**seen) <= window)
+            .map(|(site, _)| site.clone())
+            .collect()
+    }
+
     fn touch(&mut self, site: &str) {
         let entry = self
             .sites
@@ -171,6 +181,8 @@ pub struct Coordinator {
     uploading: PerIdentity,
     max_model_bytes: u64,
     max_long_poll: Duration,
+    /// Counted as things happen, for the operator's Prometheus (see [`crate::metrics`]).
+    metrics: Metrics,
 }
 
 impl Coordinator {
@@ -243,6 +255,7 @@ impl Coordinator {
             uploading: PerIdentity::new("uploads", 1),
             max_model_bytes: settings.max_model_bytes,
             max_long_poll: settings.max_long_poll,
+            metrics: Metrics::default(),
         }))
     }
 
@@ -252,6 +265,24 @@ impl Coordinator {
 
     pub fn max_model_bytes(&self) -> u64 {
         self.max_model_bytes
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The engine's phase (`idle`, `open` or `closing`) and the run and round it is in.
+    pub fn phase(&self) -> (&'static str, Option<(String, u32)>) {
+        match &self.lock().phase {
+            Phase::Idle => ("idle", None),
+            Phase::Open(round) => ("open", Some((round.run_id.clone(), round.round))),
+            Phase::Closing { run_id, round } => ("closing", Some((run_id.clone(), *round))),
+        }
+    }
+
+    /// Sites heard from within two long-polls.
+    pub fn live_sites(&self) -> BTreeSet<String> {
+        self.lock().live(clock::now(), 2 * self.max_long_poll)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -305,13 +336,7 @@ impl Coordinator {
             // Only the key phase waits for the sites that are live: those heard from within
             // two long-polls are connected and will ask for the task.
             let live: BTreeSet<String> = if secure.collecting_keys() {
-                let window = 2 * self.max_long_poll;
-                state
-                    .seen
-                    .iter()
-                    .filter(|(_, seen)| now.saturating_duration_since(**seen) <= window)
-                    .map(|(site, _)| site.clone())
-                    .collect()
+                state.live(now, 2 * self.max_long_poll)
             } else {
                 BTreeSet::new()
             };

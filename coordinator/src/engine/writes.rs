@@ -68,11 +68,13 @@ impl Coordinator {
         let config = info.config.clone();
         let store = self.store.clone();
         // Off the async workers: the aggregate, its encoding, the checkpoint's fsync.
+        let writing = std::time::Instant::now();
         let (round, written) = blocking(move || {
             let written = aggregate_and_store(&store, &config, &round);
             (round, written)
         })
         .await;
+        let checkpoint_took = writing.elapsed();
         let (outcome, manifest) = match written {
             Ok(written) => written,
             Err(e @ CoordinatorError::Aggregation { .. }) => {
@@ -124,6 +126,10 @@ impl Coordinator {
         {
             return Err(Unfinished::Write(e, round));
         }
+        self.metrics.round_written(
+            crate::clock::now().saturating_duration_since(round.opened),
+            checkpoint_took,
+        );
         tracing::info!(
             run = %round.run_id,
             round = round.round,

@@ -192,19 +192,13 @@ pub async fn run(options: SoakOptions) -> Result<()> {
 }
 
 fn rss_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")?;
-    Ok(kib / 1024.0)
+    let bytes =
+        alveolus_telemetry::process::resident_bytes().context("no VmRSS in /proc/self/status")?;
+    Ok(bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn open_fds() -> Result<usize> {
-    Ok(std::fs::read_dir("/proc/self/fd")
-        .context("/proc/self/fd")?
-        .count())
+    Ok(alveolus_telemetry::process::open_fds().context("/proc/self/fd does not read")? as usize)
 }
 
 fn folder_bytes(path: &Path) -> u64 {

@@ -94,10 +94,10 @@ async fn prometheus_scrapes_a_live_run_from_the_coordinator_and_its_agents() {
     let started = Instant::now();
     loop {
         let now = query(&prometheus_port, &finished).unwrap();
-        if let Some(v) = now.first().map(value) {
-            if seen.last() != Some(&v) {
-                seen.push(v);
-            }
+        if let Some(v) = now.first().map(value)
+            && seen.last() != Some(&v)
+        {
+            seen.push(v);
         }
         if seen.last() == Some(&4.0) {
             break;
@@ -304,10 +304,10 @@ async fn query_until(
     let deadline = Instant::now() + timeout;
     loop {
         let result = query(prometheus, promql);
-        if let Ok(series) = &result {
-            if done(series) {
-                return series.clone();
-            }
+        if let Ok(series) = &result
+            && done(series)
+        {
+            return series.clone();
         }
         assert!(Instant::now() < deadline, "{promql}: {result:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -281,7 +281,7 @@ impl Agent {
                     Ok(words) => words,
                     Err(e) => return skip_round(round, e),
                 };
-            let (header, bytes) = crate::secure::masked_message(&task, &words);
+            let (header, bytes) = crate::secure::masked_message(task, &words);
             self.keep_audit_copy(&header, &bytes)?;
             match push_update(client, header, &bytes, traffic).await {
                 Ok(reports) => {

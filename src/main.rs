@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use cli::bench::BenchCommand;
+use cli::dashboard::DashboardArgs;
 use cli::data::DataCommand;
 use cli::local::{EvaluateArgs, TrainArgs};
 use cli::model::ModelCommand;
@@ -58,6 +59,8 @@ enum Command {
         #[command(subcommand)]
         command: SitesCommand,
     },
+    /// The coordinator's runs and sites, live in a browser (admin kit).
+    Dashboard(DashboardArgs),
     /// Download global models.
     Model {
         #[command(subcommand)]
@@ -115,6 +118,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Agent(args) => cli::service::run_agent(args).await,
         Command::Run { command } => cli::run::run_command(command).await,
         Command::Sites { command } => cli::sites::sites_command(command).await,
+        Command::Dashboard(args) => cli::dashboard::run_dashboard(args).await,
         Command::Model { command } => cli::model::model_command(command).await,
         Command::Train(args) => cli::local::train(args).await,
         Command::Evaluate(args) => cli::local::evaluate_model(args).await,

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -224,14 +222,6 @@ async fn updates_are_counted_by_site_and_refusals_by_reason() {
     }
 }
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|path| path.is_file())
-    })
-}
-
 fn spawn_program(program: &Path, args: &[&str], log: &Path) -> Process {
     let log = std::fs::File::create(log).unwrap();
     Process(
@@ -243,20 +233,6 @@ fn spawn_program(program: &Path, args: &[&str], log: &Path) -> Process {
             .spawn()
             .unwrap(),
     )
-}
-
-/// One HTTP/1.0 exchange (the server closes when done, so no chunked body to undo); the whole
-/// response, head and body.
-fn http(address: &str, method: &str, target: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {target} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response.replacen("HTTP/1.0", "HTTP/1.1", 1))
 }
 
 async fn wait_http(address: &str, method: &str, target: &str) -> String {

@@ -104,6 +104,20 @@ impl ClientKit {
         })
     }
 
+    /// When this kit's certificate stops being valid, in Unix seconds.
+    pub fn certificate_expires(&self) -> Result<i64, KitError> {
+        let invalid = |message: &str| KitError::Invalid {
+            path: self.dir.join(&self.config.cert),
+            message: message.into(),
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&self.cert_pem)
+            .map_err(|_| invalid("no PEM certificate in the file"))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|_| invalid("the certificate does not parse"))?;
+        Ok(cert.validity().not_after.timestamp())
+    }
+
     pub fn server_name(&self) -> String {
         self.config
             .server_name

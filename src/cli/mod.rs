@@ -3,6 +3,7 @@
 //! notes and a Dice report, the shutdown signal) is here.
 
 pub mod bench;
+pub mod dashboard;
 pub mod data;
 pub mod local;
 pub mod model;

@@ -429,3 +429,27 @@ pub async fn push_update_reporting(
         .await
         .map(|r| r.into_inner().reports_this_round)
 }
+
+/// `program` on PATH, as Debian installs it.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
+}
+
+/// One HTTP/1.0 exchange with `address` (the server closes when done, so there is no chunked
+/// body to undo); the whole response, head and body, its status line read as HTTP/1.1.
+pub fn http(address: &str, method: &str, target: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {target} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).replacen("HTTP/1.0", "HTTP/1.1", 1))
+}

@@ -1,0 +1,266 @@
+//! The researcher's dashboard: a web page on the researcher's own machine that shows the
+//! coordinator's runs and sites live. It talks to the coordinator only over the Admin API with
+//! the researcher's admin kit (mTLS, outbound), so the coordinator opens no port for it; the
+//! page is server-rendered HTML with inline SVG charts and a short script that asks for the
+//! live part again whenever the run moves on.
+
+pub mod chart;
+pub mod view;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alveolus_proto::client::{AdminClient, ClientError};
+use alveolus_proto::identity::Role;
+use alveolus_proto::kit::{ClientKit, KitError};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use view::{Header, Snapshot};
+
+/// Longest the server holds a request for the live part before answering with what it has.
+const HOLD: Duration = Duration::from_secs(20);
+
+/// How often a held request asks the coordinator whether the run moved on.
+const RECHECK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    #[error(transparent)]
+    Kit(#[from] KitError),
+    #[error("{} is a {role} kit; the dashboard needs an admin kit", dir.display())]
+    NotAdmin { dir: PathBuf, role: Role },
+    #[error(
+        "the admin kit's certificate in {} expired on {}; ask the project's operator for a new kit",
+        dir.display(),
+        view::utc(*expired)
+    )]
+    Expired { dir: PathBuf, expired: i64 },
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("the dashboard stopped: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The dashboard's side: the admin kit and a connection to the coordinator, made when first
+/// needed and made again after it fails.
+pub struct Dashboard {
+    kit_dir: PathBuf,
+    header: Header,
+    client: tokio::sync::Mutex<Option<AdminClient>>,
+}
+
+impl Dashboard {
+    /// Checks the kit before anything is served: an admin kit whose certificate is valid.
+    pub fn open(kit_dir: &Path) -> Result<Self, DashboardError> {
+        let kit = ClientKit::load(kit_dir)?;
+        if kit.identity.role != Role::Admin {
+            return Err(DashboardError::NotAdmin {
+                dir: kit_dir.to_path_buf(),
+                role: kit.identity.role,
+            });
+        }
+        let expires = kit.certificate_expires()?;
+        if expires * 1000 <= unix_ms() {
+            return Err(DashboardError::Expired {
+                dir: kit_dir.to_path_buf(),
+                expired: expires,
+            });
+        }
+        Ok(Self {
+            kit_dir: kit_dir.to_path_buf(),
+            header: Header {
+                project: kit.config.project.clone(),
+                coordinator: kit.config.coordinator.clone(),
+                admin: kit.config.name.clone(),
+                kit_expires: expires,
+            },
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The runs and sites as the coordinator has them now.
+    async fn snapshot(&self) -> Result<Snapshot, ClientError> {
+        let mut slot = self.client.lock().await;
+        if slot.is_none() {
+            *slot = Some(AdminClient::connect(&self.kit_dir).await?);
+        }
+        let client = slot.as_mut().expect("connected above");
+        let read = async {
+            let runs = client.runs().await?;
+            let sites = client.sites().await?;
+            Ok::<_, ClientError>(Snapshot {
+                runs,
+                sites,
+                now_ms: unix_ms(),
+            })
+        };
+        let result = read.await;
+        if result.is_err() {
+            // Connect afresh next time: the coordinator may have restarted.
+            *slot = None;
+        }
+        result
+    }
+
+    async fn model(&self, version: &str) -> Result<bytes::Bytes, ClientError> {
+        let mut client = AdminClient::connect(&self.kit_dir).await?;
+        Ok(client.pull_model(version).await?.1)
+    }
+}
+
+/// Binds the dashboard's address, so that a port in use is reported before anything starts.
+pub async fn bind(address: &str) -> Result<TcpListener, DashboardError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| DashboardError::Bind {
+            address: address.to_string(),
+            source,
+        })
+}
+
+/// Serves the dashboard until `shutdown` completes. The listener is already bound, so tests
+/// can use port 0.
+pub async fn serve(
+    listener: TcpListener,
+    dashboard: Dashboard,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DashboardError> {
+    let app = axum::Router::new()
+        .route("/", get(index))
+        .route("/live", get(live))
+        .route("/api/state", get(state))
+        .route("/model/{version}", get(model))
+        .with_state(Arc::new(dashboard));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(DashboardError::Serve)
+}
+
+#[derive(Deserialize)]
+struct Selection {
+    /// The run to show; the newest when absent or empty.
+    run: Option<String>,
+    /// The live part's key the browser has: hold the answer until it changes.
+    after: Option<String>,
+}
+
+async fn index(State(dashboard): State<Arc<Dashboard>>, Query(q): Query<Selection>) -> Response {
+    let (status, live, rounds) = match dashboard.snapshot().await {
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            view::unreachable(&e.to_string()),
+            0,
+        ),
+        Ok(snapshot) => match snapshot.selected(q.run.as_deref()) {
+            Ok(selected) => (
+                StatusCode::OK,
+                view::live(&snapshot, selected),
+                selected.map(|r| r.rounds.len()).unwrap_or(0),
+            ),
+            Err(missing) => (
+                StatusCode::NOT_FOUND,
+                view::no_such_run(&snapshot, missing),
+                0,
+            ),
+        },
+    };
+    let page = view::page(&dashboard.header, &live, rounds, unix_ms());
+    (status, no_store(), Html(page)).into_response()
+}
+
+async fn live(State(dashboard): State<Arc<Dashboard>>, Query(q): Query<Selection>) -> Response {
+    let held_since = Instant::now();
+    loop {
+        let snapshot = match dashboard.snapshot().await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                let body = view::unreachable(&e.to_string());
+                return (StatusCode::BAD_GATEWAY, no_store(), Html(body)).into_response();
+            }
+        };
+        let selected = match snapshot.selected(q.run.as_deref()) {
+            Ok(selected) => selected,
+            Err(missing) => {
+                let body = view::no_such_run(&snapshot, missing);
+                return (StatusCode::NOT_FOUND, no_store(), Html(body)).into_response();
+            }
+        };
+        let running =
+            selected.is_some_and(|r| r.state == alveolus_proto::domain::RunState::Running);
+        let unchanged = q.after.as_deref() == Some(snapshot.key(selected).as_str());
+        if !(running && unchanged) || held_since.elapsed() >= HOLD {
+            let body = view::live(&snapshot, selected);
+            return (no_store(), Html(body)).into_response();
+        }
+        tokio::time::sleep(RECHECK).await;
+    }
+}
+
+/// The runs and sites as JSON, for scripts.
+async fn state(State(dashboard): State<Arc<Dashboard>>) -> Response {
+    match dashboard.snapshot().await {
+        Ok(snapshot) => (
+            no_store(),
+            axum::Json(serde_json::json!({
+                "runs": snapshot.runs,
+                "sites": snapshot.sites,
+            })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+/// A checkpoint, digest-checked on its way from the coordinator, as a download.
+async fn model(
+    State(dashboard): State<Arc<Dashboard>>,
+    UrlPath(version): UrlPath<String>,
+) -> Response {
+    let is_digest = version.len() == 64 && version.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_digest {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a model version is the sha256 of its file: 64 hexadecimal digits",
+        )
+            .into_response();
+    }
+    match dashboard.model(&version).await {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{version}.safetensors\""),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(ClientError::Status(s)) if s.code() == tonic::Code::NotFound => {
+            (StatusCode::NOT_FOUND, s.message().to_string()).into_response()
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+fn no_store() -> [(header::HeaderName, &'static str); 1] {
+    [(header::CACHE_CONTROL, "no-store")]
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

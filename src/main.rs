@@ -106,6 +106,9 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     alveolus_proto::install_crypto_provider();
+    if matches!(cli.command, Command::Coordinator(_)) {
+        cli::service::tune_allocator();
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(dispatch(cli.command))
 }

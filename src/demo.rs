@@ -395,6 +395,8 @@ pub async fn run(
         "seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    let (_, written) =
+        alveolus_dashboard::write_report(&admin_kit, &info.run_id, &out.join("report")).await?;
     if let Some(peak) = children[0].id().and_then(peak_rss_bytes) {
         println!(
             "coordinator peak memory (RSS): {:.1} MiB; model size: {:.2} MiB ({} bytes)",
@@ -407,7 +409,11 @@ pub async fn run(
         let _ = child.start_kill();
     }
     println!("final model: {} (manifest beside it)", model_path.display());
-    println!("report:      {}", out.join("report.json").display());
+    println!("report:      {}", written.html.display());
+    println!(
+        "             (plots beside it; validation Dice per round in {})",
+        out.join("report.json").display()
+    );
     println!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -140,6 +140,7 @@ pub async fn push_plain(
         metrics,
         total_bytes: bytes.len() as u64,
         masked: false,
+        train_seconds: None,
     };
     push_update(client, header, &bytes, traffic).await?;
     Ok(())

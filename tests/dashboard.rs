@@ -79,6 +79,29 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
     for round in &info.rounds {
         assert!(dom.contains(&format!(r#"href="model/{}""#, round.version)));
     }
+    // Each site's own line beside the mean: a point per round per site in both charts.
+    assert_eq!(
+        dom.matches(r#"class="point site""#).count(),
+        2 * 2 * ROUNDS as usize
+    );
+
+    // `run status` names each site's last training time.
+    let admin_kit = project.admin_kit();
+    let kit = admin_kit.to_str().unwrap();
+    let status = run_cli(&["run", "status", "--kit", kit, "--run", &run.run_id]);
+    let said = String::from_utf8_lossy(&status.stdout);
+    for site in ["north", "south"] {
+        let line = said
+            .lines()
+            .find(|l| l.trim_start().starts_with(site))
+            .unwrap_or_else(|| panic!("no line for {site} in {said}"));
+        assert!(
+            line.contains(&format!("round {:>3}", ROUNDS)) && line.contains(" s"),
+            "{line}"
+        );
+    }
+
+    report_opens_without_a_network(&chromium, &project, kit, &run.run_id);
 
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -141,7 +164,18 @@ fn the_wrong_kit_and_a_busy_port_are_refused_with_a_reason() {
     ]);
     assert!(!site.status.success());
     let said = String::from_utf8_lossy(&site.stderr);
-    assert!(said.contains("the dashboard needs an admin kit"), "{said}");
+    assert!(said.contains("needs an admin kit"), "{said}");
+    let site_report = run_cli(&[
+        "run",
+        "report",
+        "--kit",
+        project.site_kit("north").to_str().unwrap(),
+        "--out",
+        project.path("report").to_str().unwrap(),
+    ]);
+    assert!(!site_report.status.success());
+    let said = String::from_utf8_lossy(&site_report.stderr);
+    assert!(said.contains("needs an admin kit"), "{said}");
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = busy.local_addr().unwrap().to_string();
@@ -159,6 +193,135 @@ fn the_wrong_kit_and_a_busy_port_are_refused_with_a_reason() {
         said.contains(&format!("cannot listen on {address}")),
         "{said}"
     );
+}
+
+/// `alveolus run report` writes report.html and its plots for the finished run; Chromium, with
+/// every network request failing, renders the report's charts from the file alone; the PNGs
+/// decode and show the mean's and the sites' lines.
+fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str, run: &str) {
+    let out = project.path("report");
+    let written = run_cli(&[
+        "run",
+        "report",
+        "--kit",
+        kit,
+        "--run",
+        run,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&written.stdout);
+    assert!(
+        written.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let html_path = out.join("report.html");
+    assert!(said.contains(&html_path.display().to_string()), "{said}");
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    for outside in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(
+            !html.contains(outside),
+            "the report must stand alone: {outside}"
+        );
+    }
+
+    let dom = chromium_output(
+        chromium,
+        &project.path("chromium-report"),
+        &[
+            "--proxy-server=http://127.0.0.1:9",
+            "--proxy-bypass-list=<-loopback>",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=2000",
+            "--dump-dom",
+            &format!("file://{}", html_path.display()),
+        ],
+    );
+    assert_eq!(dom.matches(r#"<svg class="chart""#).count(), 2);
+    assert_eq!(
+        dom.matches(r#"class="point dice""#).count(),
+        ROUNDS as usize
+    );
+    assert_eq!(
+        dom.matches(r#"class="point site""#).count(),
+        2 * 2 * ROUNDS as usize
+    );
+    // Each site's figures for each round.
+    let table = &dom[dom.find(r#"id="site-rounds""#).unwrap()..];
+    assert_eq!(
+        table.matches("<tr><td>").count(),
+        2 * ROUNDS as usize,
+        "{table}"
+    );
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report.png");
+    let _ = std::fs::remove_file(&screenshot);
+    chromium_output(
+        chromium,
+        &project.path("chromium-report-shot"),
+        &[
+            "--proxy-server=http://127.0.0.1:9",
+            "--proxy-bypass-list=<-loopback>",
+            "--virtual-time-budget=2000",
+            "--hide-scrollbars",
+            "--window-size=1280,1400",
+            &format!("--screenshot={}", screenshot.display()),
+            &format!("file://{}", html_path.display()),
+        ],
+    );
+    assert_not_blank(&screenshot);
+
+    for (plot, mean) in [("loss.png", LOSS), ("dice.png", DICE)] {
+        let path = out.join(plot);
+        // Title, ticks and legend are drawn with the font shipped in the binary.
+        let text = pixels_where(&path, |p| p.iter().all(|&c| c < 90));
+        assert!(text > 3_000, "{plot}: only {text} dark pixels: no text");
+        assert!(
+            pixels_of(&path, mean) > 100,
+            "{plot}: the mean's line is not drawn"
+        );
+        assert!(
+            pixels_of(&path, FIRST_SITE) > 50,
+            "{plot}: the first site's line is not drawn"
+        );
+    }
+
+    let missing = run_cli(&[
+        "run",
+        "report",
+        "--kit",
+        kit,
+        "--run",
+        "no-such-run",
+        "--out",
+        project.path("report-missing").to_str().unwrap(),
+    ]);
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("no-such-run"), "{said}");
+    assert!(!project.path("report-missing").join("report.html").exists());
+}
+
+/// The colours of the mean's lines and of the first site's (`chart.rs`).
+const LOSS: [u8; 3] = [0xc0, 0x50, 0x4d];
+const DICE: [u8; 3] = [0x4a, 0x6f, 0xa5];
+const FIRST_SITE: [u8; 3] = [0x8c, 0xb3, 0x69];
+
+/// How many pixels of the PNG at `path` are exactly `colour`.
+fn pixels_of(path: &Path, colour: [u8; 3]) -> usize {
+    pixels_where(path, |p| p == colour)
+}
+
+/// How many pixels of the PNG at `path` (RGB or RGBA) pass `test` on their RGB.
+fn pixels_where(path: &Path, test: impl Fn([u8; 3]) -> bool) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    pixels[..frame.buffer_size()]
+        .chunks(frame.color_type.samples())
+        .filter(|p| test([p[0], p[1], p[2]]))
+        .count()
 }
 
 fn run_cli(args: &[&str]) -> std::process::Output {

@@ -71,6 +71,18 @@ fn demo_runs_five_rounds_over_mtls_with_rising_dice_in_under_five_minutes() {
             .count(),
         rounds.len()
     );
+
+    // The run's report: a point per round for the mean and for each of the three sites.
+    let html = std::fs::read_to_string(dir.join("report").join("report.html")).unwrap();
+    assert!(stdout.contains("report/report.html"), "{stdout}");
+    assert_eq!(html.matches(r#"class="point dice""#).count(), rounds.len());
+    assert_eq!(
+        html.matches(r#"class="point site""#).count(),
+        2 * 3 * rounds.len()
+    );
+    for plot in ["loss.png", "dice.png"] {
+        assert!(dir.join("report").join(plot).metadata().unwrap().len() > 10_000);
+    }
 }
 
 /// The demo with secure aggregation and differential privacy switched on: three hospitals'
@@ -114,4 +126,9 @@ fn private_demo_masks_updates_reports_epsilon_and_still_learns() {
         serde_json::from_slice(&std::fs::read(dir.join("final-model.json")).unwrap()).unwrap();
     assert!(manifest["epsilon"].as_f64().unwrap() > 0.0);
     assert_eq!(manifest["privacy"]["noise_multiplier"], 0.001);
+    // The report says why it has no figures per site, and has none.
+    let html = std::fs::read_to_string(dir.join("report").join("report.html")).unwrap();
+    assert!(html.contains("securely aggregated"), "{html}");
+    assert_eq!(html.matches(r#"class="point site""#).count(), 0);
+    assert_eq!(html.matches(r#"class="point dice""#).count(), 6);
 }

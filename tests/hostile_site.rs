@@ -158,6 +158,7 @@ fn stalled_upload(
             metrics: Some(metrics(0.5)),
             total_bytes: constant_update(model, 0.0).encode().len() as u64,
             masked: false,
+            train_seconds: 0.0,
         })),
     };
     tx.try_send(header).unwrap();

@@ -47,6 +47,7 @@ async fn push(
         }),
         total_bytes: payload.len() as u64,
         masked: false,
+        train_seconds: 0.0,
     })];
     parts.extend(chunks(&payload).map(Part::Data));
     parts.push(Part::Trailer(pb::TransferTrailer {
@@ -159,6 +160,7 @@ async fn corrupt_stale_and_non_finite_updates_are_refused_and_change_nothing() {
             }),
             total_bytes: 8 << 30,
             masked: false,
+            train_seconds: 0.0,
         })),
     };
     let status = site

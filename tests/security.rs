@@ -141,6 +141,7 @@ async fn roles_are_enforced_on_every_call() {
             }),
             total_bytes: 0,
             masked: false,
+            train_seconds: 0.0,
         })),
     };
     let status = FederationClient::new(admin_channel.clone())

@@ -241,6 +241,7 @@ impl Agent {
         })
         .await;
         let outcome = training_ended(outcome)??;
+        let train_seconds = started.elapsed().as_secs_f64();
         self.options
             .metrics
             .trained(started.elapsed(), outcome.samples);
@@ -313,6 +314,8 @@ impl Agent {
             metrics,
             total_bytes: bytes.len() as u64,
             masked: false,
+            // Under DP the time would hint at the sample count that stays home.
+            train_seconds: task.clip_norm.is_none().then_some(train_seconds),
         };
         self.keep_audit_copy(&header, &bytes)?;
         match push_update(client, header, &bytes, traffic).await {

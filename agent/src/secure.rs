@@ -143,6 +143,7 @@ pub fn masked_message(task: &TrainTask, words: &[u64]) -> (UpdateHeader, Bytes) 
         metrics: Metrics::default(),
         total_bytes: bytes.len() as u64,
         masked: true,
+        train_seconds: None,
     };
     (header, bytes)
 }

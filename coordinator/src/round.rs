@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_privacy::secagg::RoundContext;
-use alveolus_proto::domain::{Metrics, RunConfig, UpdateHeader};
+use alveolus_proto::domain::{Metrics, RunConfig, SiteReport, UpdateHeader};
 use alveolus_proto::weights::Weights;
 
 use crate::aggregate::Aggregator;
@@ -20,6 +20,8 @@ struct Report {
     site: String,
     samples: u64,
     metrics: Metrics,
+    train_seconds: Option<f64>,
+    bytes: u64,
 }
 
 /// The round in progress: its starting model and the running aggregate.
@@ -59,6 +61,9 @@ pub struct Outcome {
     pub metrics: Metrics,
     /// The sites whose updates it holds, sorted.
     pub sites: Vec<String>,
+    /// What each site's header said, by site; empty for a secure round, whose headers say
+    /// nothing.
+    pub site_reports: Vec<SiteReport>,
 }
 
 impl Round {
@@ -178,14 +183,16 @@ impl Round {
             .add(update, samples);
     }
 
-    /// Records `site`'s report (its update is in the aggregate or the masked sum); returns the
-    /// number of reports so far.
-    pub fn record(&mut self, site: &str, samples: u64, metrics: Metrics) -> usize {
+    /// Records `site`'s report, as its update's `header` gives it (the update is in the
+    /// aggregate or the masked sum); returns the number of reports so far.
+    pub fn record(&mut self, site: &str, header: &UpdateHeader) -> usize {
         self.participants.insert(site.to_string());
         self.reports.push(Report {
             site: site.to_string(),
-            samples,
-            metrics,
+            samples: header.num_samples,
+            metrics: header.metrics,
+            train_seconds: header.train_seconds,
+            bytes: header.total_bytes,
         });
         self.reports.len()
     }
@@ -259,11 +266,25 @@ impl Round {
                 loss: mean(|m| m.loss),
                 dice: mean(|m| m.dice),
             };
+            let mut site_reports: Vec<SiteReport> = self
+                .reports
+                .iter()
+                .map(|r| SiteReport {
+                    site: r.site.clone(),
+                    samples: r.samples,
+                    loss: r.metrics.loss,
+                    dice: r.metrics.dice,
+                    train_seconds: r.train_seconds,
+                    bytes: r.bytes,
+                })
+                .collect();
+            site_reports.sort_by(|a, b| a.site.cmp(&b.site));
             return Ok(Outcome {
                 weights,
                 samples,
                 metrics,
                 sites,
+                site_reports,
             });
         };
         let sum = secure.unmask()?;
@@ -284,6 +305,7 @@ impl Round {
             samples: if dp { 0 } else { sum.weight },
             metrics,
             sites,
+            site_reports: Vec::new(),
         })
     }
 }
@@ -327,6 +349,7 @@ mod tests {
             metrics: Metrics::default(),
             total_bytes: 0,
             masked: false,
+            train_seconds: None,
         }
     }
 
@@ -339,10 +362,15 @@ mod tests {
         round.add_update(&model(value), samples);
         round.record(
             site,
-            samples,
-            Metrics {
-                loss: value.into(),
-                dice: 0.5,
+            &UpdateHeader {
+                num_samples: samples,
+                metrics: Metrics {
+                    loss: value.into(),
+                    dice: 0.5,
+                },
+                train_seconds: Some(f64::from(value) * 10.0),
+                total_bytes: 100 * samples,
+                ..header(round, 1)
             },
         );
     }
@@ -366,6 +394,13 @@ mod tests {
         assert_eq!(outcome.samples, 4);
         assert_eq!(outcome.sites, vec!["a", "b", "c"]);
         assert!((outcome.metrics.loss - 2.5).abs() < 1e-12);
+        // Each site's own figures, as its header gave them, by site.
+        let b = &outcome.site_reports[1];
+        assert_eq!(outcome.site_reports.len(), 3);
+        assert_eq!(
+            (b.site.as_str(), b.samples, b.loss, b.train_seconds, b.bytes),
+            ("b", 3, 3.0, Some(30.0), 300)
+        );
     }
 
     #[test]

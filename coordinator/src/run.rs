@@ -216,6 +216,7 @@ mod tests {
             dice: 0.5,
             finished_unix_ms: 0,
             epsilon: None,
+            site_reports: Vec::new(),
         }
     }
 

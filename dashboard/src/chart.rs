@@ -1,25 +1,142 @@
-//! Inline SVG line charts of a run's rounds. Drawn on the server, so the page needs no
-//! charting script and works with scripts off.
+//! A run's rounds as line charts: what is drawn (the global mean and each site, per round) and
+//! its inline SVG, drawn on the server so that the page needs no charting script and works with
+//! scripts off. The report's PNGs ([`crate::png`]) draw the same [`Chart`].
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
+
+use alveolus_proto::domain::{RoundSummary, RunInfo, SiteReport};
 
 use crate::view::escape;
 
+/// An sRGB colour.
+pub type Rgb = (u8, u8, u8);
+
+/// The global loss and Dice lines.
+pub const LOSS_COLOUR: Rgb = (0xc0, 0x50, 0x4d);
+pub const DICE_COLOUR: Rgb = (0x4a, 0x6f, 0xa5);
+
+/// The sites' lines, by site name order (and again after eight): light enough that the global
+/// line stays the one the eye follows.
+const SITE_COLOURS: [Rgb; 8] = [
+    (0x8c, 0xb3, 0x69),
+    (0xe0, 0x9f, 0x3e),
+    (0x9b, 0x7e, 0xc8),
+    (0x4f, 0xb0, 0xae),
+    (0xd0, 0x7a, 0xa8),
+    (0x9c, 0x8a, 0x6b),
+    (0x6b, 0x9a, 0xd8),
+    (0xb5, 0xb5, 0x4a),
+];
+
 /// One line: a value per finished round.
-pub struct Series<'a> {
-    pub name: &'a str,
-    /// CSS class of the line and its points (`loss`, `dice`): its colour.
-    pub class: &'a str,
+pub struct Series {
+    pub name: String,
+    /// Class of the line and its points: `loss` or `dice` for the global mean, `site` for a
+    /// site's own.
+    pub class: &'static str,
+    pub colour: Rgb,
     pub points: Vec<(u32, f64)>,
 }
 
-pub struct Chart<'a> {
-    pub title: &'a str,
+pub struct Chart {
+    pub title: &'static str,
     /// Rounds the run will have: the x axis stays put while points are added.
     pub rounds: u32,
     /// Fixed bounds of the y axis (Dice), or None to fit the data from 0 (loss).
     pub y_range: Option<(f64, f64)>,
-    pub series: Vec<Series<'a>>,
+    pub series: Vec<Series>,
+}
+
+impl Chart {
+    /// The y axis: the fixed range, or from 0 to a round number above the data.
+    pub fn y_bounds(&self) -> (f64, f64) {
+        self.y_range.unwrap_or_else(|| {
+            let top = self
+                .series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.1))
+                .filter(|v| v.is_finite())
+                .fold(0.0_f64, f64::max);
+            (
+                0.0,
+                if top > 0.0 {
+                    nice_ceiling(top * 1.05)
+                } else {
+                    1.0
+                },
+            )
+        })
+    }
+}
+
+/// The run's training loss and Dice per round: the sample-weighted mean over the sites, and
+/// each site's own where the coordinator saw it (not under secure aggregation).
+pub fn loss_and_dice(run: &RunInfo) -> (Chart, Chart) {
+    let sites: BTreeSet<&str> = run
+        .rounds
+        .iter()
+        .flat_map(|r| r.site_reports.iter().map(|s| s.site.as_str()))
+        .collect();
+    let chart = |title,
+                 y_range,
+                 class,
+                 colour,
+                 global: fn(&RoundSummary) -> f64,
+                 own: fn(&SiteReport) -> f64| {
+        let mut series = vec![Series {
+            name: "all sites".into(),
+            class,
+            colour,
+            points: run.rounds.iter().map(|r| (r.round, global(r))).collect(),
+        }];
+        for (i, site) in sites.iter().enumerate() {
+            series.push(Series {
+                name: (*site).to_string(),
+                class: "site",
+                colour: SITE_COLOURS[i % SITE_COLOURS.len()],
+                points: run
+                    .rounds
+                    .iter()
+                    .flat_map(|r| {
+                        r.site_reports
+                            .iter()
+                            .filter(|s| s.site == *site)
+                            .map(|s| (r.round, own(s)))
+                    })
+                    .collect(),
+            });
+        }
+        Chart {
+            title,
+            rounds: run.config.rounds,
+            y_range,
+            series,
+        }
+    };
+    (
+        chart(
+            "Training loss per round",
+            None,
+            "loss",
+            LOSS_COLOUR,
+            |r| r.loss,
+            |s| s.loss,
+        ),
+        chart(
+            "Training Dice per round",
+            Some((0.0, 1.0)),
+            "dice",
+            DICE_COLOUR,
+            |r| r.dice,
+            |s| s.dice,
+        ),
+    )
+}
+
+/// `#rrggbb`.
+pub fn hex((r, g, b): Rgb) -> String {
+    format!("#{r:02x}{g:02x}{b:02x}")
 }
 
 const WIDTH: f64 = 560.0;
@@ -33,22 +150,7 @@ const BOTTOM: f64 = 36.0;
 /// for each series (each point's `<title>` gives its value), and a legend.
 pub fn svg(chart: &Chart) -> String {
     let rounds = chart.rounds.max(1);
-    let (y_min, y_max) = chart.y_range.unwrap_or_else(|| {
-        let top = chart
-            .series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .filter(|v| v.is_finite())
-            .fold(0.0_f64, f64::max);
-        (
-            0.0,
-            if top > 0.0 {
-                nice_ceiling(top * 1.05)
-            } else {
-                1.0
-            },
-        )
-    });
+    let (y_min, y_max) = chart.y_bounds();
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
     let x = |round: u32| {
@@ -106,8 +208,10 @@ pub fn svg(chart: &Chart) -> String {
         out,
         r#"<rect class="frame" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none"/>"#
     );
-    for (i, series) in chart.series.iter().enumerate() {
-        let class = escape(series.class);
+    // The mean is drawn last, over the sites' lines that often lie close to it.
+    for (i, series) in chart.series.iter().enumerate().rev() {
+        let class = series.class;
+        let colour = hex(series.colour);
         let finite: Vec<(u32, f64)> = series
             .points
             .iter()
@@ -121,34 +225,44 @@ pub fn svg(chart: &Chart) -> String {
                 .collect();
             let _ = write!(
                 out,
-                r#"<polyline class="line {class}" fill="none" points="{}"/>"#,
+                r#"<polyline class="line {class}" stroke="{colour}" fill="none" points="{}"/>"#,
                 path.join(" ")
             );
         }
         for &(r, v) in &finite {
             let _ = write!(
                 out,
-                r#"<circle class="point {class}" data-round="{r}" cx="{:.1}" cy="{:.1}" r="3.5"><title>{} round {r}: {}</title></circle>"#,
+                r#"<circle class="point {class}" fill="{colour}" data-round="{r}" cx="{:.1}" cy="{:.1}" r="{}"><title>{} round {r}: {}</title></circle>"#,
                 x(r),
                 y(v),
-                escape(series.name),
+                if class == "site" { 2.5 } else { 3.5 },
+                escape(&series.name),
                 value_label(v)
             );
         }
-        let lx = LEFT + 8.0 + 110.0 * i as f64;
+        // Four legend entries to a row.
+        let lx = LEFT + 8.0 + 120.0 * (i % 4) as f64;
+        let ly = TOP + 12.0 + 14.0 * (i / 4) as f64;
         let _ = write!(
             out,
-            r#"<g class="legend"><line class="line {class}" x1="{lx:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}"/><text x="{:.1}" y="{:.1}">{}</text></g>"#,
+            r#"<g class="legend"><line class="line {class}" stroke="{colour}" x1="{lx:.1}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}"/><text x="{:.1}" y="{:.1}">{}</text></g>"#,
             lx + 16.0,
-            TOP + 12.0,
-            TOP + 12.0,
             lx + 20.0,
-            TOP + 16.0,
-            escape(series.name)
+            ly + 4.0,
+            escape(&legend_name(&series.name))
         );
     }
     out.push_str("</svg>");
     out
+}
+
+/// A legend entry fits its 120 px.
+pub fn legend_name(name: &str) -> String {
+    if name.chars().count() > 16 {
+        format!("{}…", name.chars().take(15).collect::<String>())
+    } else {
+        name.to_string()
+    }
 }
 
 /// 1, 2 or 5 times a power of ten, at least `v`: axis tops people can read.
@@ -183,8 +297,9 @@ mod tests {
             rounds,
             y_range: Some((0.0, 1.0)),
             series: vec![Series {
-                name: "train Dice",
+                name: "train Dice".into(),
                 class: "dice",
+                colour: DICE_COLOUR,
                 points,
             }],
         })
@@ -205,6 +320,56 @@ mod tests {
         let svg = chart(vec![(1, f64::NAN), (2, 0.5), (9, 0.5)], 3);
         assert_eq!(svg.matches(r#"class="point dice""#).count(), 1);
         assert!(!svg.contains("polyline"), "one point makes no line");
+    }
+
+    #[test]
+    fn each_site_gets_its_own_line_beside_the_mean() {
+        use alveolus_proto::domain::{RunConfig, RunState};
+        let site = |name: &str, loss: f64| SiteReport {
+            site: name.into(),
+            samples: 10,
+            loss,
+            dice: 0.5,
+            train_seconds: None,
+            bytes: 1,
+        };
+        let round = |round: u32, reports: Vec<SiteReport>| RoundSummary {
+            round,
+            version: String::new(),
+            sites: reports.iter().map(|s| s.site.clone()).collect(),
+            samples: 20,
+            loss: 1.0,
+            dice: 0.5,
+            finished_unix_ms: 0,
+            epsilon: None,
+            site_reports: reports,
+        };
+        let run = RunInfo {
+            run_id: "r".into(),
+            state: RunState::Running,
+            config: RunConfig {
+                rounds: 4,
+                ..RunConfig::default()
+            },
+            initial_version: String::new(),
+            // Site b missed round 2.
+            rounds: vec![
+                round(1, vec![site("b", 2.0), site("a", 1.0)]),
+                round(2, vec![site("a", 0.5)]),
+            ],
+            reported: Vec::new(),
+            started_unix_ms: 0,
+            stop_reason: None,
+            held_up: None,
+        };
+        let (loss, dice) = loss_and_dice(&run);
+        let names: Vec<&str> = loss.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["all sites", "a", "b"]);
+        assert_eq!(loss.series[1].points, [(1, 1.0), (2, 0.5)]);
+        assert_eq!(loss.series[2].points, [(1, 2.0)]);
+        assert_eq!(loss.series[0].points, [(1, 1.0), (2, 1.0)]);
+        assert_eq!((loss.rounds, dice.y_range), (4, Some((0.0, 1.0))));
+        assert_ne!(loss.series[1].colour, loss.series[2].colour);
     }
 
     #[test]

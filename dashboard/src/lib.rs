@@ -2,9 +2,12 @@
 //! coordinator's runs and sites live. It talks to the coordinator only over the Admin API with
 //! the researcher's admin kit (mTLS, outbound), so the coordinator opens no port for it; the
 //! page is server-rendered HTML with inline SVG charts and a short script that asks for the
-//! live part again whenever the run moves on.
+//! live part again whenever the run moves on. The same views make a run's report: one HTML
+//! file with its PNG plots ([`report`]).
 
 pub mod chart;
+pub mod png;
+pub mod report;
 pub mod view;
 
 use std::future::Future;
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alveolus_proto::client::{AdminClient, ClientError};
+use alveolus_proto::domain::RunInfo;
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::{ClientKit, KitError};
 use axum::extract::{Path as UrlPath, Query, State};
@@ -34,7 +38,7 @@ const RECHECK: Duration = Duration::from_millis(500);
 pub enum DashboardError {
     #[error(transparent)]
     Kit(#[from] KitError),
-    #[error("{} is a {role} kit; the dashboard needs an admin kit", dir.display())]
+    #[error("{} is a {role} kit; reading the coordinator's runs needs an admin kit", dir.display())]
     NotAdmin { dir: PathBuf, role: Role },
     #[error(
         "the admin kit's certificate in {} expired on {}; ask the project's operator for a new kit",
@@ -49,6 +53,50 @@ pub enum DashboardError {
     },
     #[error("the dashboard stopped: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Coordinator(#[from] ClientError),
+    #[error(transparent)]
+    Report(#[from] report::ReportError),
+}
+
+/// What the page header says of the admin kit in `kit_dir`, once it is known to be an admin kit
+/// whose certificate is valid.
+fn admin_header(kit_dir: &Path) -> Result<Header, DashboardError> {
+    let kit = ClientKit::load(kit_dir)?;
+    if kit.identity.role != Role::Admin {
+        return Err(DashboardError::NotAdmin {
+            dir: kit_dir.to_path_buf(),
+            role: kit.identity.role,
+        });
+    }
+    let expires = kit.certificate_expires()?;
+    if expires * 1000 <= unix_ms() {
+        return Err(DashboardError::Expired {
+            dir: kit_dir.to_path_buf(),
+            expired: expires,
+        });
+    }
+    Ok(Header {
+        project: kit.config.project.clone(),
+        coordinator: kit.config.coordinator.clone(),
+        admin: kit.config.name.clone(),
+        kit_expires: expires,
+    })
+}
+
+/// Writes the report of run `run` (the newest when empty) into `out`, reading the coordinator
+/// with the admin kit in `kit_dir`.
+pub async fn write_report(
+    kit_dir: &Path,
+    run: &str,
+    out: &Path,
+) -> Result<(RunInfo, report::Report), DashboardError> {
+    let header = admin_header(kit_dir)?;
+    let mut client = AdminClient::connect(kit_dir).await?;
+    let info = client.run(run).await?;
+    let sites = client.sites().await?;
+    let written = report::write(out, &header, &info, sites, unix_ms())?;
+    Ok((info, written))
 }
 
 /// The dashboard's side: the admin kit and a connection to the coordinator, made when first
@@ -62,28 +110,9 @@ pub struct Dashboard {
 impl Dashboard {
     /// Checks the kit before anything is served: an admin kit whose certificate is valid.
     pub fn open(kit_dir: &Path) -> Result<Self, DashboardError> {
-        let kit = ClientKit::load(kit_dir)?;
-        if kit.identity.role != Role::Admin {
-            return Err(DashboardError::NotAdmin {
-                dir: kit_dir.to_path_buf(),
-                role: kit.identity.role,
-            });
-        }
-        let expires = kit.certificate_expires()?;
-        if expires * 1000 <= unix_ms() {
-            return Err(DashboardError::Expired {
-                dir: kit_dir.to_path_buf(),
-                expired: expires,
-            });
-        }
         Ok(Self {
             kit_dir: kit_dir.to_path_buf(),
-            header: Header {
-                project: kit.config.project.clone(),
-                coordinator: kit.config.coordinator.clone(),
-                admin: kit.config.name.clone(),
-                kit_expires: expires,
-            },
+            header: admin_header(kit_dir)?,
             client: tokio::sync::Mutex::new(None),
         })
     }

@@ -4,9 +4,9 @@
 
 use std::fmt::Write;
 
-use alveolus_proto::domain::{AggregationRule, RunInfo, RunState, SiteInfo};
+use alveolus_proto::domain::{AggregationRule, RunInfo, RunState, SiteInfo, SiteReport};
 
-use crate::chart::{self, Chart, Series};
+use crate::chart;
 
 /// What the page header shows of the dashboard's own side.
 pub struct Header {
@@ -160,7 +160,7 @@ pub fn live(snapshot: &Snapshot, selected: Option<&RunInfo>) -> String {
     );
     runs_table(&mut out, snapshot, selected);
     match selected {
-        Some(run) => run_section(&mut out, snapshot, run),
+        Some(run) => run_section(&mut out, snapshot, run, Links::Download),
         None => out.push_str(r#"<p class="empty">No run has been started yet.</p>"#),
     }
     sites_table(&mut out, snapshot);
@@ -204,7 +204,27 @@ fn runs_table(out: &mut String, snapshot: &Snapshot, selected: Option<&RunInfo>)
     out.push_str("</tbody></table></section>");
 }
 
-fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
+/// Whether model versions link to their download (the live page) or stand as text (a report
+/// file, which has no server behind it).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Links {
+    Download,
+    None,
+}
+
+fn version_cell(version: &str, links: Links) -> String {
+    let v = escape(version);
+    match links {
+        Links::Download => format!(
+            r#"<a href="model/{v}" download="{v}.safetensors"><code>{}</code></a>"#,
+            escape(short(version))
+        ),
+        Links::None => format!(r#"<code title="{v}">{}</code>"#, escape(short(version))),
+    }
+}
+
+/// The selected run: its settings, charts, sites and models.
+pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: Links) {
     let c = &run.config;
     let _ = write!(
         out,
@@ -282,36 +302,13 @@ fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
         item("reported this round", run.reported.join(", "));
     }
     out.push_str("</dl><div class=\"charts\">");
-    let points = |f: fn(&alveolus_proto::domain::RoundSummary) -> f64| {
-        run.rounds
-            .iter()
-            .map(|r| (r.round, f(r)))
-            .collect::<Vec<_>>()
-    };
-    out.push_str(&chart::svg(&Chart {
-        title: "Training loss per round (sample-weighted mean over sites)",
-        rounds: c.rounds,
-        y_range: None,
-        series: vec![Series {
-            name: "loss",
-            class: "loss",
-            points: points(|r| r.loss),
-        }],
-    }));
-    out.push_str(&chart::svg(&Chart {
-        title: "Training Dice per round (sample-weighted mean over sites)",
-        rounds: c.rounds,
-        y_range: Some((0.0, 1.0)),
-        series: vec![Series {
-            name: "Dice",
-            class: "dice",
-            points: points(|r| r.dice),
-        }],
-    }));
+    let (loss, dice) = chart::loss_and_dice(run);
+    out.push_str(&chart::svg(&loss));
+    out.push_str(&chart::svg(&dice));
     out.push_str("</div></div>");
 
     // The sites as this run saw them.
-    out.push_str(r#"<h3>Sites in this run</h3><table id="run-sites"><thead><tr><th>site</th><th>last contact</th><th>rounds contributed</th><th>in the last round</th><th>this round</th></tr></thead><tbody>"#);
+    out.push_str(r#"<h3>Sites in this run</h3><table id="run-sites"><thead><tr><th>site</th><th>last contact</th><th>rounds contributed</th><th>in the last round</th><th>this round</th><th>last loss</th><th>last Dice</th><th>last training</th><th>sent</th></tr></thead><tbody>"#);
     let last_round_sites = run.rounds.last().map(|r| r.sites.as_slice()).unwrap_or(&[]);
     for site in &snapshot.sites {
         let rounds: Vec<u32> = site
@@ -327,9 +324,10 @@ fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
         } else {
             ""
         };
+        let own = site_figures(run, &site.name);
         let _ = write!(
             out,
-            r#"<tr data-site="{name}"><td>{name}</td><td title="{}">{}</td><td>{}</td><td>{}</td><td>{this_round}</td></tr>"#,
+            r#"<tr data-site="{name}"><td>{name}</td><td title="{}">{}</td><td>{}</td><td>{}</td><td>{this_round}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
             utc(site.last_contact_unix_ms / 1000),
             ago(snapshot.now_ms, site.last_contact_unix_ms),
             rounds.len(),
@@ -337,6 +335,21 @@ fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
                 "yes"
             } else {
                 "no"
+            },
+            own.last
+                .map(|s| format!("{:.4}", s.loss))
+                .unwrap_or_default(),
+            own.last
+                .map(|s| format!("{:.3}", s.dice))
+                .unwrap_or_default(),
+            own.last
+                .and_then(|s| s.train_seconds)
+                .map(seconds)
+                .unwrap_or_default(),
+            if own.bytes > 0 {
+                bytes(own.bytes)
+            } else {
+                String::new()
             },
             name = escape(&site.name),
         );
@@ -347,17 +360,16 @@ fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
     out.push_str(r#"<h3>Models</h3><table id="models"><thead><tr><th>round</th><th>version</th><th>from</th><th>sites</th><th>samples</th><th>loss</th><th>Dice</th><th>ε</th><th>finished</th></tr></thead><tbody>"#);
     let _ = write!(
         out,
-        r#"<tr><td>0 (initial)</td><td><a href="model/{v}" download="{v}.safetensors"><code>{}</code></a></td><td></td><td></td><td></td><td></td><td></td><td></td><td></td></tr>"#,
-        short(&run.initial_version),
-        v = escape(&run.initial_version),
+        r#"<tr><td>0 (initial)</td><td>{}</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td></tr>"#,
+        version_cell(&run.initial_version, links),
     );
     let mut parent = run.initial_version.as_str();
     for r in &run.rounds {
         let _ = write!(
             out,
-            r#"<tr><td>{}</td><td><a href="model/{v}" download="{v}.safetensors"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>"#,
+            r#"<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>"#,
             r.round,
-            short(&r.version),
+            version_cell(&r.version, links),
             escape(short(parent)),
             escape(&r.sites.join(", ")),
             r.samples,
@@ -365,11 +377,48 @@ fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo) {
             r.dice,
             r.epsilon.map(|e| format!("{e:.4}")).unwrap_or_default(),
             utc(r.finished_unix_ms / 1000),
-            v = escape(&r.version),
         );
         parent = &r.version;
     }
     out.push_str("</tbody></table></section>");
+}
+
+/// What a site's own reports in a run add up to.
+pub struct SiteFigures<'a> {
+    /// Its report in the last round it contributed to.
+    pub last: Option<&'a SiteReport>,
+    /// The update bytes it sent over the run.
+    pub bytes: u64,
+}
+
+pub fn site_figures<'a>(run: &'a RunInfo, site: &str) -> SiteFigures<'a> {
+    let own = || {
+        run.rounds
+            .iter()
+            .flat_map(|r| r.site_reports.iter().filter(|s| s.site == site))
+    };
+    SiteFigures {
+        last: own().last(),
+        bytes: own().map(|s| s.bytes).sum(),
+    }
+}
+
+/// `12.3 s`, `4 min 5 s`.
+pub fn seconds(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{} min {} s", (s / 60.0).floor(), (s % 60.0).round())
+    }
+}
+
+/// `7.4 MB`, `310 kB`.
+pub fn bytes(b: u64) -> String {
+    if b >= 1_000_000 {
+        format!("{:.1} MB", b as f64 / 1e6)
+    } else {
+        format!("{} kB", b.div_ceil(1000))
+    }
 }
 
 fn sites_table(out: &mut String, snapshot: &Snapshot) {
@@ -391,7 +440,7 @@ fn sites_table(out: &mut String, snapshot: &Snapshot) {
     out.push_str("</tbody></table></section>");
 }
 
-const STYLE: &str = r#"
+pub const STYLE: &str = r#"
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 1.5em 2em; color: #1d2430; background: #fbfcfd; }
 header { border-bottom: 1px solid #d5dbe3; margin-bottom: 1em; }
 h1 { font-size: 1.4em; margin: .6em 0 .2em; } h1 .project { color: #4a6fa5; }
@@ -404,8 +453,7 @@ dt { color: #5a6675; } dd { margin: 0; }
 svg.chart { display: block; margin-bottom: .8em; background: #fff; border: 1px solid #e3e7ed; }
 svg .grid { stroke: #edf0f4; } svg .frame { stroke: #c9d0da; } svg .tick, svg .axis-label, svg .legend text { font-size: 11px; fill: #5a6675; }
 svg .chart-title { font-size: 12px; fill: #1d2430; }
-svg .line { stroke-width: 2; } svg .line.loss { stroke: #c0504d; } svg .line.dice { stroke: #4a6fa5; }
-svg .point.loss { fill: #c0504d; } svg .point.dice { fill: #4a6fa5; }
+svg .line { stroke-width: 2.2; } svg .line.site { stroke-width: 1.3; stroke-dasharray: 5 3; }
 "#;
 
 /// Asks for the live part again and again: the server holds each request until the run moves

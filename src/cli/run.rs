@@ -1,5 +1,5 @@
-//! The researcher's commands (admin kit): `run start|status|list|watch|abort`, over the typed
-//! Admin client of `alveolus_proto`.
+//! The researcher's commands (admin kit): `run start|status|list|watch|abort|report`, over the
+//! typed Admin client of `alveolus_proto`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +7,7 @@ use alveolus_models::ModelSpec;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, PrivacyConfig, RoundSummary, RunConfig, RunEvent, RunInfo,
-    RunState, SecureAggregationConfig, TrainingConfig,
+    RunState, SecureAggregationConfig, SiteReport, TrainingConfig,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -44,6 +44,17 @@ pub enum RunCommand {
         kit: PathBuf,
         #[arg(long, default_value = "")]
         run: String,
+    },
+    /// Write a run's report into a folder: report.html (one file, opens without a network)
+    /// and PNG plots of loss and Dice per round, overall and per site.
+    Report {
+        #[arg(long)]
+        kit: PathBuf,
+        /// Run id; the most recent run by default.
+        #[arg(long, default_value = "")]
+        run: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -206,6 +217,21 @@ pub async fn run_command(command: RunCommand) -> Result<()> {
             Ok(())
         }
         RunCommand::Watch { kit, run } => watch(&kit, &run).await,
+        RunCommand::Report { kit, run, out } => {
+            let (info, report) = alveolus_dashboard::write_report(&kit, &run, &out).await?;
+            println!(
+                "report on run {} ({} of {} rounds, {}) written to {}",
+                info.run_id,
+                info.rounds.len(),
+                info.config.rounds,
+                info.state.as_str(),
+                report.html.display()
+            );
+            for plot in &report.plots {
+                println!("  plot {}", plot.display());
+            }
+            Ok(())
+        }
         RunCommand::Abort { kit, run } => {
             let info = AdminClient::connect(&kit).await?.abort(&run).await?;
             println!("{} is {}", info.run_id, info.state.as_str());
@@ -296,6 +322,7 @@ fn print_run(info: &RunInfo) {
     for r in &info.rounds {
         println!("  round {:>3}  {}", r.round, round_line(r, "  "));
     }
+    print_sites(info);
     if let Some(held_up) = &info.held_up {
         println!("  held up: {held_up}");
     }
@@ -311,6 +338,31 @@ fn print_run(info: &RunInfo) {
         println!("  reported this round: {}", info.reported.join(", "));
     }
     println!("  latest model {}", info.latest_version());
+}
+
+/// Each site's figures from the last round it contributed to: the slowest site stands out.
+fn print_sites(info: &RunInfo) {
+    let mut last: std::collections::BTreeMap<&str, (u32, &SiteReport)> = Default::default();
+    for r in &info.rounds {
+        for s in &r.site_reports {
+            last.insert(&s.site, (r.round, s));
+        }
+    }
+    if last.is_empty() {
+        return;
+    }
+    println!("  sites, as of the last round each contributed to:");
+    for (site, (round, s)) in last {
+        println!(
+            "    {site:<16} round {round:>3}  loss {:.4}  train dice {:.3}  {:>6} samples  training {}",
+            s.loss,
+            s.dice,
+            s.samples,
+            s.train_seconds
+                .map(|t| format!("{t:.1} s"))
+                .unwrap_or_else(|| "not reported".into()),
+        );
+    }
 }
 
 /// A finished round's numbers, `separator` between them.

@@ -422,6 +422,7 @@ pub async fn push_update_reporting(
         metrics: Some(metrics),
         total_bytes: bytes.len() as u64,
         masked: false,
+        train_seconds: 0.0,
     };
     let messages: Vec<pb::UpdateChunk> = framed(header, &bytes);
     client

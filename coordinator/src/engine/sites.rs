@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_privacy::wire::{Reply, Request, Step};
-use alveolus_proto::domain::{Metrics, Task, TrainTask, UpdateHeader};
+use alveolus_proto::domain::{Task, TrainTask, UpdateHeader};
 use alveolus_proto::weights::Weights;
 
 use super::{Coordinator, Phase, State};
@@ -169,7 +169,7 @@ impl Coordinator {
         let secure = open.secure.as_mut().expect("admits checked it is secure");
         secure.add_masked(site, bytes)?;
         // The sample count and metrics are inside the masked sum.
-        let reports = open.record(site, 0, Metrics::default());
+        let reports = open.record(site, header);
         let round = open.round;
         state.runs[index].update_accepted(round, site);
         self.settle(state, true);
@@ -213,7 +213,7 @@ impl Coordinator {
             return Err(e);
         }
         open.add_update(update, header.num_samples);
-        let reports = open.record(site, header.num_samples, header.metrics);
+        let reports = open.record(site, header);
         tracing::info!(%site, round, samples = header.num_samples, "update accepted");
         state.runs[index].update_accepted(round, site);
         self.settle(state, true);

@@ -76,6 +76,7 @@ fn push(
         metrics: Metrics::default(),
         total_bytes: 0,
         masked: false,
+        train_seconds: None,
     };
     coordinator.accept_update(site, &header, &model(value))
 }

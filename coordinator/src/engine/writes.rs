@@ -91,6 +91,7 @@ impl Coordinator {
             dice: outcome.metrics.dice,
             finished_unix_ms: manifest.created_unix_ms,
             epsilon: manifest.epsilon,
+            site_reports: outcome.site_reports.clone(),
         };
         let next = run::after_round(&info, summary.clone());
         let sites = {

@@ -11,7 +11,7 @@
 
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, Metrics, PrivacyConfig, RoundSummary, RunConfig, RunInfo,
-    RunState, SecureAggregationConfig, SiteInfo, TrainingConfig,
+    RunState, SecureAggregationConfig, SiteInfo, SiteReport, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -166,6 +166,19 @@ struct RoundV1 {
     finished_unix_ms: i64,
     #[serde(default)]
     epsilon: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    site_reports: Vec<SiteReportV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SiteReportV1 {
+    site: String,
+    samples: u64,
+    loss: f64,
+    dice: f64,
+    #[serde(default)]
+    train_seconds: Option<f64>,
+    bytes: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -416,6 +429,18 @@ impl From<&RoundSummary> for RoundV1 {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
+            site_reports: r
+                .site_reports
+                .iter()
+                .map(|s| SiteReportV1 {
+                    site: s.site.clone(),
+                    samples: s.samples,
+                    loss: s.loss,
+                    dice: s.dice,
+                    train_seconds: s.train_seconds,
+                    bytes: s.bytes,
+                })
+                .collect(),
         }
     }
 }
@@ -431,6 +456,18 @@ impl From<RoundV1> for RoundSummary {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
+            site_reports: r
+                .site_reports
+                .into_iter()
+                .map(|s| SiteReport {
+                    site: s.site,
+                    samples: s.samples,
+                    loss: s.loss,
+                    dice: s.dice,
+                    train_seconds: s.train_seconds,
+                    bytes: s.bytes,
+                })
+                .collect(),
         }
     }
 }

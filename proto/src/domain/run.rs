@@ -41,6 +41,24 @@ pub struct RoundSummary {
     /// ε the run has spent after this round, at the run's δ (differential privacy).
     #[serde(default)]
     pub epsilon: Option<f64>,
+    /// Each site's own figures, by site name; empty under secure aggregation.
+    #[serde(default)]
+    pub site_reports: Vec<SiteReport>,
+}
+
+/// One site's part in a round: what its update header said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteReport {
+    pub site: String,
+    pub samples: u64,
+    /// The site's local training loss and Dice on its own data.
+    pub loss: f64,
+    pub dice: f64,
+    /// How long its local training took, when it said (not under DP).
+    #[serde(default)]
+    pub train_seconds: Option<f64>,
+    /// Size of the update it sent.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +127,33 @@ impl From<RoundSummary> for pb::RoundSummary {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon.unwrap_or(0.0),
+            site_reports: r.site_reports.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<SiteReport> for pb::SiteReport {
+    fn from(r: SiteReport) -> Self {
+        Self {
+            site: r.site,
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            train_seconds: r.train_seconds.unwrap_or(0.0),
+            bytes: r.bytes,
+        }
+    }
+}
+
+impl From<pb::SiteReport> for SiteReport {
+    fn from(r: pb::SiteReport) -> Self {
+        Self {
+            site: r.site,
+            samples: r.samples,
+            loss: r.loss,
+            dice: r.dice,
+            train_seconds: positive(r.train_seconds),
+            bytes: r.bytes,
         }
     }
 }
@@ -124,6 +169,7 @@ impl From<pb::RoundSummary> for RoundSummary {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: positive(r.epsilon),
+            site_reports: r.site_reports.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -50,7 +50,12 @@ pub struct UpdateHeader {
     /// The data is a masked update (secure aggregation): sample count and metrics travel
     /// masked inside it, and are zero here.
     pub masked: bool,
+    /// How long the site's local training took, when it says (not for masked updates).
+    pub train_seconds: Option<f64>,
 }
+
+/// The longest local training a header may claim: a week.
+pub const MAX_TRAIN_SECONDS: f64 = 7.0 * 86_400.0;
 
 impl From<Task> for pb::Task {
     fn from(t: Task) -> Self {
@@ -162,6 +167,7 @@ impl From<UpdateHeader> for pb::UpdateHeader {
             metrics: (!h.masked).then(|| h.metrics.into()),
             total_bytes: h.total_bytes,
             masked: h.masked,
+            train_seconds: h.train_seconds.unwrap_or(0.0),
         }
     }
 }
@@ -171,10 +177,10 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     fn try_from(h: pb::UpdateHeader) -> Result<Self, DomainError> {
         validate_version(&h.base_version)?;
         if h.masked {
-            if h.num_samples != 0 || h.metrics.is_some() {
+            if h.num_samples != 0 || h.metrics.is_some() || h.train_seconds != 0.0 {
                 return Err(invalid(
                     "masked",
-                    "a masked update carries its sample count and metrics masked, not in the header",
+                    "a masked update carries its sample count and metrics masked, and no training time, not in the header",
                 ));
             }
             return Ok(Self {
@@ -185,6 +191,7 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 metrics: Metrics::default(),
                 total_bytes: h.total_bytes,
                 masked: true,
+                train_seconds: None,
             });
         }
         if h.num_samples == 0 {
@@ -199,6 +206,15 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 format!("{} is above the limit of {MAX_SAMPLES}", h.num_samples),
             ));
         }
+        if !(0.0..=MAX_TRAIN_SECONDS).contains(&h.train_seconds) {
+            return Err(invalid(
+                "train_seconds",
+                format!(
+                    "{} is not a training time from 0 to {MAX_TRAIN_SECONDS} seconds",
+                    h.train_seconds
+                ),
+            ));
+        }
         Ok(Self {
             run_id: h.run_id,
             round: h.round,
@@ -210,6 +226,7 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
                 .try_into()?,
             total_bytes: h.total_bytes,
             masked: false,
+            train_seconds: positive(h.train_seconds),
         })
     }
 }
@@ -267,14 +284,30 @@ mod tests {
             }),
             total_bytes: 10,
             masked: false,
+            train_seconds: 12.5,
         };
-        assert!(UpdateHeader::try_from(good.clone()).is_ok());
+        assert_eq!(
+            UpdateHeader::try_from(good.clone()).unwrap().train_seconds,
+            Some(12.5)
+        );
+        for seconds in [-1.0, f64::NAN, f64::INFINITY, 1e9] {
+            let bad = pb::UpdateHeader {
+                train_seconds: seconds,
+                ..good.clone()
+            };
+            assert!(UpdateHeader::try_from(bad).is_err(), "{seconds}");
+        }
         // A masked update must not show its sample count or metrics.
         let mut masked = good.clone();
         masked.masked = true;
         assert!(UpdateHeader::try_from(masked.clone()).is_err());
         masked.num_samples = 0;
         masked.metrics = None;
+        assert!(
+            UpdateHeader::try_from(masked.clone()).is_err(),
+            "training time"
+        );
+        masked.train_seconds = 0.0;
         assert!(UpdateHeader::try_from(masked).unwrap().masked);
         let mut bad = good.clone();
         bad.base_version = "xyz".into();

@@ -101,6 +101,27 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
         );
     }
 
+    // Each site's certificate expiry, as the coordinator saw it when the site joined: on the
+    // page (the test's kits are valid for days, so it warns) and in `sites list`.
+    let sites = run_cli(&["sites", "list", "--kit", kit]);
+    let listed = String::from_utf8_lossy(&sites.stdout);
+    for site in ["north", "south"] {
+        let kit = alveolus_proto::kit::ClientKit::load(&project.site_kit(site)).unwrap();
+        let expires = kit.certificate_expires().unwrap();
+        assert!(
+            dom.contains(&format!(
+                r#"<td class="warn" data-expires="{expires}">valid until"#
+            )),
+            "{site}'s certificate expiry is not on the page"
+        );
+        let until = alveolus_dashboard::view::utc(expires);
+        assert!(
+            listed.contains(&format!("certificate valid until {until}")),
+            "{listed}"
+        );
+    }
+    assert!(listed.contains("renew it soon"), "{listed}");
+
     report_opens_without_a_network(&chromium, &project, kit, &run.run_id);
 
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

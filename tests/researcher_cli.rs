@@ -108,6 +108,28 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         pulled.to_str().unwrap(),
     ]);
     assert_eq!(sha256_hex(&std::fs::read(&pulled).unwrap()), first);
+    // On a terminal (util-linux `script` gives it one), the download draws a progress bar that
+    // ends at the whole model.
+    let on_terminal = project.path("terminal.safetensors");
+    let typed = Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "{BIN} model pull --kit {admin} --out {}",
+                on_terminal.display()
+            ),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&typed.stdout);
+    assert!(typed.status.success(), "{screen}");
+    assert!(
+        screen.contains("model [####################]") && screen.contains("100%"),
+        "{screen}"
+    );
+    assert_eq!(sha256_hex(&std::fs::read(&on_terminal).unwrap()), latest);
 
     // A long run can be aborted.
     run_ok(&[

@@ -223,6 +223,8 @@ impl Federation for Services {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let site = self.caller(&request, Role::Site)?;
+        let certs = request.peer_certs();
+        let expires = crate::tls::expiry(certs.as_deref().map(Vec::as_slice));
         let join = Join::try_from(request.into_inner()).map_err(CoordinatorError::from)?;
         let agent = join.protocol_version;
         if agent != PROTOCOL_VERSION {
@@ -233,7 +235,7 @@ impl Federation for Services {
             }
             .into());
         }
-        self.coordinator.join(&site.name);
+        self.coordinator.join(&site.name, expires);
         tracing::info!(site = %site.name, agent_version = %join.agent_version, "site joined");
         Ok(Response::new(pb::JoinResponse {
             protocol_version: PROTOCOL_VERSION,

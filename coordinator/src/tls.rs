@@ -241,6 +241,13 @@ impl TlsState {
     }
 }
 
+/// When the caller's certificate (already verified) expires, Unix seconds.
+pub fn expiry(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<i64> {
+    let leaf = peer_certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The one Alveolus identity a certificate carries in its URI SANs. A certificate naming two
 /// (a site and an admin, say) is refused: otherwise it would be whichever came first.
 fn identity_of(

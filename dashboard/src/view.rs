@@ -108,9 +108,7 @@ fn short(version: &str) -> &str {
 /// The whole page: header, the live part as it is now (`live`), and the script that keeps it
 /// live. `initial_rounds` is the number of finished rounds at load, kept on `<body>`.
 pub fn page(header: &Header, live: &str, initial_rounds: usize, now_ms: i64) -> String {
-    let expires = header.kit_expires;
-    let days_left = (expires * 1000 - now_ms) / 86_400_000;
-    let expiry_class = if days_left < 30 { "warn" } else { "" };
+    let (expiry_class, expiry) = validity(header.kit_expires, now_ms);
     format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -118,7 +116,7 @@ pub fn page(header: &Header, live: &str, initial_rounds: usize, now_ms: i64) -> 
 <style>{STYLE}</style></head>
 <body data-initial-rounds="{initial_rounds}" data-updates="0">
 <header><h1>Alveolus <span class="project">{project}</span></h1>
-<p>coordinator <code>{coordinator}</code> · admin <code>{admin}</code> · <span class="{expiry_class}">admin kit valid until {expiry} ({days_left} days)</span> · <span id="status">live</span></p></header>
+<p>coordinator <code>{coordinator}</code> · admin <code>{admin}</code> · <span class="{expiry_class}">admin kit {expiry}</span> · <span id="status">live</span></p></header>
 <main id="live">{live}</main>
 <script>{SCRIPT}</script>
 </body></html>
@@ -126,8 +124,21 @@ pub fn page(header: &Header, live: &str, initial_rounds: usize, now_ms: i64) -> 
         project = escape(&header.project),
         coordinator = escape(&header.coordinator),
         admin = escape(&header.admin),
-        expiry = utc(expires),
     )
+}
+
+/// A certificate's expiry as a class (`warn` within 30 days, `error` once expired) and text
+/// (`valid until 2027-01-05 10:00:00 UTC (32 days)`).
+pub fn validity(expires_unix: i64, now_ms: i64) -> (&'static str, String) {
+    let days_left = (expires_unix * 1000 - now_ms).div_euclid(86_400_000);
+    if expires_unix * 1000 <= now_ms {
+        ("error", format!("expired on {}", utc(expires_unix)))
+    } else {
+        (
+            if days_left < 30 { "warn" } else { "" },
+            format!("valid until {} ({days_left} days)", utc(expires_unix)),
+        )
+    }
 }
 
 /// The live part when the coordinator could not be asked.
@@ -422,15 +433,22 @@ pub fn bytes(b: u64) -> String {
 }
 
 fn sites_table(out: &mut String, snapshot: &Snapshot) {
-    out.push_str(r#"<section id="sites"><h2>Sites</h2><table><thead><tr><th>site</th><th>last contact</th><th>runs contributed to</th><th>rounds contributed</th></tr></thead><tbody>"#);
+    out.push_str(r#"<section id="sites"><h2>Sites</h2><table><thead><tr><th>site</th><th>last contact</th><th>runs contributed to</th><th>rounds contributed</th><th>certificate</th></tr></thead><tbody>"#);
     if snapshot.sites.is_empty() {
-        out.push_str(r#"<tr><td colspan="4">No site has connected yet.</td></tr>"#);
+        out.push_str(r#"<tr><td colspan="5">No site has connected yet.</td></tr>"#);
     }
     for site in &snapshot.sites {
         let rounds: usize = site.contributions.iter().map(|(_, r)| r.len()).sum();
+        let certificate = match site.certificate_expires_unix {
+            Some(expires) => {
+                let (class, text) = validity(expires, snapshot.now_ms);
+                format!(r#"<td class="{class}" data-expires="{expires}">{text}</td>"#)
+            }
+            None => "<td>not seen since it was recorded</td>".into(),
+        };
         let _ = write!(
             out,
-            r#"<tr><td>{}</td><td title="{}">{}</td><td>{}</td><td>{rounds}</td></tr>"#,
+            r#"<tr><td>{}</td><td title="{}">{}</td><td>{}</td><td>{rounds}</td>{certificate}</tr>"#,
             escape(&site.name),
             utc(site.last_contact_unix_ms / 1000),
             ago(snapshot.now_ms, site.last_contact_unix_ms),

@@ -12,7 +12,7 @@ use crate::domain::{DomainError, ModelHeader, RunConfig, RunEvent, RunInfo, Site
 use crate::identity::Role;
 use crate::kit::{ClientKit, KitError};
 use crate::pb::{self, admin_client, federation_client};
-use crate::transfer::{ModelReceiveError, framed, receive_model};
+use crate::transfer::{ModelReceiveError, framed, receive_model, receive_model_reporting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -133,20 +133,33 @@ pub async fn pull_model_with_kit(
     kit_dir: &Path,
     version: &str,
 ) -> Result<(ModelHeader, Bytes), ClientError> {
+    pull_model_with_kit_reporting(kit_dir, version, &mut |_, _| {}).await
+}
+
+/// [`pull_model_with_kit`], telling `progress` the bytes received so far and the model's size
+/// after each chunk.
+pub async fn pull_model_with_kit_reporting(
+    kit_dir: &Path,
+    version: &str,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(ModelHeader, Bytes), ClientError> {
     let kit = ClientKit::load(kit_dir)?;
     let channel = kit.connect().await?;
-    if kit.identity.role == Role::Admin {
-        return AdminClient::from(admin_client::AdminClient::new(channel))
-            .pull_model(version)
-            .await;
-    }
-    let stream = federation_client::FederationClient::new(channel)
-        .pull_model(pb::PullModelRequest {
-            version: version.to_string(),
-        })
-        .await?
-        .into_inner();
-    Ok(receive_model(stream, version).await?)
+    let request = pb::PullModelRequest {
+        version: version.to_string(),
+    };
+    let stream = if kit.identity.role == Role::Admin {
+        admin_client::AdminClient::new(channel)
+            .pull_model(request)
+            .await?
+            .into_inner()
+    } else {
+        federation_client::FederationClient::new(channel)
+            .pull_model(request)
+            .await?
+            .into_inner()
+    };
+    Ok(receive_model_reporting(stream, version, progress).await?)
 }
 
 fn request(run_id: &str) -> pb::GetRunRequest {

@@ -175,10 +175,26 @@ pub async fn receive_payload<M: Framed>(
     announced: u64,
     limit: u64,
 ) -> Result<Bytes, ReceiveError> {
+    receive_payload_reporting(stream, announced, limit, &mut |_| {}).await
+}
+
+/// [`receive_payload`], telling `progress` the bytes received so far after each chunk (a
+/// terminal's progress bar).
+pub async fn receive_payload_reporting<M: Framed>(
+    stream: &mut (impl Stream<Item = Result<M, tonic::Status>> + Unpin),
+    announced: u64,
+    limit: u64,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Bytes, ReceiveError> {
     let mut receiver = Receiver::new(announced, limit)?;
+    let mut received = 0u64;
     while let Some(message) = stream.next().await {
         match message.map_err(ReceiveError::Stream)?.into_frame() {
-            Some(Frame::Data(data)) => receiver.push(&data)?,
+            Some(Frame::Data(data)) => {
+                receiver.push(&data)?;
+                received += data.len() as u64;
+                progress(received);
+            }
             Some(Frame::Trailer(sha256)) => return Ok(receiver.finish(&sha256)?),
             _ => {
                 return Err(
@@ -210,12 +226,17 @@ mod tests {
         let messages: Vec<pb::UpdateChunk> = framed(pb::UpdateHeader::default(), &payload);
         assert_eq!(messages.len(), 4);
         let mut stream = futures::stream::iter(messages.into_iter().map(Ok));
+        let mut told = Vec::new();
         let received = futures::executor::block_on(async {
             receive_header(&mut stream).await.unwrap();
-            receive_payload(&mut stream, payload.len() as u64, u64::MAX)
-                .await
-                .unwrap()
+            receive_payload_reporting(&mut stream, payload.len() as u64, u64::MAX, &mut |n| {
+                told.push(n)
+            })
+            .await
+            .unwrap()
         });
+        // Progress after each chunk, ending at the whole payload.
+        assert_eq!(told, [CHUNK_BYTES as u64, payload.len() as u64]);
         assert_eq!(received, payload);
     }
 
@@ -274,8 +295,18 @@ pub enum ModelReceiveError {
 /// Receives a model stream (header, chunks, trailer), verifying that its sha256 is its version
 /// and, unless `requested` is empty (the latest), that it is the version asked for.
 pub async fn receive_model(
+    stream: tonic::Streaming<pb::ModelChunk>,
+    requested: &str,
+) -> Result<(crate::domain::ModelHeader, Bytes), ModelReceiveError> {
+    receive_model_reporting(stream, requested, &mut |_, _| {}).await
+}
+
+/// [`receive_model`], telling `progress` the bytes received so far and the model's size after
+/// each chunk.
+pub async fn receive_model_reporting(
     mut stream: tonic::Streaming<pb::ModelChunk>,
     requested: &str,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<(crate::domain::ModelHeader, Bytes), ModelReceiveError> {
     let header = receive_header(&mut stream).await?;
     let header = crate::domain::ModelHeader::try_from(header)?;
@@ -285,7 +316,11 @@ pub async fn receive_model(
             received: header.version,
         });
     }
-    let bytes = receive_payload(&mut stream, header.total_bytes, MAX_MODEL_BYTES).await?;
+    let total = header.total_bytes;
+    let bytes = receive_payload_reporting(&mut stream, total, MAX_MODEL_BYTES, &mut |received| {
+        progress(received, total)
+    })
+    .await?;
     if crate::sha256_hex(&bytes) != header.version {
         return Err(ModelReceiveError::Digest);
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use alveolus_models::Weights;
-use alveolus_proto::client::pull_model_with_kit;
+use alveolus_proto::client::pull_model_with_kit_reporting;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
@@ -25,7 +25,13 @@ pub enum ModelCommand {
 /// manifest.
 pub async fn model_command(command: ModelCommand) -> Result<()> {
     let ModelCommand::Pull { kit, version, out } = command;
-    let (header, bytes) = pull_model_with_kit(&kit, &version).await?;
+    let mut progress = crate::progress::TransferProgress::new("model");
+    let pulled = pull_model_with_kit_reporting(&kit, &version, &mut |received, total| {
+        progress.update(received, total)
+    })
+    .await;
+    progress.finish();
+    let (header, bytes) = pulled?;
     Weights::decode(&bytes).context("the coordinator sent a model that does not parse")?;
     std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let manifest = out.with_extension("json");

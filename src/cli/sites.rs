@@ -1,4 +1,5 @@
-//! `sites list` (admin kit): who has connected, when, and what each contributed.
+//! `sites list` (admin kit): who has connected, when, what each contributed, and when its
+//! certificate expires.
 
 use std::path::PathBuf;
 
@@ -48,6 +49,16 @@ pub async fn sites_command(command: SitesCommand) -> Result<()> {
                 contributed.join("; ")
             }
         );
+        if let Some(expires) = site.certificate_expires_unix {
+            let (class, text) =
+                alveolus_dashboard::view::validity(expires, alveolus_coordinator::clock::unix_ms());
+            let flag = match class {
+                "error" => "  ! renew it: the site cannot connect",
+                "warn" => "  ! renew it soon",
+                _ => "",
+            };
+            println!("{:<20} certificate {text}{flag}", "");
+        }
     }
     Ok(())
 }

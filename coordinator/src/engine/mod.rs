@@ -128,6 +128,7 @@ impl State {
                 name: site.to_string(),
                 last_contact_unix_ms: 0,
                 contributions: Vec::new(),
+                certificate_expires_unix: None,
             });
         entry.last_contact_unix_ms = unix_ms();
         self.seen.insert(site.to_string(), clock::now());

@@ -14,8 +14,14 @@ use crate::error::CoordinatorError;
 use crate::run;
 
 impl Coordinator {
-    pub fn join(&self, site: &str) {
-        self.lock().touch(site);
+    /// `site` joined with a certificate that expires at `certificate_expires` (Unix seconds).
+    pub fn join(&self, site: &str, certificate_expires: Option<i64>) {
+        let mut state = self.lock();
+        state.touch(site);
+        if let Some(entry) = state.sites.get_mut(site) {
+            entry.certificate_expires_unix = certificate_expires.or(entry.certificate_expires_unix);
+        }
+        drop(state);
         self.announce();
     }
 

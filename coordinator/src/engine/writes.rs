@@ -142,12 +142,15 @@ impl Coordinator {
         );
         let mut state = self.lock();
         for (name, site) in sites {
-            // Contacts made while the round closed are newer than the copy.
-            let contact = state.sites.get(&name).map(|s| s.last_contact_unix_ms);
+            // Contacts and joins made while the round closed are newer than the copy.
+            let now = state.sites.get(&name);
+            let contact = now.map(|s| s.last_contact_unix_ms);
+            let expires = now.and_then(|s| s.certificate_expires_unix);
             state.sites.insert(
                 name,
                 SiteInfo {
                     last_contact_unix_ms: contact.unwrap_or(site.last_contact_unix_ms),
+                    certificate_expires_unix: expires.or(site.certificate_expires_unix),
                     ..site
                 },
             );

@@ -186,6 +186,8 @@ pub struct SiteV1 {
     name: String,
     last_contact_unix_ms: i64,
     contributions: Vec<(String, Vec<u32>)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate_expires_unix: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -478,6 +480,7 @@ impl From<&SiteInfo> for SiteV1 {
             name: s.name.clone(),
             last_contact_unix_ms: s.last_contact_unix_ms,
             contributions: s.contributions.clone(),
+            certificate_expires_unix: s.certificate_expires_unix,
         }
     }
 }
@@ -488,6 +491,7 @@ impl From<SiteV1> for SiteInfo {
             name: s.name,
             last_contact_unix_ms: s.last_contact_unix_ms,
             contributions: s.contributions,
+            certificate_expires_unix: s.certificate_expires_unix,
         }
     }
 }

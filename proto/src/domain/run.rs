@@ -103,6 +103,10 @@ pub struct SiteInfo {
     pub last_contact_unix_ms: i64,
     /// Rounds each run aggregated an update of this site into.
     pub contributions: Vec<(String, Vec<u32>)>,
+    /// When the certificate the site last joined with expires (Unix seconds): a site whose
+    /// certificate lapses drops out of the federation, so its operator must hear of it first.
+    #[serde(default)]
+    pub certificate_expires_unix: Option<i64>,
 }
 
 impl From<RunState> for pb::RunState {
@@ -264,6 +268,7 @@ impl From<SiteInfo> for pb::SiteInfo {
                 .into_iter()
                 .map(|(run_id, rounds)| pb::RunRounds { run_id, rounds })
                 .collect(),
+            certificate_expires_unix: s.certificate_expires_unix.unwrap_or(0),
         }
     }
 }
@@ -278,6 +283,8 @@ impl From<pb::SiteInfo> for SiteInfo {
                 .into_iter()
                 .map(|r| (r.run_id, r.rounds))
                 .collect(),
+            certificate_expires_unix: (s.certificate_expires_unix != 0)
+                .then_some(s.certificate_expires_unix),
         }
     }
 }

@@ -174,6 +174,26 @@ async fn prometheus_scrapes_a_live_run_from_the_coordinator_and_its_agents() {
             "{metric}: {series:?}"
         );
     }
+
+    // The test's kits are valid for two days: well inside the 30 days from which the services
+    // warn, each of its own certificate and the coordinator of each site's.
+    let log = |name: &str| std::fs::read_to_string(project.path(name)).unwrap();
+    let coordinator = log("coordinator.log");
+    for site in ["north", "south"] {
+        assert!(
+            coordinator.contains(&format!("site {site}'s certificate expires on ")),
+            "{coordinator}"
+        );
+        let agent = log(&format!("{site}.log"));
+        assert!(
+            agent.contains("this site's certificate expires on "),
+            "{agent}"
+        );
+    }
+    assert!(
+        coordinator.contains("the coordinator's certificate expires on "),
+        "{coordinator}"
+    );
 }
 
 /// Refusals are counted per site by a fixed reason, acceptances per site, and the engine's

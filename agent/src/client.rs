@@ -221,6 +221,9 @@ impl Agent {
         let start_for_training = start.clone();
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
+            // Seconds per epoch in the log: the site's operator sees what its hardware costs
+            // the federation.
+            let mut epoch_started = std::time::Instant::now();
             train(
                 &start_for_training,
                 &slices,
@@ -233,8 +236,10 @@ impl Agent {
                             round,
                             epoch,
                             loss = format!("{loss:.4}"),
+                            seconds = format!("{:.1}", epoch_started.elapsed().as_secs_f32()),
                             "local epoch done"
                         );
+                        epoch_started = std::time::Instant::now();
                     }
                 },
             )

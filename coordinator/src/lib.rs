@@ -77,6 +77,14 @@ pub async fn run_with_metrics(
 ) -> Result<(), CoordinatorError> {
     let coordinator = Coordinator::open(&settings)?;
     let tls = Arc::new(TlsState::new(&settings)?);
+    if let Ok(expires) = alveolus_proto::kit::pem_not_after(&settings.cert_pem) {
+        let now = clock::unix_ms() / 1000;
+        if let Some(warning) =
+            alveolus_proto::kit::expiry_warning("the coordinator's", expires, now)
+        {
+            tracing::warn!("{warning}");
+        }
+    }
     let services = Services::new(coordinator.clone(), tls.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

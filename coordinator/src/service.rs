@@ -8,6 +8,7 @@ use std::time::Duration;
 use alveolus_proto::PROTOCOL_VERSION;
 use alveolus_proto::domain::{Join, ModelHeader, RunConfig, UpdateHeader};
 use alveolus_proto::identity::{Identity, Role};
+use alveolus_proto::kit::expiry_warning;
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
 use alveolus_proto::transfer::{Framed, framed, receive_header, receive_payload};
 use alveolus_proto::weights::Weights;
@@ -234,6 +235,11 @@ impl Federation for Services {
                 coordinator: PROTOCOL_VERSION,
             }
             .into());
+        }
+        let now = crate::clock::unix_ms() / 1000;
+        let whose = format!("site {}'s", site.name);
+        if let Some(warning) = expires.and_then(|e| expiry_warning(&whose, e, now)) {
+            tracing::warn!(site = %site.name, "{warning}");
         }
         self.coordinator.join(&site.name, expires);
         tracing::info!(site = %site.name, agent_version = %join.agent_version, "site joined");

@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use alveolus_proto::domain::{AggregationRule, RunInfo, RunState, SiteInfo, SiteReport};
+use alveolus_proto::kit::EXPIRY_WARNING_DAYS;
 
 use crate::chart;
 
@@ -72,21 +73,7 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// `2026-12-03 14:05:09 UTC`.
-pub fn utc(unix_seconds: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix_seconds) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => "(no date)".into(),
-    }
-}
+pub use alveolus_proto::kit::utc;
 
 fn ago(now_ms: i64, then_ms: i64) -> String {
     if then_ms <= 0 {
@@ -127,7 +114,7 @@ pub fn page(header: &Header, live: &str, initial_rounds: usize, now_ms: i64) -> 
     )
 }
 
-/// A certificate's expiry as a class (`warn` within 30 days, `error` once expired) and text
+/// A certificate's expiry as a class (`warn` within [`EXPIRY_WARNING_DAYS`], `error` once expired) and text
 /// (`valid until 2027-01-05 10:00:00 UTC (32 days)`).
 pub fn validity(expires_unix: i64, now_ms: i64) -> (&'static str, String) {
     let days_left = (expires_unix * 1000 - now_ms).div_euclid(86_400_000);
@@ -135,7 +122,11 @@ pub fn validity(expires_unix: i64, now_ms: i64) -> (&'static str, String) {
         ("error", format!("expired on {}", utc(expires_unix)))
     } else {
         (
-            if days_left < 30 { "warn" } else { "" },
+            if days_left < EXPIRY_WARNING_DAYS {
+                "warn"
+            } else {
+                ""
+            },
             format!("valid until {} ({days_left} days)", utc(expires_unix)),
         )
     }

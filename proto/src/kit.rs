@@ -106,16 +106,10 @@ impl ClientKit {
 
     /// When this kit's certificate stops being valid, in Unix seconds.
     pub fn certificate_expires(&self) -> Result<i64, KitError> {
-        let invalid = |message: &str| KitError::Invalid {
+        pem_not_after(&self.cert_pem).map_err(|message| KitError::Invalid {
             path: self.dir.join(&self.config.cert),
             message: message.into(),
-        };
-        let (_, pem) = x509_parser::pem::parse_x509_pem(&self.cert_pem)
-            .map_err(|_| invalid("no PEM certificate in the file"))?;
-        let cert = pem
-            .parse_x509()
-            .map_err(|_| invalid("the certificate does not parse"))?;
-        Ok(cert.validity().not_after.timestamp())
+        })
     }
 
     pub fn server_name(&self) -> String {
@@ -182,9 +176,76 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     out
 }
 
+/// Services warn of a certificate's expiry from this many days before it: time to renew a kit
+/// before a site drops out of the federation.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// When the first certificate of a PEM file stops being valid, in Unix seconds.
+pub fn pem_not_after(pem: &[u8]) -> Result<i64, &'static str> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|_| "no PEM certificate in the file")?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|_| "the certificate does not parse")?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// What to log of `whose` certificate (`"site north's"`), which expires at `expires`, at `now`
+/// (both Unix seconds): nothing while more than [`EXPIRY_WARNING_DAYS`] remain.
+pub fn expiry_warning(whose: &str, expires: i64, now: i64) -> Option<String> {
+    if expires <= now {
+        return Some(format!(
+            "{whose} certificate expired on {}; ask the project's operator for a renewed kit",
+            utc(expires)
+        ));
+    }
+    let days = (expires - now) / 86_400;
+    (days < EXPIRY_WARNING_DAYS).then(|| {
+        format!(
+            "{whose} certificate expires on {} (in {days} day{}); ask the project's operator for a renewed kit before then",
+            utc(expires),
+            if days == 1 { "" } else { "s" }
+        )
+    })
+}
+
+/// `2026-12-03 14:05:09 UTC`.
+pub fn utc(unix_seconds: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix_seconds) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => "(no date)".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_is_warned_about_in_its_last_thirty_days_and_once_expired() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        assert_eq!(expiry_warning("site a's", now + 31 * day, now), None);
+        let soon = expiry_warning("site a's", now + 29 * day + 5, now).unwrap();
+        assert!(
+            soon.starts_with("site a's certificate expires on 2027-"),
+            "{soon}"
+        );
+        assert!(soon.contains("(in 29 days)"), "{soon}");
+        let gone = expiry_warning("site a's", now - 1, now).unwrap();
+        assert!(
+            gone.contains("expired on 2027-01-15 07:59:59 UTC"),
+            "{gone}"
+        );
+    }
 
     #[test]
     fn host_of_handles_names_ips_and_v6() {

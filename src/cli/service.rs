@@ -105,6 +105,18 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
             kit.identity.role
         );
     }
+    let expires = kit.certificate_expires()?;
+    let now = alveolus_coordinator::clock::unix_ms() / 1000;
+    if expires <= now {
+        bail!(
+            "the site's certificate in {} expired on {}: the coordinator would refuse it; ask the project's operator for a renewed kit",
+            kit.dir.display(),
+            alveolus_proto::kit::utc(expires)
+        );
+    }
+    if let Some(warning) = alveolus_proto::kit::expiry_warning("this site's", expires, now) {
+        tracing::warn!("{warning}");
+    }
     let (data, notes) = SiteData::load(&args.data, args.skip_bad_cases)?;
     print_notes(&notes.skipped, &notes.warned);
     let options = AgentOptions {

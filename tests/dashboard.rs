@@ -251,9 +251,9 @@ fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str,
         chromium,
         &project.path("chromium-report"),
         &[
-            "--proxy-server=http://127.0.0.1:9",
-            "--proxy-bypass-list=<-loopback>",
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            NO_NETWORK[0],
+            NO_NETWORK[1],
+            NO_NETWORK[2],
             "--virtual-time-budget=2000",
             "--dump-dom",
             &format!("file://{}", html_path.display()),
@@ -281,8 +281,9 @@ fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str,
         chromium,
         &project.path("chromium-report-shot"),
         &[
-            "--proxy-server=http://127.0.0.1:9",
-            "--proxy-bypass-list=<-loopback>",
+            NO_NETWORK[0],
+            NO_NETWORK[1],
+            NO_NETWORK[2],
             "--virtual-time-budget=2000",
             "--hide-scrollbars",
             "--window-size=1280,1400",
@@ -322,6 +323,14 @@ fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str,
     assert!(said.contains("no-such-run"), "{said}");
     assert!(!project.path("report-missing").join("report.html").exists());
 }
+
+/// Chromium flags under which every network request fails: through a proxy on a dead port,
+/// loopback included, and no host name resolves.
+const NO_NETWORK: [&str; 3] = [
+    "--proxy-server=http://127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+];
 
 /// The colours of the mean's lines and of the first site's (`chart.rs`).
 const LOSS: [u8; 3] = [0xc0, 0x50, 0x4d];

@@ -1,8 +1,6 @@
 //! The coordinator's one clock for deadlines and liveness: tokio's, which tests can pause and
 //! move on (`tokio::time::pause`, `advance`). Wall-clock time is only written into records.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// A point in time on the coordinator's clock.
 pub type Instant = tokio::time::Instant;
 
@@ -12,9 +10,4 @@ pub fn now() -> Instant {
 }
 
 /// Wall-clock milliseconds since the Unix epoch, for what runs and sites record.
-pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use alveolus_proto::unix_ms;

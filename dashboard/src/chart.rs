@@ -48,6 +48,17 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
+impl Series {
+    /// The points a chart of `rounds` rounds draws: finite values of rounds within the run.
+    pub fn drawable(&self, rounds: u32) -> Vec<(u32, f64)> {
+        self.points
+            .iter()
+            .copied()
+            .filter(|(round, v)| v.is_finite() && (1..=rounds).contains(round))
+            .collect()
+    }
+}
+
 impl Chart {
     /// The y axis: the fixed range, or from 0 to a round number above the data.
     pub fn y_bounds(&self) -> (f64, f64) {
@@ -212,12 +223,7 @@ pub fn svg(chart: &Chart) -> String {
     for (i, series) in chart.series.iter().enumerate().rev() {
         let class = series.class;
         let colour = hex(series.colour);
-        let finite: Vec<(u32, f64)> = series
-            .points
-            .iter()
-            .copied()
-            .filter(|(r, v)| v.is_finite() && (1..=rounds).contains(r))
-            .collect();
+        let finite = series.drawable(rounds);
         if finite.len() > 1 {
             let path: Vec<String> = finite
                 .iter()

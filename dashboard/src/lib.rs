@@ -19,6 +19,7 @@ use alveolus_proto::client::{AdminClient, ClientError};
 use alveolus_proto::domain::RunInfo;
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::{ClientKit, KitError};
+use alveolus_proto::unix_ms;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -184,53 +185,65 @@ struct Selection {
     after: Option<String>,
 }
 
-async fn index(State(dashboard): State<Arc<Dashboard>>, Query(q): Query<Selection>) -> Response {
-    let (status, live, rounds) = match dashboard.snapshot().await {
-        Err(e) => (
-            StatusCode::BAD_GATEWAY,
-            view::unreachable(&e.to_string()),
-            0,
-        ),
-        Ok(snapshot) => match snapshot.selected(q.run.as_deref()) {
-            Ok(selected) => (
-                StatusCode::OK,
-                view::live(&snapshot, selected),
-                selected.map(|r| r.rounds.len()).unwrap_or(0),
-            ),
-            Err(missing) => (
-                StatusCode::NOT_FOUND,
-                view::no_such_run(&snapshot, missing),
-                0,
-            ),
-        },
+/// The live part for the run asked for, rendered from what the coordinator answered.
+struct Rendered {
+    status: StatusCode,
+    body: String,
+    /// Finished rounds of the run shown.
+    rounds: usize,
+    /// The shown run's key while it is in progress: a request may be held until it changes.
+    running_key: Option<String>,
+}
+
+fn render(snapshot: Result<Snapshot, ClientError>, run: Option<&str>) -> Rendered {
+    let snapshot = match snapshot {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            return Rendered {
+                status: StatusCode::BAD_GATEWAY,
+                body: view::unreachable(&e.to_string()),
+                rounds: 0,
+                running_key: None,
+            };
+        }
     };
-    let page = view::page(&dashboard.header, &live, rounds, unix_ms());
-    (status, no_store(), Html(page)).into_response()
+    match snapshot.selected(run) {
+        Ok(selected) => Rendered {
+            status: StatusCode::OK,
+            body: view::live(&snapshot, selected),
+            rounds: selected.map_or(0, |r| r.rounds.len()),
+            running_key: selected
+                .filter(|r| r.state == alveolus_proto::domain::RunState::Running)
+                .map(|r| snapshot.key(Some(r))),
+        },
+        Err(missing) => Rendered {
+            status: StatusCode::NOT_FOUND,
+            body: view::no_such_run(&snapshot, missing),
+            rounds: 0,
+            running_key: None,
+        },
+    }
+}
+
+async fn index(State(dashboard): State<Arc<Dashboard>>, Query(q): Query<Selection>) -> Response {
+    let rendered = render(dashboard.snapshot().await, q.run.as_deref());
+    let page = view::page(
+        &dashboard.header,
+        &rendered.body,
+        rendered.rounds,
+        unix_ms(),
+    );
+    (rendered.status, no_store(), Html(page)).into_response()
 }
 
 async fn live(State(dashboard): State<Arc<Dashboard>>, Query(q): Query<Selection>) -> Response {
     let held_since = Instant::now();
     loop {
-        let snapshot = match dashboard.snapshot().await {
-            Ok(snapshot) => snapshot,
-            Err(e) => {
-                let body = view::unreachable(&e.to_string());
-                return (StatusCode::BAD_GATEWAY, no_store(), Html(body)).into_response();
-            }
-        };
-        let selected = match snapshot.selected(q.run.as_deref()) {
-            Ok(selected) => selected,
-            Err(missing) => {
-                let body = view::no_such_run(&snapshot, missing);
-                return (StatusCode::NOT_FOUND, no_store(), Html(body)).into_response();
-            }
-        };
-        let running =
-            selected.is_some_and(|r| r.state == alveolus_proto::domain::RunState::Running);
-        let unchanged = q.after.as_deref() == Some(snapshot.key(selected).as_str());
-        if !(running && unchanged) || held_since.elapsed() >= HOLD {
-            let body = view::live(&snapshot, selected);
-            return (no_store(), Html(body)).into_response();
+        let rendered = render(dashboard.snapshot().await, q.run.as_deref());
+        let unchanged =
+            rendered.running_key.is_some() && rendered.running_key.as_deref() == q.after.as_deref();
+        if !unchanged || held_since.elapsed() >= HOLD {
+            return (rendered.status, no_store(), Html(rendered.body)).into_response();
         }
         tokio::time::sleep(RECHECK).await;
     }
@@ -285,11 +298,4 @@ async fn model(
 
 fn no_store() -> [(header::HeaderName, &'static str); 1] {
     [(header::CACHE_CONTROL, "no-store")]
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

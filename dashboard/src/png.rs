@@ -64,12 +64,7 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<(), String> {
         let (r, g, b) = series.colour;
         let colour = RGBColor(r, g, b);
         let width = if series.class == "site" { 2 } else { 4 };
-        let points: Vec<(u32, f64)> = series
-            .points
-            .iter()
-            .copied()
-            .filter(|(round, v)| v.is_finite() && (1..=rounds).contains(round))
-            .collect();
+        let points = series.drawable(rounds);
         plot.draw_series(LineSeries::new(
             points.iter().copied(),
             colour.stroke_width(width),

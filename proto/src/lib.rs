@@ -31,6 +31,14 @@ pub fn install_crypto_provider() {
 }
 
 /// Lower-case hex of a sha256 digest: the form model versions take everywhere.
+/// Wall-clock milliseconds since the Unix epoch, for what is recorded and shown.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

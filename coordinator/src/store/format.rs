@@ -431,18 +431,33 @@ impl From<&RoundSummary> for RoundV1 {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
-            site_reports: r
-                .site_reports
-                .iter()
-                .map(|s| SiteReportV1 {
-                    site: s.site.clone(),
-                    samples: s.samples,
-                    loss: s.loss,
-                    dice: s.dice,
-                    train_seconds: s.train_seconds,
-                    bytes: s.bytes,
-                })
-                .collect(),
+            site_reports: r.site_reports.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&SiteReport> for SiteReportV1 {
+    fn from(s: &SiteReport) -> Self {
+        Self {
+            site: s.site.clone(),
+            samples: s.samples,
+            loss: s.loss,
+            dice: s.dice,
+            train_seconds: s.train_seconds,
+            bytes: s.bytes,
+        }
+    }
+}
+
+impl From<SiteReportV1> for SiteReport {
+    fn from(s: SiteReportV1) -> Self {
+        Self {
+            site: s.site,
+            samples: s.samples,
+            loss: s.loss,
+            dice: s.dice,
+            train_seconds: s.train_seconds,
+            bytes: s.bytes,
         }
     }
 }
@@ -458,18 +473,7 @@ impl From<RoundV1> for RoundSummary {
             dice: r.dice,
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
-            site_reports: r
-                .site_reports
-                .into_iter()
-                .map(|s| SiteReport {
-                    site: s.site,
-                    samples: s.samples,
-                    loss: s.loss,
-                    dice: s.dice,
-                    train_seconds: s.train_seconds,
-                    bytes: s.bytes,
-                })
-                .collect(),
+            site_reports: r.site_reports.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -19,10 +19,10 @@ use cli::data::DataCommand;
 use cli::local::{EvaluateArgs, TrainArgs};
 use cli::model::ModelCommand;
 use cli::privacy::PrivacyCommand;
-use cli::project::{ProvisionArgs, RevokeArgs};
+use cli::project::{ProvisionArgs, RenewArgs, RevokeArgs};
 use cli::run::RunCommand;
 use cli::segment::SegmentArgs;
-use cli::service::{AgentArgs, CoordinatorArgs};
+use cli::service::{AgentArgs, CoordinatorArgs, HealthArgs};
 use cli::sites::SitesCommand;
 
 #[derive(Parser)]
@@ -35,8 +35,23 @@ struct Cli {
     /// Log filter (error, warn, info, debug, or a tracing filter); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log: String,
+    /// How log lines are written to standard error: `text` for people, `json` (one object per
+    /// line) for log shippers such as journald exporters, Fluent Bit or Vector.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Reach the coordinator through this HTTP proxy (`http://[USER:PASSWORD@]HOST:PORT`), with
+    /// mutual TLS end to end through its CONNECT tunnel. Without it, HTTPS_PROXY is used unless
+    /// NO_PROXY names the coordinator's host (loopback is always reached directly).
+    #[arg(long, global = true, value_name = "URL")]
+    proxy: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -45,10 +60,16 @@ enum Command {
     Provision(ProvisionArgs),
     /// Revoke a site's or admin's certificate; the coordinator refuses it from its next call on.
     Revoke(RevokeArgs),
+    /// A fresh certificate for a site, an admin or the coordinator of a project, before the
+    /// old one expires (the same identity, optionally a new key).
+    Renew(RenewArgs),
     /// Run the coordinator from its kit.
     Coordinator(CoordinatorArgs),
     /// Run a site agent: trains on local data, sends only weight updates.
     Agent(AgentArgs),
+    /// Ask the coordinator whether it is serving (the gRPC health check probes make); exits
+    /// non-zero when it is not or cannot be reached.
+    Health(HealthArgs),
     /// Start, follow and stop federated runs (admin kit).
     Run {
         #[command(subcommand)]
@@ -95,16 +116,50 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+impl Command {
+    /// Whether the command dials the coordinator, and so reads the proxy settings.
+    fn connects(&self) -> bool {
+        matches!(
+            self,
+            Command::Agent(_)
+                | Command::Health(_)
+                | Command::Run { .. }
+                | Command::Sites { .. }
+                | Command::Dashboard(_)
+                | Command::Model { .. }
+        )
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .context("invalid --log filter")?;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Fields at the top level, the span list left out: what shippers index directly.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    let proxy = cli
+        .proxy
+        .as_deref()
+        .map(|url| alveolus_proto::proxy::Proxy::parse(url, "--proxy"))
+        .transpose()?;
+    if proxy.is_none() && cli.command.connects() {
+        alveolus_proto::proxy::from_environment()?;
+    }
+    alveolus_proto::proxy::set_explicit(proxy);
     alveolus_proto::install_crypto_provider();
     if matches!(cli.command, Command::Coordinator(_)) {
         cli::service::tune_allocator();
@@ -117,8 +172,10 @@ async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Provision(args) => cli::project::provision_project(args),
         Command::Revoke(args) => cli::project::revoke_identity(args),
+        Command::Renew(args) => cli::project::renew_identity(args),
         Command::Coordinator(args) => cli::service::run_coordinator(args).await,
         Command::Agent(args) => cli::service::run_agent(args).await,
+        Command::Health(args) => cli::service::check_health(args).await,
         Command::Run { command } => cli::run::run_command(command).await,
         Command::Sites { command } => cli::sites::sites_command(command).await,
         Command::Dashboard(args) => cli::dashboard::run_dashboard(args).await,

@@ -211,13 +211,13 @@ async fn a_site_revoked_while_connected_is_refused_at_its_next_call() {
 #[tokio::test(flavor = "multi_thread")]
 async fn only_provisioned_names_get_in_and_a_site_added_later_does() {
     use alveolus_coordinator::config::Roster;
-    use alveolus_coordinator::roster::add_site;
+    use alveolus_coordinator::roster::add_identity;
 
     let project = project(&["alpha"]);
     let _coordinator = start_coordinator(&project).await;
 
     // A hospital joins later: a kit of its own, no one else's re-issued, taken at once.
-    let kit = add_site(&project.root, "gamma", 30).unwrap();
+    let kit = add_identity(&project.root, Role::Site, "gamma", 30).unwrap();
     assert_eq!(kit, project.site_kit("gamma"));
     let mut gamma = FederationClient::new(connect(&kit).await);
     let joined = gamma
@@ -229,7 +229,10 @@ async fn only_provisioned_names_get_in_and_a_site_added_later_does() {
         .unwrap()
         .into_inner();
     assert_eq!(joined.site, "gamma");
-    assert!(add_site(&project.root, "gamma", 30).is_err(), "added twice");
+    assert!(
+        add_identity(&project.root, Role::Site, "gamma", 30).is_err(),
+        "added twice"
+    );
 
     // Out of the roster, a certificate of the project CA is no longer enough.
     let roster_path = project.coordinator_kit().join("roster.toml");

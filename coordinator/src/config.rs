@@ -140,6 +140,10 @@ pub struct CoordinatorSettings {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// Where `cert_pem` and `key_pem` were read: a renewed certificate is picked up from there
+    /// without a restart.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
     pub revocation_list: PathBuf,
     pub roster: PathBuf,
     pub state_dir: PathBuf,
@@ -181,6 +185,8 @@ impl CoordinatorSettings {
             ca_pem: read(&kit_dir.join(&config.ca_cert))?,
             cert_pem: read(&kit_dir.join(&config.cert))?,
             key_pem: read(&kit_dir.join(&config.key))?,
+            cert_path: kit_dir.join(&config.cert),
+            key_path: kit_dir.join(&config.key),
             revocation_list: kit_dir.join(&config.revocation_list),
             roster: kit_dir.join(&config.roster),
             state_dir: state_override

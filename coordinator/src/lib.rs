@@ -12,6 +12,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod provision;
+pub mod renew;
 pub mod roster;
 pub mod round;
 pub mod run;
@@ -58,6 +59,33 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// command; with [`MAX_STREAMS_PER_CONNECTION`] this bounds the streams one identity can open.
 const CONNECTIONS_PER_IDENTITY: usize = 8;
 
+/// SIGHUP re-reads the coordinator's certificate and key, the revocation list and the roster,
+/// as service managers' `reload` expects (they are also re-read when their files change).
+fn spawn_reload_on_hangup(tls: Arc<TlsState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                let tls = Arc::downgrade(&tls);
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        // A coordinator that has stopped leaves nothing to reload.
+                        let Some(tls) = tls.upgrade() else { break };
+                        tracing::info!(
+                            "SIGHUP: reloading certificates, revocation list and roster"
+                        );
+                        tls.reload();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("SIGHUP will not reload certificates: {e}"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
+}
+
 /// Serves until `shutdown` completes. The listener is already bound, so tests can use port 0.
 pub async fn run(
     listener: TcpListener,
@@ -86,6 +114,7 @@ pub async fn run_with_metrics(
         }
     }
     let services = Services::new(coordinator.clone(), tls.clone());
+    spawn_reload_on_hangup(tls.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -158,6 +187,7 @@ pub async fn run_with_metrics(
         }
     });
 
+    let mut health_stop = stop_rx.clone();
     let mut serve_stop = stop_rx;
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -166,7 +196,10 @@ pub async fn run_with_metrics(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .timeout(REQUEST_TIMEOUT);
     services
-        .routes(&mut server)
+        .routes(&mut server, async move {
+            let _ = health_stop.changed().await;
+        })
+        .await
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
             let _ = serve_stop.changed().await;
         })

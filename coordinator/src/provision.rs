@@ -50,6 +50,12 @@ pub enum ProvisionError {
     Certificate(#[from] rcgen::Error),
     #[error("no certificate was issued to {0} in this project")]
     UnknownIdentity(String),
+    #[error("{0} already has a kit in this project; `alveolus renew` gives it a fresh certificate")]
+    Exists(String),
+    #[error(
+        "{0} is revoked: a revoked identity is not renewed; add it again under a new name with `provision --add-site` or `--add-admin`"
+    )]
+    Revoked(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
@@ -133,10 +139,10 @@ fn ca_params(project: &str, now: OffsetDateTime) -> CertificateParams {
     params
 }
 
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    record: IssuedCert,
+pub(crate) struct Leaf {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) record: IssuedCert,
 }
 
 fn issue(
@@ -146,7 +152,26 @@ fn issue(
     now: OffsetDateTime,
     validity_days: u32,
 ) -> Result<Leaf, ProvisionError> {
-    let key = KeyPair::generate()?;
+    issue_for_key(
+        issuer,
+        identity,
+        server_host,
+        now,
+        validity_days,
+        KeyPair::generate()?,
+    )
+}
+
+/// A certificate for `identity` on `key`, valid from an hour before `now` for
+/// `validity_days`; `server_host` makes it a server certificate for that name or address.
+pub(crate) fn issue_for_key(
+    issuer: &Issuer<'_, KeyPair>,
+    identity: &Identity,
+    server_host: Option<&str>,
+    now: OffsetDateTime,
+    validity_days: u32,
+    key: KeyPair,
+) -> Result<Leaf, ProvisionError> {
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -404,12 +429,22 @@ pub fn revoke(project_dir: &Path, role: Role, name: &str) -> Result<Vec<PathBuf>
     if records.is_empty() {
         return Err(ProvisionError::UnknownIdentity(identity));
     }
+    revoke_certificates(project_dir, &records)
+}
+
+/// Puts `records` on the project's revocation list (those not on it yet) and writes the list
+/// where [`revoke`] does.
+pub(crate) fn revoke_certificates(
+    project_dir: &Path,
+    records: &[&IssuedCert],
+) -> Result<Vec<PathBuf>, ProvisionError> {
+    let ca_dir = project_dir.join(CA_DIR);
     let revoked_path = ca_dir.join("revoked.json");
     let mut revoked: Vec<RevokedCert> = read_json(&revoked_path)?;
     for record in records {
         if !revoked.iter().any(|r| r.serial == record.serial) {
             revoked.push(RevokedCert {
-                identity: identity.clone(),
+                identity: record.identity.clone(),
                 serial: record.serial.clone(),
                 revoked_at: OffsetDateTime::now_utc().to_string(),
             });

@@ -12,7 +12,7 @@ use crate::provision::{
     write_json,
 };
 
-fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ProvisionError> {
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ProvisionError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     toml::from_str(&text).map_err(|e| ProvisionError::Corrupt {
         path: path.to_path_buf(),
@@ -20,24 +20,29 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Provision
     })
 }
 
-/// Issues a kit for site `name` in the project folder `provision --out` made, records it, and
-/// adds the name to the roster in the project's coordinator kit. Returns the new kit's folder.
-/// The coordinator takes the new site once it has the new roster.toml (it re-reads the file
-/// when it changes).
-pub fn add_site(
+/// Issues a kit for `role` (a site or an admin) `name` in the project folder `provision --out`
+/// made, records it, and adds the name to the roster in the project's coordinator kit. Returns
+/// the new kit's folder. The coordinator takes the newcomer once it has the new roster.toml (it
+/// re-reads the file when it changes). Nothing is written for a name the project has already
+/// issued a certificate to, or that has a kit folder.
+pub fn add_identity(
     project_dir: &Path,
+    role: Role,
     name: &str,
     validity_days: u32,
 ) -> Result<PathBuf, ProvisionError> {
     let ca_dir = project_dir.join(CA_DIR);
     let coordinator_dir = project_dir.join("coordinator");
     let kit: CoordinatorKitConfig = read_toml(&coordinator_dir.join(KIT_FILE))?;
-    let identity = Identity::new(&kit.project, Role::Site, name)?;
+    let identity = Identity::new(&kit.project, role, name)?;
+    if role == Role::Coordinator {
+        return Err(ProvisionError::Exists(identity.to_string()));
+    }
     let issued_path = ca_dir.join("issued.json");
     let mut issued: Vec<IssuedCert> = read_json(&issued_path)?;
     let key = format!("{}/{}", identity.role, identity.name);
-    if issued.iter().any(|c| c.identity == key) || project_dir.join("sites").join(name).exists() {
-        return Err(ProvisionError::Duplicate(name.to_string()));
+    if issued.iter().any(|c| c.identity == key) || kit_dir(project_dir, role, name).exists() {
+        return Err(ProvisionError::Exists(key));
     }
     let coordinator = dialled_address(project_dir)?;
     let issuer = load_issuer(&ca_dir)?;
@@ -60,13 +65,25 @@ pub fn add_site(
     )?;
     issued.push(record);
     write_json(&issued_path, &issued)?;
-    roster.sites.insert(name.to_string());
+    match role {
+        Role::Admin => roster.admins.insert(name.to_string()),
+        _ => roster.sites.insert(name.to_string()),
+    };
     write_file(&roster_path, roster.to_toml().as_bytes(), false)?;
     Ok(dir)
 }
 
+/// Where `provision` puts the kit of `role/name` in a project folder.
+pub fn kit_dir(project_dir: &Path, role: Role, name: &str) -> PathBuf {
+    match role {
+        Role::Coordinator => project_dir.join("coordinator"),
+        Role::Admin => project_dir.join("admins").join(name),
+        Role::Site => project_dir.join("sites").join(name),
+    }
+}
+
 /// The `HOST:PORT` the project's kits dial, read from one of them.
-fn dialled_address(project_dir: &Path) -> Result<String, ProvisionError> {
+pub(crate) fn dialled_address(project_dir: &Path) -> Result<String, ProvisionError> {
     for folder in ["sites", "admins"] {
         let dir = project_dir.join(folder);
         let Ok(entries) = std::fs::read_dir(&dir) else {

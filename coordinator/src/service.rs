@@ -59,8 +59,35 @@ impl Services {
     }
 
     /// The Federation and Admin services on `server`, sharing these handles.
-    pub fn routes(self, server: &mut tonic::transport::Server) -> tonic::transport::server::Router {
+    /// The two services, and `grpc.health.v1` reporting through `health`: serving from here
+    /// on, not serving once `stopping` fires, so that a load balancer drains the coordinator
+    /// before it goes.
+    pub async fn routes(
+        self,
+        server: &mut tonic::transport::Server,
+        stopping: impl Future<Output = ()> + Send + 'static,
+    ) -> tonic::transport::server::Router {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::federation_server::FederationServer<Self>>()
+            .await;
+        health
+            .set_serving::<pb::admin_server::AdminServer<Self>>()
+            .await;
+        tokio::spawn(async move {
+            stopping.await;
+            for name in [
+                "",
+                <pb::federation_server::FederationServer<Self> as tonic::server::NamedService>::NAME,
+                <pb::admin_server::AdminServer<Self> as tonic::server::NamedService>::NAME,
+            ] {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        });
         server
+            .add_service(health_service)
             .add_service(pb::federation_server::FederationServer::new(self.clone()))
             .add_service(pb::admin_server::AdminServer::new(self))
     }

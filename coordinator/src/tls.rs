@@ -1,5 +1,7 @@
 //! Mutual TLS on the server side: the project CA is the only trust anchor, client certificates
-//! are required, TLS 1.3 only, and the revocation list is re-read whenever its file changes.
+//! are required, TLS 1.3 only, and the revocation list and the coordinator's own certificate
+//! are re-read whenever their files change (or on SIGHUP), so neither a revocation nor a
+//! renewal needs a restart.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -78,8 +80,8 @@ fn build_acceptor(
 pub struct TlsState {
     project: String,
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    /// The coordinator's certificate chain and key, with the files they follow.
+    own: Mutex<OwnCertificate>,
     crl_path: PathBuf,
     current: Mutex<(Revocations, TlsAcceptor)>,
     roster_path: PathBuf,
@@ -91,6 +93,35 @@ struct RosterFile {
     modified: Option<SystemTime>,
     /// `None`: no roster file (a kit provisioned before rosters): any identity of the project.
     roster: Option<Roster>,
+}
+
+/// The coordinator's own certificate and key as last read, and the modification times of their
+/// files when last tried (so that a bad pair is reported once per change, not per connection).
+struct OwnCertificate {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    tried: (Option<SystemTime>, Option<SystemTime>),
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// Unix seconds, for the log line and the expiry warning.
+    not_after: Option<i64>,
+}
+
+fn read_own(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CoordinatorError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err("coordinator certificate", e))?;
+    if chain.is_empty() {
+        return Err(tls_err(
+            "coordinator certificate",
+            "no certificate in the file",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls_err("coordinator key", e))?;
+    Ok((chain, key))
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -109,11 +140,15 @@ impl TlsState {
         if roots.is_empty() {
             return Err(tls_err("project CA", "no certificate in ca.pem"));
         }
-        let chain = CertificateDer::pem_slice_iter(&settings.cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_err("coordinator certificate", e))?;
-        let key = PrivateKeyDer::from_pem_slice(&settings.key_pem)
-            .map_err(|e| tls_err("coordinator key", e))?;
+        let (chain, key) = read_own(&settings.cert_pem, &settings.key_pem)?;
+        let own = OwnCertificate {
+            tried: (modified(&settings.cert_path), modified(&settings.key_path)),
+            cert_path: settings.cert_path.clone(),
+            key_path: settings.key_path.clone(),
+            not_after: alveolus_proto::kit::pem_not_after(&settings.cert_pem).ok(),
+            chain,
+            key,
+        };
         let revocations = read_revocations(&settings.revocation_list)?;
         let roster = RosterFile {
             modified: modified(&settings.roster),
@@ -126,12 +161,11 @@ impl TlsState {
             );
         }
         let roots = Arc::new(roots);
-        let acceptor = build_acceptor(&roots, &chain, &key, &revocations)?;
+        let acceptor = build_acceptor(&roots, &own.chain, &own.key, &revocations)?;
         Ok(Self {
             project: settings.project.clone(),
             roots,
-            chain,
-            key,
+            own: Mutex::new(own),
             crl_path: settings.revocation_list.clone(),
             current: Mutex::new((revocations, acceptor)),
             roster_path: settings.roster.clone(),
@@ -139,23 +173,85 @@ impl TlsState {
         })
     }
 
-    /// The acceptor for the next connection, rebuilt when the CRL file changed.
+    /// The acceptor for the next connection, rebuilt when the CRL file or the coordinator's
+    /// certificate or key changed.
     pub fn acceptor(&self) -> TlsAcceptor {
+        self.reload_own(false);
         self.current().1.clone()
+    }
+
+    /// Everything that follows a file, read again now whether or not the file seems changed
+    /// (SIGHUP: for a file replaced within the same second as the last read).
+    pub fn reload(&self) {
+        self.reload_own(true);
+        self.current.lock().expect("tls state lock").0.modified = None;
+        self.roster.lock().expect("roster lock").modified = None;
+        drop(self.current());
+    }
+
+    /// Reads the coordinator's certificate and key again when their files changed (or when
+    /// `force`d). A pair that does not read or does not match is logged and the one in use
+    /// kept: a renewal half copied must not take the coordinator down. Locks `own`, then
+    /// `current`, as `current()` does.
+    fn reload_own(&self, force: bool) {
+        let mut own = self.own.lock().expect("own certificate lock");
+        let now = (modified(&own.cert_path), modified(&own.key_path));
+        if !force && now == own.tried {
+            return;
+        }
+        own.tried = now;
+        let read =
+            |path: &Path| std::fs::read(path).map_err(|e| tls_err(&path.display().to_string(), e));
+        let loaded = read(&own.cert_path).and_then(|cert_pem| {
+            let key_pem = read(&own.key_path)?;
+            let (chain, key) = read_own(&cert_pem, &key_pem)?;
+            let revocations = self.current.lock().expect("tls state lock").0.clone();
+            let acceptor = build_acceptor(&self.roots, &chain, &key, &revocations)?;
+            Ok((
+                chain,
+                key,
+                acceptor,
+                alveolus_proto::kit::pem_not_after(&cert_pem).ok(),
+            ))
+        });
+        match loaded {
+            Ok((chain, key, acceptor, not_after)) => {
+                if chain == own.chain && not_after == own.not_after && !force {
+                    return;
+                }
+                own.chain = chain;
+                own.key = key;
+                own.not_after = not_after;
+                self.current.lock().expect("tls state lock").1 = acceptor;
+                let expires = not_after.map(alveolus_proto::kit::utc).unwrap_or_default();
+                tracing::info!(%expires, "coordinator certificate reloaded");
+                let now = crate::clock::unix_ms() / 1000;
+                if let Some(warning) = not_after
+                    .and_then(|t| alveolus_proto::kit::expiry_warning("the coordinator's", t, now))
+                {
+                    tracing::warn!("{warning}");
+                }
+            }
+            Err(e) => tracing::error!(
+                "coordinator certificate not reloaded, serving the previous one: {e}"
+            ),
+        }
     }
 
     /// The revocations and acceptor, reloaded first if the CRL file changed. Every call asks,
     /// not only every new connection: a site revoked while connected is refused at its next
     /// call (a `stat` per call is the price).
     fn current(&self) -> MutexGuard<'_, (Revocations, TlsAcceptor)> {
+        // Always `own` before `current`, as in `reload_own`.
+        let own = self.own.lock().expect("own certificate lock");
         let mut current = self.current.lock().expect("tls state lock");
         let modified = std::fs::metadata(&self.crl_path)
             .ok()
             .and_then(|m| m.modified().ok());
         if modified != current.0.modified {
-            match read_revocations(&self.crl_path)
-                .and_then(|r| Ok((build_acceptor(&self.roots, &self.chain, &self.key, &r)?, r)))
-            {
+            let built = read_revocations(&self.crl_path)
+                .and_then(|r| Ok((build_acceptor(&self.roots, &own.chain, &own.key, &r)?, r)));
+            match built {
                 Ok((acceptor, revocations)) => {
                     tracing::info!(
                         revoked = revocations.serials.len(),

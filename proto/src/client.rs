@@ -167,3 +167,42 @@ fn request(run_id: &str) -> pb::GetRunRequest {
         run_id: run_id.to_string(),
     }
 }
+
+/// What the coordinator's `grpc.health.v1` service says of `service` (`""`: the coordinator as
+/// a whole), asked with any kit: the same check a load balancer or probe makes.
+pub async fn health(kit_dir: &Path, service: &str) -> Result<HealthStatus, ClientError> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let kit = ClientKit::load(kit_dir)?;
+    let mut client = HealthClient::new(kit.connect().await?);
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(match response.status() {
+        tonic_health::pb::health_check_response::ServingStatus::Serving => HealthStatus::Serving,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing => {
+            HealthStatus::NotServing
+        }
+        _ => HealthStatus::Unknown,
+    })
+}
+
+/// The answer of a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    Serving,
+    NotServing,
+    Unknown,
+}
+
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HealthStatus::Serving => "SERVING",
+            HealthStatus::NotServing => "NOT_SERVING",
+            HealthStatus::Unknown => "UNKNOWN",
+        })
+    }
+}

@@ -26,6 +26,8 @@ pub enum KitError {
     Invalid { path: PathBuf, message: String },
     #[error("cannot connect to the coordinator at {address}: {message}")]
     Connect { address: String, message: String },
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyUrlError),
 }
 
 /// `kit.toml` of a site or admin kit.
@@ -119,7 +121,8 @@ impl ClientKit {
             .unwrap_or_else(|| host_of(&self.config.coordinator).to_string())
     }
 
-    /// Dials the coordinator over mutual TLS (TLS 1.3, HTTP/2).
+    /// Dials the coordinator over mutual TLS (TLS 1.3, HTTP/2), through the outbound proxy
+    /// when one is set ([`crate::proxy::for_address`]).
     pub async fn connect(&self) -> Result<Channel, KitError> {
         crate::install_crypto_provider();
         let address = self.config.coordinator.clone();
@@ -138,7 +141,17 @@ impl ClientKit {
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
-        endpoint.connect().await.map_err(|e| err(error_chain(&e)))
+        let connected = match crate::proxy::for_address(&address)? {
+            Some(proxy) => {
+                let connector = crate::proxy::TunnelConnector {
+                    proxy,
+                    target: address.clone(),
+                };
+                endpoint.connect_with_connector(connector).await
+            }
+            None => endpoint.connect().await,
+        };
+        connected.map_err(|e| err(error_chain(&e)))
     }
 }
 

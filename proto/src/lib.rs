@@ -11,6 +11,7 @@ pub mod domain;
 pub mod fuzzing;
 pub mod identity;
 pub mod kit;
+pub mod proxy;
 pub mod transfer;
 pub mod weights;
 
@@ -30,7 +31,6 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Lower-case hex of a sha256 digest: the form model versions take everywhere.
 /// Wall-clock milliseconds since the Unix epoch, for what is recorded and shown.
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -39,6 +39,7 @@ pub fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Lower-case hex of a sha256 digest: the form model versions take everywhere.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -119,6 +119,16 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     }
     let (data, notes) = SiteData::load(&args.data, args.skip_bad_cases)?;
     print_notes(&notes.skipped, &notes.warned);
+    match alveolus_proto::proxy::for_address(&kit.config.coordinator)? {
+        Some(proxy) => tracing::info!(
+            coordinator = %kit.config.coordinator,
+            %proxy,
+            "reaching the coordinator through the proxy"
+        ),
+        None => {
+            tracing::info!(coordinator = %kit.config.coordinator, "reaching the coordinator directly")
+        }
+    }
     let options = AgentOptions {
         device: args.device,
         audit_dir: args.audit_dir,
@@ -130,5 +140,39 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         alveolus_telemetry::spawn(listener, registry, std::future::pending());
     }
     alveolus_agent::run_agent(kit, data, options, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct HealthArgs {
+    /// Any kit of the project (site or admin): the coordinator answers only over mutual TLS.
+    #[arg(long)]
+    kit: PathBuf,
+    /// The gRPC service to ask about (`alveolus.v1.Federation`, `alveolus.v1.Admin`); the
+    /// coordinator as a whole when not given.
+    #[arg(long, default_value = "")]
+    service: String,
+}
+
+/// `alveolus health`: the `grpc.health.v1` check a probe makes; succeeds only when the
+/// coordinator answers SERVING, so that shell scripts and monitoring can use its exit status.
+pub async fn check_health(args: HealthArgs) -> Result<()> {
+    let kit = ClientKit::load(&args.kit)?;
+    let started = std::time::Instant::now();
+    let status = alveolus_proto::client::health(&args.kit, &args.service).await?;
+    let what = if args.service.is_empty() {
+        "the coordinator".to_string()
+    } else {
+        args.service.clone()
+    };
+    let line = format!(
+        "{what} at {}: {status} ({} ms)",
+        kit.config.coordinator,
+        started.elapsed().as_millis()
+    );
+    if status != alveolus_proto::client::HealthStatus::Serving {
+        bail!(line);
+    }
+    println!("{line}");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! DICOM CT series: files grouped by Series Instance UID, slices ordered along the normal of
 //! their Image Orientation by Image Position (never by file name or Instance Number), slice
 //! spacing from those positions (Slice Thickness can differ from it), stored values rescaled to
-//! HU. Compressed pixel data goes through dicom-pixeldata's pure-Rust codecs.
+//! HU. Compressed pixel data goes through dicom-pixeldata's pure-Rust codecs, except RLE and
+//! JPEG-LS, which are decoded here (`pixels`, `jpegls`), also in pure Rust.
 
 mod coded;
+mod jpegls;
 mod lengths;
 mod pixels;
 
@@ -15,7 +17,7 @@ use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 
 use self::coded::{Frame, check_coded_frame};
 use self::lengths::check_value_lengths;
-use self::pixels::{native_samples, rle_samples};
+use self::pixels::{jpegls_samples, native_samples, rle_samples};
 use crate::ReadError;
 use crate::volume::{Geometry, Volume, cross, dot};
 
@@ -422,6 +424,9 @@ fn unit(v: [f64; 3]) -> Option<[f64; 3]> {
     (n > 1e-6).then(|| v.map(|c| c / n))
 }
 
+/// JPEG-LS lossless and near-lossless, decoded by `jpegls` rather than CharLS (C++).
+const JPEG_LS: [&str; 2] = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
+
 /// One slice's voxels in HU, and the HU value of its padding, if it declares one.
 fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), ReadError> {
     let obj = open_full_object(path)?;
@@ -457,6 +462,30 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
             let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
             rle_samples(sequence.fragments(), bits, bits_stored, signed, expected)
                 .map_err(|e| ReadError::new(path, e))?
+        }
+        Some(dicom_core::DicomValue::PixelSequence(sequence))
+            if JPEG_LS.contains(&obj.meta().transfer_syntax().trim_end_matches('\0')) =>
+        {
+            let samples = uint(&obj, tags::SAMPLES_PER_PIXEL, path, "Samples per Pixel")?;
+            if samples.is_some_and(|n| n != 1) {
+                return Err(ReadError::new(
+                    path,
+                    "colour image: a CT slice has one sample per pixel",
+                ));
+            }
+            let rows = uint(&obj, tags::ROWS, path, "Rows")?.unwrap_or(0);
+            let columns = uint(&obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0);
+            let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
+            let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
+            jpegls_samples(
+                sequence.fragments(),
+                rows,
+                columns,
+                bits_stored,
+                signed,
+                expected,
+            )
+            .map_err(|e| ReadError::new(path, e))?
         }
         Some(value) => {
             let syntax = obj

@@ -1,4 +1,4 @@
-//! Stored pixel values as numbers: native little-endian samples, and RLE Lossless.
+//! Stored pixel values as numbers: native little-endian samples, RLE Lossless, and JPEG-LS.
 
 /// RLE Lossless (DICOM PS3.5 annex G), decoded here rather than by dicom-pixeldata, whose
 /// decoder indexes past the end of a short or damaged segment: one fragment holding a 64-byte
@@ -69,6 +69,37 @@ pub(super) fn rle_samples(
         bytes.extend(planes.iter().rev().map(|plane| plane[k]));
     }
     native_samples(&bytes, bits, bits_stored, signed, expected)
+}
+
+/// JPEG-LS lossless and near-lossless (PS3.5 A.4.3 and A.4.4), decoded by [`super::jpegls`]:
+/// the fragments of the one frame, joined, are one codestream. The codestream's size must be the
+/// header's, and its samples are read as stored values like native ones (two's complement in
+/// `bits_stored` bits when `signed`), so a signed scanner's -1024 comes out as -1024.
+pub(super) fn jpegls_samples(
+    fragments: &[Vec<u8>],
+    rows: usize,
+    columns: usize,
+    bits_stored: usize,
+    signed: bool,
+    expected: usize,
+) -> Result<Vec<f64>, String> {
+    let image = super::jpegls::decode(&fragments.concat())?;
+    if image.width != columns || image.height != rows {
+        return Err(format!(
+            "the JPEG-LS frame is {}x{}, the header says {columns}x{rows}",
+            image.width, image.height
+        ));
+    }
+    if bits_stored == 0 || bits_stored > 16 {
+        return Err(format!(
+            "{bits_stored} bits stored in JPEG-LS pixel data, which holds 2 to 16"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(image.samples.len() * 2);
+    for sample in &image.samples {
+        bytes.extend_from_slice(&sample.to_le_bytes());
+    }
+    native_samples(&bytes, 16, bits_stored, signed, expected)
 }
 
 /// Where an RLE fragment's segments may start.

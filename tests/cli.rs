@@ -93,7 +93,10 @@ fn provision_refuses_bad_names_addresses_and_existing_projects() {
     let roster = std::fs::read_to_string(project.coordinator_kit().join("roster.toml")).unwrap();
     assert!(roster.contains("\"beta\""), "{roster}");
     let (ok, text) = alveolus(&["provision", "--add-site", "beta", "--project-dir", existing]);
-    assert!(!ok && text.contains("site/beta already has a kit"), "{text}");
+    assert!(
+        !ok && text.contains("site/beta already has a kit"),
+        "{text}"
+    );
     let (ok, text) = alveolus(&["provision", "--add-site", "a/b", "--project-dir", existing]);
     assert!(!ok && text.contains("not a valid name"), "{text}");
     let (ok, text) = alveolus(&["provision", "--add-site", "gamma"]);

@@ -104,3 +104,52 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(start["address"], format!("127.0.0.1:{}", project.port));
     assert_eq!(start["project"], "lungs");
 }
+
+/// The systemd units and container files in deploy/ pass `systemd-analyze verify` and its
+/// security score, and pass the binary only commands and flags it has (scripts/check-deploy,
+/// which also proves it catches a misspelled directive).
+#[test]
+fn the_deploy_files_verify_against_systemd_and_this_binary() {
+    let output = std::process::Command::new("scripts/check-deploy")
+        .arg(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("check-deploy: all checks passed"), "{text}");
+}
+
+/// The runtime image around this binary, under podman: a coordinator and an agent in
+/// containers over mTLS, no kit named clearly, and the systemd units under a real systemd as
+/// PID 1 training a round (scripts/check-container --systemd). Slow the first time (Debian
+/// bases made with debootstrap) and needs root, so it runs with ALVEOLUS_SLOW_TESTS=1, as CI
+/// does.
+#[test]
+fn the_container_image_and_the_units_run_a_federation() {
+    if std::env::var_os("ALVEOLUS_SLOW_TESTS").is_none() {
+        eprintln!(
+            "skipped: set ALVEOLUS_SLOW_TESTS=1 (and run as root) to build and run the image"
+        );
+        return;
+    }
+    let output = std::process::Command::new("scripts/check-container")
+        .args(["--systemd", BIN])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("check-container: all checks passed"),
+        "{text}"
+    );
+}

@@ -35,10 +35,10 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A site renewed in place keeps training; copies of its old kit work until the renewal that
-/// revokes the earlier certificates, and not after.
+/// A site renewed in place keeps training, beside a site added later; copies of its old kit
+/// work until the renewal that revokes the earlier certificates, and not after.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_renewed_site_keeps_working_and_its_old_kit_stops_once_revoked() {
+async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoked() {
     let project = project(&["alpha", "beta"]);
     let _coordinator = start_coordinator(&project).await;
     let root = project.root.to_str().unwrap().to_string();
@@ -72,19 +72,25 @@ async fn a_renewed_site_keeps_working_and_its_old_kit_stops_once_revoked() {
     let (ok, text) = cli(&["health", "--kit", old.to_str().unwrap()]).await;
     assert!(!ok, "the old certificate still gets in: {text}");
 
-    // The renewed site takes part in a round as before.
+    // A hospital that joins later, while the coordinator runs.
+    let (ok, text) = cli(&["provision", "--project-dir", &root, "--add-site", "gamma"]).await;
+    assert!(ok && text.contains("roster.toml"), "{text}");
+
+    // The renewed site, an untouched one and the new one train in the next run together.
     let data_a = site_data(&project, "alpha", 0, 3);
     let data_b = site_data(&project, "beta", 1, 3);
+    let data_c = site_data(&project, "gamma", 2, 3);
     let _a = spawn_agent(&project, "alpha", &data_a);
     let _b = spawn_agent(&project, "beta", &data_b);
+    let _c = spawn_agent(&project, "gamma", &data_c);
     let mut admin = admin(&project).await;
-    let run = start_run(&mut admin, run_config(1, 2, 120), &tiny_model(5)).await;
+    let run = start_run(&mut admin, run_config(1, 3, 120), &tiny_model(5)).await;
     let run = wait_for(&mut admin, &run.run_id, Duration::from_secs(240), |r| {
         r.state != RunState::Running
     })
     .await;
     assert_eq!(run.state, RunState::Completed, "{:?}", run.stop_reason);
-    assert!(run.rounds[0].sites.contains(&"alpha".to_string()));
+    assert_eq!(run.rounds[0].sites, ["alpha", "beta", "gamma"]);
 }
 
 /// Renewals and additions that cannot be done are refused with the reason, and leave the CA's

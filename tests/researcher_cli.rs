@@ -43,6 +43,12 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
                 "2",
                 "--local-epochs",
                 "1",
+                "--lr-warmup-rounds",
+                "1",
+                "--lr-schedule",
+                "cosine",
+                "--lr-final-fraction",
+                "0.1",
                 "--init",
                 init.to_str().unwrap(),
             ])
@@ -52,6 +58,12 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     .unwrap();
     assert!(started.contains("started run-"), "{started}");
     assert!(started.contains("2 rounds, min 1 sites"), "{started}");
+    assert!(
+        started.contains(
+            "learning rate: warm-up over 1 rounds, then a cosine down to 10 % of the peak"
+        ),
+        "{started}"
+    );
 
     // `watch` follows the run live and returns when it ends.
     let admin_owned = admin.to_string();
@@ -70,6 +82,25 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let status = run_ok(&["run", "status", "--kit", admin, "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["state"], "completed");
+    assert_eq!(status["config"]["schedule"]["warmup_rounds"], 1);
+    assert_eq!(status["config"]["schedule"]["cosine"], true);
+    // A schedule that cannot work is refused before anything starts.
+    let refused = Command::new(BIN)
+        .args([
+            "run",
+            "start",
+            "--kit",
+            admin,
+            "--rounds",
+            "2",
+            "--lr-warmup-rounds",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{text}");
+    assert!(text.contains("3 warm-up rounds in a run of 2"), "{text}");
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2);
     let run_id = status["run_id"].as_str().unwrap();

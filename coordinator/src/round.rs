@@ -325,6 +325,7 @@ mod tests {
             aggregation: AggregationConfig::default(),
             privacy: None,
             secure_aggregation: None,
+            schedule: None,
         }
     }
 

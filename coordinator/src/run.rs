@@ -196,6 +196,7 @@ mod tests {
                 privacy,
                 aggregation: Default::default(),
                 secure_aggregation: None,
+                schedule: None,
             },
             initial_version: "v0".into(),
             rounds: Vec::new(),

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use alveolus_models::ModelSpec;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, PrivacyConfig, RoundSummary, RunConfig, RunEvent, RunInfo,
-    RunState, SecureAggregationConfig, SiteReport, TrainingConfig,
+    AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RoundSummary,
+    RunConfig, RunEvent, RunInfo, RunState, SecureAggregationConfig, SiteReport, TrainingConfig,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -68,8 +68,19 @@ pub struct StartArgs {
     min_sites: u32,
     #[arg(long, default_value_t = 2)]
     local_epochs: u32,
+    /// The sites' learning rate (the peak, with a schedule).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    /// The learning rate over rounds: constant, or half a cosine from --lr down to
+    /// --lr-final-fraction of it at the last round (after any warm-up).
+    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    lr_schedule: LrSchedule,
+    /// Rounds over which the learning rate climbs linearly to --lr first.
+    #[arg(long, default_value_t = 0)]
+    lr_warmup_rounds: u32,
+    /// Where a cosine schedule ends, as a fraction of --lr, in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    lr_final_fraction: f64,
     #[arg(long, default_value_t = 4)]
     batch_size: u32,
     /// Seconds after which a round closes with the sites that reported (at least min-sites).
@@ -116,6 +127,12 @@ pub struct StartArgs {
     threshold: Option<u32>,
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+}
+
 impl From<&StartArgs> for RunConfig {
     fn from(a: &StartArgs) -> Self {
         RunConfig {
@@ -136,6 +153,13 @@ impl From<&StartArgs> for RunConfig {
             secure_aggregation: a.secure_aggregation.then(|| SecureAggregationConfig {
                 threshold: a.threshold.unwrap_or(a.min_sites.max(2)),
             }),
+            schedule: (a.lr_schedule == LrSchedule::Cosine || a.lr_warmup_rounds > 0).then_some(
+                LearningRateSchedule {
+                    warmup_rounds: a.lr_warmup_rounds,
+                    cosine: a.lr_schedule == LrSchedule::Cosine,
+                    final_fraction: a.lr_final_fraction,
+                },
+            ),
         }
     }
 }
@@ -249,7 +273,11 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
-    let (secure, privacy) = (config.secure_aggregation, config.privacy.clone());
+    let (secure, privacy, schedule) = (
+        config.secure_aggregation,
+        config.privacy.clone(),
+        config.schedule,
+    );
     let mut client = AdminClient::connect(&args.kit).await?;
     let info = client.start_run(config, weights.encode()).await?;
     println!("started {}", info.run_id);
@@ -267,6 +295,9 @@ async fn start(args: StartArgs) -> Result<()> {
         args.batch_size,
         args.seed
     );
+    if let Some(schedule) = schedule {
+        println!("  learning rate: {schedule}");
+    }
     if let Some(secure) = secure {
         println!(
             "  secure aggregation: the coordinator sees only the sum; each round needs {} surviving sites",
@@ -301,6 +332,13 @@ fn print_run(info: &RunInfo) {
         info.config.training.local_epochs,
         info.config.training.learning_rate
     );
+    if let Some(schedule) = &info.config.schedule {
+        let next = (info.rounds.len() as u32 + 1).min(info.config.rounds);
+        println!(
+            "  learning rate: {schedule}; round {next} trains at {:.3e}",
+            info.config.learning_rate(next)
+        );
+    }
     if let Some(p) = &info.config.privacy {
         println!(
             "  differential privacy: clip {}, noise multiplier {}, delta {}{}; epsilon spent {:.4}",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_privacy::wire::{Reply, Request, Step};
-use alveolus_proto::domain::{Task, TrainTask, UpdateHeader};
+use alveolus_proto::domain::{Task, TrainTask, TrainingConfig, UpdateHeader};
 use alveolus_proto::weights::Weights;
 
 use super::{Coordinator, Phase, State};
@@ -44,7 +44,10 @@ impl Coordinator {
             run_id: open.run_id.clone(),
             round: open.round,
             model_version: open.base_version.clone(),
-            training: config.training.clone(),
+            training: TrainingConfig {
+                learning_rate: config.learning_rate(open.round),
+                ..config.training.clone()
+            },
             clip_norm: config.privacy.as_ref().map(|p| p.clip_norm),
             secure_aggregation: run::secure_task(config),
         }))

@@ -40,6 +40,7 @@ fn config(min_sites: u32, deadline_seconds: u32) -> RunConfig {
         privacy: None,
         aggregation: AggregationConfig::default(),
         secure_aggregation: None,
+        schedule: None,
     }
 }
 
@@ -90,6 +91,45 @@ async fn finished(coordinator: &Coordinator, run_id: &str, rounds: usize) -> Run
             return info;
         }
         changes.changed().await.unwrap();
+    }
+}
+
+/// Each round's task carries the schedule's learning rate for that round, and a restarted
+/// coordinator goes on with the same rates: they follow from the stored config and the round.
+#[tokio::test(start_paused = true)]
+async fn every_task_carries_its_rounds_learning_rate_across_a_restart() {
+    use alveolus_proto::domain::LearningRateSchedule;
+    let dir = tempfile::tempdir().unwrap();
+    let mut scheduled = config(1, 60);
+    scheduled.rounds = 4;
+    scheduled.training.learning_rate = 0.01;
+    scheduled.schedule = Some(LearningRateSchedule {
+        warmup_rounds: 1,
+        cosine: true,
+        final_fraction: 0.0,
+    });
+    // Warm-up to the peak, then half a cosine over rounds 2..=4: cos(0), cos(π/2), cos(π).
+    let expected = [0.01, 0.01, 0.005, 0.0];
+    let mut coordinator = open(dir.path());
+    let run = coordinator
+        .start_run(scheduled, &model(0.0).encode())
+        .await
+        .unwrap();
+    for (round, rate) in expected.iter().enumerate() {
+        let round = round as u32 + 1;
+        if round == 3 {
+            drop(coordinator);
+            coordinator = open(dir.path());
+        }
+        let task = take_task(&coordinator, "a");
+        assert_eq!(task.round, round);
+        assert!(
+            (task.training.learning_rate - rate).abs() < 1e-12,
+            "round {round}: {}",
+            task.training.learning_rate
+        );
+        push(&coordinator, "a", &task, 1.0).unwrap();
+        finished(&coordinator, &run.run_id, round as usize).await;
     }
 }
 

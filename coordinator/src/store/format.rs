@@ -10,8 +10,8 @@
 //! both conversions, and the tests that pin each file's shape.
 
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, Metrics, PrivacyConfig, RoundSummary, RunConfig, RunInfo,
-    RunState, SecureAggregationConfig, SiteInfo, SiteReport, TrainingConfig,
+    AggregationConfig, AggregationRule, LearningRateSchedule, Metrics, PrivacyConfig, RoundSummary,
+    RunConfig, RunInfo, RunState, SecureAggregationConfig, SiteInfo, SiteReport, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,17 @@ struct ConfigV1 {
     aggregation: AggregationV1,
     #[serde(default)]
     secure_aggregation: Option<SecureV1>,
+    /// Added within format 1: absent in files written before schedules, and omitted when
+    /// there is none, so such files read and are written as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schedule: Option<ScheduleV1>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct ScheduleV1 {
+    warmup_rounds: u32,
+    cosine: bool,
+    final_fraction: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -328,6 +339,11 @@ impl From<&RunConfig> for ConfigV1 {
             privacy: c.privacy.as_ref().map(Into::into),
             aggregation: c.aggregation.into(),
             secure_aggregation: c.secure_aggregation.map(Into::into),
+            schedule: c.schedule.map(|s| ScheduleV1 {
+                warmup_rounds: s.warmup_rounds,
+                cosine: s.cosine,
+                final_fraction: s.final_fraction,
+            }),
         }
     }
 }
@@ -348,6 +364,11 @@ impl From<ConfigV1> for RunConfig {
             privacy: c.privacy.map(Into::into),
             aggregation: c.aggregation.into(),
             secure_aggregation: c.secure_aggregation.map(Into::into),
+            schedule: c.schedule.map(|s| LearningRateSchedule {
+                warmup_rounds: s.warmup_rounds,
+                cosine: s.cosine,
+                final_fraction: s.final_fraction,
+            }),
         }
     }
 }

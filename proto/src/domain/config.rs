@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DomainError, invalid, positive, require_non_negative, require_positive};
+use super::{
+    DomainError, LearningRateSchedule, invalid, positive, require_non_negative, require_positive,
+};
 use crate::pb;
 /// What each site does locally in one round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +68,9 @@ pub struct RunConfig {
     /// Secure aggregation; None: the coordinator sees each site's update.
     #[serde(default)]
     pub secure_aggregation: Option<SecureAggregationConfig>,
+    /// The learning rate over rounds; None: every round at `training.learning_rate`.
+    #[serde(default)]
+    pub schedule: Option<LearningRateSchedule>,
 }
 
 /// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
@@ -90,6 +95,7 @@ impl Default for RunConfig {
             privacy: None,
             aggregation: AggregationConfig::default(),
             secure_aggregation: None,
+            schedule: None,
         }
     }
 }
@@ -201,7 +207,17 @@ impl RunConfig {
                 ));
             }
         }
+        if let Some(schedule) = &self.schedule {
+            schedule.validate(self.rounds)?;
+        }
         self.training.validate()
+    }
+
+    /// The learning rate sites train at in `round` (1-based): the schedule's, or the constant.
+    pub fn learning_rate(&self, round: u32) -> f64 {
+        let peak = self.training.learning_rate;
+        self.schedule
+            .map_or(peak, |s| s.rate(peak, round, self.rounds))
     }
 }
 
@@ -259,6 +275,7 @@ impl From<RunConfig> for pb::RunConfig {
             secure_aggregation: c.secure_aggregation.map(|s| pb::SecureAggregationConfig {
                 threshold: s.threshold,
             }),
+            schedule: c.schedule.map(Into::into),
         }
     }
 }
@@ -314,6 +331,7 @@ impl TryFrom<pb::RunConfig> for RunConfig {
             secure_aggregation: c.secure_aggregation.map(|s| SecureAggregationConfig {
                 threshold: s.threshold,
             }),
+            schedule: c.schedule.map(Into::into),
         };
         c.validate()?;
         Ok(c)
@@ -348,6 +366,26 @@ mod tests {
         let c = RunConfig::default();
         let back = RunConfig::try_from(pb::RunConfig::from(c.clone())).unwrap();
         assert_eq!(back, c);
+        let scheduled = RunConfig {
+            schedule: Some(LearningRateSchedule {
+                warmup_rounds: 2,
+                cosine: true,
+                final_fraction: 0.1,
+            }),
+            ..RunConfig::default()
+        };
+        let back = RunConfig::try_from(pb::RunConfig::from(scheduled.clone())).unwrap();
+        assert_eq!(back, scheduled);
+        assert_eq!(back.learning_rate(1), 1e-3);
+        let mut bad = pb::RunConfig::from(scheduled);
+        bad.schedule.as_mut().unwrap().warmup_rounds = 9;
+        assert!(matches!(
+            RunConfig::try_from(bad),
+            Err(DomainError::Invalid {
+                field: "schedule.warmup_rounds",
+                ..
+            })
+        ));
         let mut bad = pb::RunConfig::from(c);
         bad.min_sites = 0;
         assert!(matches!(

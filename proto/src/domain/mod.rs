@@ -1,6 +1,7 @@
 //! Domain types of the protocol, by topic, and their conversions from and to the generated
 //! `pb` types: what a run is configured with (`config`), what a site is asked and sends back
-//! (`task`), what a run and its rounds are (`run`), how a model travels (`model`).
+//! (`task`), what a run and its rounds are (`run`), how a model travels (`model`), the learning
+//! rate over rounds (`schedule`).
 //!
 //! Conversions from `pb` check what protobuf cannot express (required sub-messages, value
 //! ranges) so that code past the edge only ever sees valid values. The serde forms are what
@@ -9,11 +10,13 @@
 mod config;
 mod model;
 mod run;
+mod schedule;
 mod task;
 
 pub use config::*;
 pub use model::*;
 pub use run::*;
+pub use schedule::*;
 pub use task::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

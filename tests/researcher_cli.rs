@@ -49,6 +49,8 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
                 "cosine",
                 "--lr-final-fraction",
                 "0.1",
+                "--server-optimizer",
+                "fedadam",
                 "--init",
                 init.to_str().unwrap(),
             ])
@@ -61,6 +63,12 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert!(
         started.contains(
             "learning rate: warm-up over 1 rounds, then a cosine down to 10 % of the peak"
+        ),
+        "{started}"
+    );
+    assert!(
+        started.contains(
+            "server optimizer: fedadam (server lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)"
         ),
         "{started}"
     );
@@ -84,6 +92,7 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(status["state"], "completed");
     assert_eq!(status["config"]["schedule"]["warmup_rounds"], 1);
     assert_eq!(status["config"]["schedule"]["cosine"], true);
+    assert_eq!(status["config"]["server_optimizer"]["kind"], "fedadam");
     // A schedule that cannot work is refused before anything starts.
     let refused = Command::new(BIN)
         .args([
@@ -101,6 +110,29 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let text = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{text}");
     assert!(text.contains("3 warm-up rounds in a run of 2"), "{text}");
+    for (args, expected) in [
+        (
+            &["--server-optimizer", "fedyogi", "--server-beta1", "1"][..],
+            "server_optimizer.beta1",
+        ),
+        (
+            &["--server-optimizer", "fedavgm", "--server-lr=-1"],
+            "learning_rate",
+        ),
+        (&["--server-optimizer", "adamw"], "adamw"),
+        (&["--server-tau", "0.1"], "--server-optimizer"),
+    ] {
+        let refused = Command::new(BIN)
+            .args(["run", "start", "--kit", admin])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && text.contains(expected),
+            "{args:?}: {text}"
+        );
+    }
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2);
     let run_id = status["run_id"].as_str().unwrap();

@@ -17,6 +17,7 @@ pub mod roster;
 pub mod round;
 pub mod run;
 pub mod secure;
+pub mod server_opt;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -326,6 +326,7 @@ mod tests {
             privacy: None,
             secure_aggregation: None,
             schedule: None,
+            server_optimizer: None,
         }
     }
 

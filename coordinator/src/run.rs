@@ -29,7 +29,7 @@ impl RunRecord {
             version = summary.version.clone();
         }
         if info.state != RunState::Running {
-            events.push(RunEvent::RunFinished(info.clone()));
+            events.push(RunEvent::RunFinished(Box::new(info.clone())));
         }
         Self { info, events }
     }
@@ -67,14 +67,16 @@ impl RunRecord {
         self.info = info;
         self.events.push(RunEvent::RoundFinished(finished));
         if !self.is_running() {
-            self.events.push(RunEvent::RunFinished(self.info.clone()));
+            self.events
+                .push(RunEvent::RunFinished(Box::new(self.info.clone())));
         }
     }
 
     /// The run ended (aborted, failed) with record `info` (already durable).
     pub fn ended(&mut self, info: RunInfo) {
         self.info = info;
-        self.events.push(RunEvent::RunFinished(self.info.clone()));
+        self.events
+            .push(RunEvent::RunFinished(Box::new(self.info.clone())));
     }
 
     /// Events from the `from`th on, and whether the run has ended.
@@ -197,6 +199,7 @@ mod tests {
                 aggregation: Default::default(),
                 secure_aggregation: None,
                 schedule: None,
+                server_optimizer: None,
             },
             initial_version: "v0".into(),
             rounds: Vec::new(),

@@ -7,7 +7,8 @@ use alveolus_models::ModelSpec;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RoundSummary,
-    RunConfig, RunEvent, RunInfo, RunState, SecureAggregationConfig, SiteReport, TrainingConfig,
+    RunConfig, RunEvent, RunInfo, RunState, SecureAggregationConfig, ServerOptimizer,
+    ServerOptimizerKind, SiteReport, TrainingConfig,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -15,6 +16,8 @@ use futures::StreamExt;
 
 use super::{NetworkArgs, read_model, slices_only};
 
+// Parsed once per process: the size of `StartArgs` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum RunCommand {
     /// Start a run from a fresh model (or `--init FILE`).
@@ -116,6 +119,22 @@ pub struct StartArgs {
     /// Refuse updates whose L2 norm is above this.
     #[arg(long)]
     norm_bound: Option<f64>,
+    /// A server optimizer on each round's aggregate (Reddi et al. 2021): fedavgm (server
+    /// momentum), fedadagrad, fedadam or fedyogi; without it the aggregate is the next model.
+    #[arg(long, value_enum)]
+    server_optimizer: Option<ServerOptimizerChoice>,
+    /// The server optimizer's learning rate (default 1 for fedavgm, 0.01 for the others).
+    #[arg(long, requires = "server_optimizer")]
+    server_lr: Option<f64>,
+    /// First-moment decay (fedavgm: the momentum) [default 0.9].
+    #[arg(long, requires = "server_optimizer")]
+    server_beta1: Option<f64>,
+    /// Second-moment decay of fedadam and fedyogi [default 0.99].
+    #[arg(long, requires = "server_optimizer")]
+    server_beta2: Option<f64>,
+    /// Adaptivity τ of the adaptive optimizers [default 0.001].
+    #[arg(long, requires = "server_optimizer")]
+    server_tau: Option<f64>,
     /// Secure aggregation: sites mask their updates so that the coordinator learns only
     /// their sum (FedAvg only; with --dp-clip the sites add the noise).
     #[arg(long)]
@@ -125,6 +144,33 @@ pub struct StartArgs {
     /// at least 2.
     #[arg(long, requires = "secure_aggregation")]
     threshold: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum ServerOptimizerChoice {
+    Fedavgm,
+    Fedadagrad,
+    Fedadam,
+    Fedyogi,
+}
+
+impl StartArgs {
+    fn server_optimizer(&self) -> Option<ServerOptimizer> {
+        let kind = match self.server_optimizer? {
+            ServerOptimizerChoice::Fedavgm => ServerOptimizerKind::FedAvgM,
+            ServerOptimizerChoice::Fedadagrad => ServerOptimizerKind::FedAdagrad,
+            ServerOptimizerChoice::Fedadam => ServerOptimizerKind::FedAdam,
+            ServerOptimizerChoice::Fedyogi => ServerOptimizerKind::FedYogi,
+        };
+        let defaults = ServerOptimizer::with_defaults(kind);
+        Some(ServerOptimizer {
+            kind,
+            learning_rate: self.server_lr.unwrap_or(defaults.learning_rate),
+            beta1: self.server_beta1.unwrap_or(defaults.beta1),
+            beta2: self.server_beta2.unwrap_or(defaults.beta2),
+            tau: self.server_tau.unwrap_or(defaults.tau),
+        })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -160,6 +206,7 @@ impl From<&StartArgs> for RunConfig {
                     final_fraction: a.lr_final_fraction,
                 },
             ),
+            server_optimizer: a.server_optimizer(),
         }
     }
 }
@@ -273,10 +320,11 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
-    let (secure, privacy, schedule) = (
+    let (secure, privacy, schedule, optimizer) = (
         config.secure_aggregation,
         config.privacy.clone(),
         config.schedule,
+        config.server_optimizer,
     );
     let mut client = AdminClient::connect(&args.kit).await?;
     let info = client.start_run(config, weights.encode()).await?;
@@ -297,6 +345,9 @@ async fn start(args: StartArgs) -> Result<()> {
     );
     if let Some(schedule) = schedule {
         println!("  learning rate: {schedule}");
+    }
+    if let Some(optimizer) = optimizer {
+        println!("  server optimizer: {optimizer}");
     }
     if let Some(secure) = secure {
         println!(
@@ -338,6 +389,9 @@ fn print_run(info: &RunInfo) {
             "  learning rate: {schedule}; round {next} trains at {:.3e}",
             info.config.learning_rate(next)
         );
+    }
+    if let Some(optimizer) = &info.config.server_optimizer {
+        println!("  server optimizer: {optimizer}");
     }
     if let Some(p) = &info.config.privacy {
         println!(

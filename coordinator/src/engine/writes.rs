@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use alveolus_proto::domain::{RoundSummary, RunConfig, RunInfo, RunState, SiteInfo};
+use alveolus_proto::domain::{
+    RoundSummary, RunConfig, RunInfo, RunState, ServerOptimizer, SiteInfo,
+};
 use alveolus_proto::weights::{MODEL_METADATA_KEY, Weights};
 use bytes::Bytes;
 
@@ -13,6 +15,7 @@ use crate::clock::unix_ms;
 use crate::error::CoordinatorError;
 use crate::round::{Outcome, Round};
 use crate::run::{self, RunRecord};
+use crate::server_opt::{self, Moments};
 use crate::store::{Manifest, Store};
 
 impl Coordinator {
@@ -313,7 +316,10 @@ fn aggregate_and_store(
     config: &RunConfig,
     round: &Round,
 ) -> Result<(Outcome, Manifest), CoordinatorError> {
-    let outcome = round.aggregate(config.privacy.is_some())?;
+    let mut outcome = round.aggregate(config.privacy.is_some())?;
+    if let Some(optimizer) = &config.server_optimizer {
+        outcome.weights = optimized(store, optimizer, round, &outcome.weights)?;
+    }
     let manifest = store.put_model(
         &outcome.weights.encode(),
         Manifest {
@@ -333,6 +339,41 @@ fn aggregate_and_store(
         },
     )?;
     Ok((outcome, manifest))
+}
+
+/// The server optimizer's step from the round's aggregate, its moments read from the round
+/// before (fresh in round 1) and written for this one. Moments that do not read, or a step that
+/// is not finite, fail the run like any aggregate that cannot be a model; a write that fails is
+/// retried with the round.
+fn optimized(
+    store: &Store,
+    optimizer: &ServerOptimizer,
+    round: &Round,
+    aggregate: &Weights,
+) -> Result<Weights, CoordinatorError> {
+    let refuse = |reason: String| CoordinatorError::Aggregation {
+        round: round.round,
+        reason,
+    };
+    let moments = if round.round <= 1 {
+        Moments::initial(&round.base, optimizer)
+    } else {
+        let previous = round.round - 1;
+        store
+            .optimizer_state(&round.run_id, previous)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| Moments::decode(&bytes, &round.base))
+            .map_err(|e| {
+                refuse(format!(
+                    "the server optimizer's state after round {previous} does not read: {e}"
+                ))
+            })?
+    };
+    let (next, moments) = server_opt::step(optimizer, &round.base, aggregate, moments);
+    next.check_finite()
+        .map_err(|e| refuse(format!("the server optimizer's step is not finite: {e}")))?;
+    store.put_optimizer_state(&round.run_id, round.round, &moments.encode())?;
+    Ok(next)
 }
 
 /// Runs `work` on a blocking thread (disk writes, big sums) and waits for it.

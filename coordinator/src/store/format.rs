@@ -11,7 +11,8 @@
 
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, LearningRateSchedule, Metrics, PrivacyConfig, RoundSummary,
-    RunConfig, RunInfo, RunState, SecureAggregationConfig, SiteInfo, SiteReport, TrainingConfig,
+    RunConfig, RunInfo, RunState, SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind,
+    SiteInfo, SiteReport, TrainingConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,19 @@ struct ConfigV1 {
     /// there is none, so such files read and are written as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     schedule: Option<ScheduleV1>,
+    /// Added within format 1, as `schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server_optimizer: Option<ServerOptimizerV1>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct ServerOptimizerV1 {
+    /// fedavgm, fedadagrad, fedadam or fedyogi.
+    kind: ServerOptimizerKind,
+    learning_rate: f64,
+    beta1: f64,
+    beta2: f64,
+    tau: f64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -344,6 +358,13 @@ impl From<&RunConfig> for ConfigV1 {
                 cosine: s.cosine,
                 final_fraction: s.final_fraction,
             }),
+            server_optimizer: c.server_optimizer.map(|o| ServerOptimizerV1 {
+                kind: o.kind,
+                learning_rate: o.learning_rate,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                tau: o.tau,
+            }),
         }
     }
 }
@@ -368,6 +389,13 @@ impl From<ConfigV1> for RunConfig {
                 warmup_rounds: s.warmup_rounds,
                 cosine: s.cosine,
                 final_fraction: s.final_fraction,
+            }),
+            server_optimizer: c.server_optimizer.map(|o| ServerOptimizer {
+                kind: o.kind,
+                learning_rate: o.learning_rate,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                tau: o.tau,
             }),
         }
     }

@@ -153,6 +153,40 @@ impl Store {
         Ok((Bytes::from(bytes), manifest.into()))
     }
 
+    /// Where the server optimizer's moments after `round` of `run_id` are kept.
+    fn optimizer_path(&self, run_id: &str, round: u32) -> PathBuf {
+        self.root
+            .join("optimizer")
+            .join(format!("{run_id}-round{round:05}.safetensors"))
+    }
+
+    /// Writes the server optimizer's moments after `round`, durably (before the round's run log
+    /// entry), and removes those of two rounds before: the round before stays, for a round that
+    /// is written again after a failed write.
+    pub fn put_optimizer_state(
+        &self,
+        run_id: &str,
+        round: u32,
+        bytes: &[u8],
+    ) -> Result<(), CoordinatorError> {
+        let path = self.optimizer_path(run_id, round);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| store_err(dir, e))?;
+        }
+        write_atomic(&path, bytes, false).map_err(|e| store_err(&path, e))?;
+        if round > 2 {
+            let _ = std::fs::remove_file(self.optimizer_path(run_id, round - 2));
+        }
+        Ok(())
+    }
+
+    /// The server optimizer's moments after `round`, as [`Store::put_optimizer_state`] wrote
+    /// them.
+    pub fn optimizer_state(&self, run_id: &str, round: u32) -> Result<Vec<u8>, CoordinatorError> {
+        let path = self.optimizer_path(run_id, round);
+        std::fs::read(&path).map_err(|e| store_err(&path, e))
+    }
+
     pub fn put_run(&self, run: &RunInfo) -> Result<(), CoordinatorError> {
         let path = self.root.join("runs").join(format!("{}.json", run.run_id));
         write_atomic(&path, &encode(&RunV1::from(run)), false).map_err(|e| store_err(&path, e))

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    DomainError, LearningRateSchedule, invalid, positive, require_non_negative, require_positive,
+    DomainError, LearningRateSchedule, ServerOptimizer, invalid, positive, require_non_negative,
+    require_positive,
 };
 use crate::pb;
 /// What each site does locally in one round.
@@ -71,6 +72,9 @@ pub struct RunConfig {
     /// The learning rate over rounds; None: every round at `training.learning_rate`.
     #[serde(default)]
     pub schedule: Option<LearningRateSchedule>,
+    /// A server optimizer on each round's aggregate; None: the aggregate is the next model.
+    #[serde(default)]
+    pub server_optimizer: Option<ServerOptimizer>,
 }
 
 /// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
@@ -96,6 +100,7 @@ impl Default for RunConfig {
             aggregation: AggregationConfig::default(),
             secure_aggregation: None,
             schedule: None,
+            server_optimizer: None,
         }
     }
 }
@@ -210,6 +215,11 @@ impl RunConfig {
         if let Some(schedule) = &self.schedule {
             schedule.validate(self.rounds)?;
         }
+        // A server optimizer acts on whatever the round's rule, privacy and masking make of the
+        // updates (their mean, median or unmasked sum): no combination is refused.
+        if let Some(optimizer) = &self.server_optimizer {
+            optimizer.validate()?;
+        }
         self.training.validate()
     }
 
@@ -276,6 +286,7 @@ impl From<RunConfig> for pb::RunConfig {
                 threshold: s.threshold,
             }),
             schedule: c.schedule.map(Into::into),
+            server_optimizer: c.server_optimizer.map(Into::into),
         }
     }
 }
@@ -332,6 +343,7 @@ impl TryFrom<pb::RunConfig> for RunConfig {
                 threshold: s.threshold,
             }),
             schedule: c.schedule.map(Into::into),
+            server_optimizer: c.server_optimizer.map(TryInto::try_into).transpose()?,
         };
         c.validate()?;
         Ok(c)

@@ -1,7 +1,7 @@
 //! Domain types of the protocol, by topic, and their conversions from and to the generated
 //! `pb` types: what a run is configured with (`config`), what a site is asked and sends back
 //! (`task`), what a run and its rounds are (`run`), how a model travels (`model`), the learning
-//! rate over rounds (`schedule`).
+//! rate over rounds (`schedule`), what the coordinator does with an aggregate (`strategy`).
 //!
 //! Conversions from `pb` check what protobuf cannot express (required sub-messages, value
 //! ranges) so that code past the edge only ever sees valid values. The serde forms are what
@@ -11,12 +11,14 @@ mod config;
 mod model;
 mod run;
 mod schedule;
+mod strategy;
 mod task;
 
 pub use config::*;
 pub use model::*;
 pub use run::*;
 pub use schedule::*;
+pub use strategy::*;
 pub use task::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

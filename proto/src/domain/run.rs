@@ -91,10 +91,17 @@ impl RunInfo {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
-    RoundStarted { round: u32, model_version: String },
-    UpdateAccepted { round: u32, site: String },
+    RoundStarted {
+        round: u32,
+        model_version: String,
+    },
+    UpdateAccepted {
+        round: u32,
+        site: String,
+    },
     RoundFinished(RoundSummary),
-    RunFinished(RunInfo),
+    /// Boxed: a run's whole record is far larger than the other events.
+    RunFinished(Box<RunInfo>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,7 +240,7 @@ impl From<RunEvent> for pb::RunEvent {
                 Kind::UpdateAccepted(pb::UpdateAccepted { round, site })
             }
             RunEvent::RoundFinished(s) => Kind::RoundFinished(s.into()),
-            RunEvent::RunFinished(r) => Kind::RunFinished(r.into()),
+            RunEvent::RunFinished(r) => Kind::RunFinished((*r).into()),
         };
         Self { kind: Some(kind) }
     }
@@ -253,7 +260,7 @@ impl TryFrom<pb::RunEvent> for RunEvent {
                 site: u.site,
             },
             Kind::RoundFinished(s) => RunEvent::RoundFinished(s.into()),
-            Kind::RunFinished(r) => RunEvent::RunFinished(r.try_into()?),
+            Kind::RunFinished(r) => RunEvent::RunFinished(Box::new(r.try_into()?)),
         })
     }
 }

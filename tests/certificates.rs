@@ -35,8 +35,9 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A site renewed in place keeps training, beside a site added later; copies of its old kit
-/// work until the renewal that revokes the earlier certificates, and not after.
+/// A site renewed in place keeps training, beside a site added later: its running agent takes
+/// the renewed certificate when the old one is revoked, and copies of its old kit work until
+/// then, and not after.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoked() {
     let project = project(&["alpha", "beta"]);
@@ -47,6 +48,13 @@ async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoke
     copy_dir(&kit, &old);
     let read = |name: &str| std::fs::read(kit.join(name)).unwrap();
     let (cert0, key0) = (read("cert.pem"), read("key.pem"));
+    // The agents run throughout, from the kit folders that are renewed under them.
+    let data_a = site_data(&project, "alpha", 0, 3);
+    let data_b = site_data(&project, "beta", 1, 3);
+    let _a = spawn_agent(&project, "alpha", &data_a);
+    let _b = spawn_agent(&project, "beta", &data_b);
+    let mut admin = admin(&project).await;
+    wait_for_sites(&mut admin, &["alpha", "beta"]).await;
 
     let (ok, text) = cli(&["renew", "--project-dir", &root, "--site", "alpha"]).await;
     assert!(ok && text.contains("site/alpha: new certificate"), "{text}");
@@ -71,19 +79,30 @@ async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoke
     assert_ne!(read("key.pem"), key0);
     let (ok, text) = cli(&["health", "--kit", old.to_str().unwrap()]).await;
     assert!(!ok, "the old certificate still gets in: {text}");
+    // The running agent is refused at its next call with the revoked certificate, takes the
+    // renewed one from its kit folder and reconnects, without a restart.
+    let log = project.path("alpha.log");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("kit reloaded: using its new certificate")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A hospital that joins later, while the coordinator runs.
     let (ok, text) = cli(&["provision", "--project-dir", &root, "--add-site", "gamma"]).await;
     assert!(ok && text.contains("roster.toml"), "{text}");
 
     // The renewed site, an untouched one and the new one train in the next run together.
-    let data_a = site_data(&project, "alpha", 0, 3);
-    let data_b = site_data(&project, "beta", 1, 3);
     let data_c = site_data(&project, "gamma", 2, 3);
-    let _a = spawn_agent(&project, "alpha", &data_a);
-    let _b = spawn_agent(&project, "beta", &data_b);
     let _c = spawn_agent(&project, "gamma", &data_c);
-    let mut admin = admin(&project).await;
+    wait_for_sites(&mut admin, &["alpha", "beta", "gamma"]).await;
     let run = start_run(&mut admin, run_config(1, 3, 120), &tiny_model(5)).await;
     let run = wait_for(&mut admin, &run.run_id, Duration::from_secs(240), |r| {
         r.state != RunState::Running

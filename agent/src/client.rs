@@ -91,6 +91,13 @@ impl Agent {
         loop {
             match self.session(&mut backoff).await {
                 Ok(()) => backoff = Duration::from_millis(500),
+                // Refused with this certificate (revoked, say) while a renewed one waits in the
+                // kit folder: the next session takes it.
+                Err(AgentError::Refused(message)) if self.newer_kit().is_some() => {
+                    tracing::warn!(
+                        "the coordinator refused this certificate ({message}); the kit folder holds a new one: reconnecting with it"
+                    );
+                }
                 Err(AgentError::Refused(message)) => return Err(AgentError::Refused(message)),
                 Err(
                     e @ (AgentError::Train(_)
@@ -114,6 +121,7 @@ impl Agent {
     /// resets `backoff`: a coordinator that restarts after hours of rounds is rejoined in
     /// half a second, not after the wait earlier outages built up.
     async fn session(&mut self, backoff: &mut Duration) -> Result<(), AgentError> {
+        self.reload_kit();
         let channel = self.kit.connect().await?;
         let mut client = Federation::new(channel);
         let joined = join(&mut client).await?;
@@ -128,6 +136,42 @@ impl Agent {
                     }
                 }
                 Task::Train(task) => self.train_round(&mut client, task).await?,
+            }
+        }
+    }
+
+    /// Reads the kit folder again before each connection, so that a renewed certificate (copied
+    /// over the old one, `alveolus renew`) is used from the next connection on without a
+    /// restart: the connection that the revocation of the old certificate ends is the last with
+    /// it. A kit that no longer reads, or names another identity, is reported and the one in use
+    /// kept.
+    fn reload_kit(&mut self) {
+        if let Some(kit) = self.newer_kit() {
+            let expires = kit
+                .certificate_expires()
+                .map(alveolus_proto::kit::utc)
+                .unwrap_or_else(|e| e.to_string());
+            tracing::info!(%expires, "kit reloaded: using its new certificate");
+            self.kit = kit;
+        }
+    }
+
+    /// The kit in the kit folder, when it reads, is this site's and differs from the one in use.
+    fn newer_kit(&self) -> Option<ClientKit> {
+        match ClientKit::load(&self.kit.dir) {
+            Ok(kit) if kit.identity != self.kit.identity => {
+                tracing::error!(
+                    kit = %self.kit.dir.display(),
+                    "the kit folder now holds {}'s kit, not {}'s; keeping the one in use",
+                    kit.identity,
+                    self.kit.identity
+                );
+                None
+            }
+            Ok(kit) => kit.material_differs(&self.kit).then_some(kit),
+            Err(e) => {
+                tracing::warn!("the kit does not read now, keeping the one in use: {e}");
+                None
             }
         }
     }

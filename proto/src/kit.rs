@@ -106,6 +106,12 @@ impl ClientKit {
         })
     }
 
+    /// Whether `other` holds another CA, certificate or key than this kit: a renewal.
+    pub fn material_differs(&self, other: &ClientKit) -> bool {
+        (&self.ca_pem, &self.cert_pem, &self.key_pem)
+            != (&other.ca_pem, &other.cert_pem, &other.key_pem)
+    }
+
     /// When this kit's certificate stops being valid, in Unix seconds.
     pub fn certificate_expires(&self) -> Result<i64, KitError> {
         pem_not_after(&self.cert_pem).map_err(|message| KitError::Invalid {

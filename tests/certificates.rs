@@ -4,28 +4,10 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use alveolus_proto::domain::RunState;
 use common::*;
-
-async fn cli(args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -56,28 +38,31 @@ async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoke
     let mut admin = admin(&project).await;
     wait_for_sites(&mut admin, &["alpha", "beta"]).await;
 
-    let (ok, text) = cli(&["renew", "--project-dir", &root, "--site", "alpha"]).await;
+    let (ok, text) = cli(&["renew", "--project-dir", &root, "--site", "alpha"], &[]).await;
     assert!(ok && text.contains("site/alpha: new certificate"), "{text}");
     assert_ne!(read("cert.pem"), cert0);
     assert_eq!(read("key.pem"), key0, "the key is kept unless --new-key");
     for kit in [&kit, &old] {
-        let (ok, text) = cli(&["health", "--kit", kit.to_str().unwrap()]).await;
+        let (ok, text) = cli(&["health", "--kit", kit.to_str().unwrap()], &[]).await;
         assert!(ok && text.contains("SERVING"), "{text}");
     }
 
-    let (ok, text) = cli(&[
-        "renew",
-        "--project-dir",
-        &root,
-        "--site",
-        "alpha",
-        "--new-key",
-        "--revoke-previous",
-    ])
+    let (ok, text) = cli(
+        &[
+            "renew",
+            "--project-dir",
+            &root,
+            "--site",
+            "alpha",
+            "--new-key",
+            "--revoke-previous",
+        ],
+        &[],
+    )
     .await;
     assert!(ok && text.contains("revocation list written"), "{text}");
     assert_ne!(read("key.pem"), key0);
-    let (ok, text) = cli(&["health", "--kit", old.to_str().unwrap()]).await;
+    let (ok, text) = cli(&["health", "--kit", old.to_str().unwrap()], &[]).await;
     assert!(!ok, "the old certificate still gets in: {text}");
     // The running agent is refused at its next call with the revoked certificate, takes the
     // renewed one from its kit folder and reconnects, without a restart.
@@ -96,7 +81,11 @@ async fn a_renewed_site_and_an_added_one_train_and_the_old_kit_stops_once_revoke
     }
 
     // A hospital that joins later, while the coordinator runs.
-    let (ok, text) = cli(&["provision", "--project-dir", &root, "--add-site", "gamma"]).await;
+    let (ok, text) = cli(
+        &["provision", "--project-dir", &root, "--add-site", "gamma"],
+        &[],
+    )
+    .await;
     assert!(ok && text.contains("roster.toml"), "{text}");
 
     // The renewed site, an untouched one and the new one train in the next run together.
@@ -121,7 +110,7 @@ async fn what_cannot_be_renewed_or_added_is_refused_and_an_added_admin_gets_in()
     let root = project.root.to_str().unwrap().to_string();
     let issued = project.root.join("ca/issued.json");
 
-    let (ok, text) = cli(&["revoke", "--project-dir", &root, "--site", "beta"]).await;
+    let (ok, text) = cli(&["revoke", "--project-dir", &root, "--site", "beta"], &[]).await;
     assert!(ok, "{text}");
     let before = std::fs::read(&issued).unwrap();
     for (args, expected) in [
@@ -146,24 +135,27 @@ async fn what_cannot_be_renewed_or_added_is_refused_and_an_added_admin_gets_in()
     ] {
         let mut args = args.clone();
         args.extend(["--project-dir", &root]);
-        let (ok, text) = cli(&args).await;
+        let (ok, text) = cli(&args, &[]).await;
         assert!(!ok && text.contains(expected), "{args:?}: {text}");
     }
     assert_eq!(std::fs::read(&issued).unwrap(), before, "a refusal wrote");
-    let (ok, text) = cli(&["renew", "--project-dir", &root]).await;
+    let (ok, text) = cli(&["renew", "--project-dir", &root], &[]).await;
     assert!(!ok && text.contains("--site"), "{text}");
 
-    let (ok, text) = cli(&[
-        "provision",
-        "--project-dir",
-        &root,
-        "--add-admin",
-        "auditor",
-    ])
+    let (ok, text) = cli(
+        &[
+            "provision",
+            "--project-dir",
+            &root,
+            "--add-admin",
+            "auditor",
+        ],
+        &[],
+    )
     .await;
     assert!(ok, "{text}");
     let auditor = project.root.join("admins/auditor");
-    let (ok, text) = cli(&["sites", "list", "--kit", auditor.to_str().unwrap()]).await;
+    let (ok, text) = cli(&["sites", "list", "--kit", auditor.to_str().unwrap()], &[]).await;
     assert!(ok && text.contains("no site has connected yet"), "{text}");
 }
 
@@ -176,26 +168,29 @@ async fn the_coordinator_takes_its_renewed_certificate_without_a_restart() {
     let site = project.site_kit("alpha");
     let site = site.to_str().unwrap().to_string();
     let started = Instant::now();
-    while !cli(&["health", "--kit", &site]).await.0 {
+    while !cli(&["health", "--kit", &site], &[]).await.0 {
         assert!(started.elapsed() < Duration::from_secs(30), "no start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let root = project.root.to_str().unwrap().to_string();
-    let (ok, text) = cli(&[
-        "renew",
-        "--project-dir",
-        &root,
-        "--coordinator",
-        "--new-key",
-        "--validity-days",
-        "10",
-    ])
+    let (ok, text) = cli(
+        &[
+            "renew",
+            "--project-dir",
+            &root,
+            "--coordinator",
+            "--new-key",
+            "--validity-days",
+            "10",
+        ],
+        &[],
+    )
     .await;
     assert!(
         ok && text.contains("coordinator/coordinator: new certificate"),
         "{text}"
     );
-    let (ok, text) = cli(&["health", "--kit", &site]).await;
+    let (ok, text) = cli(&["health", "--kit", &site], &[]).await;
     assert!(ok, "{text}");
     let log = project.path("coordinator.log");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -225,6 +220,6 @@ async fn the_coordinator_takes_its_renewed_certificate_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (ok, text) = cli(&["health", "--kit", &site]).await;
+    let (ok, text) = cli(&["health", "--kit", &site], &[]).await;
     assert!(ok, "the coordinator did not survive SIGHUP: {text}");
 }

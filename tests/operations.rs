@@ -3,27 +3,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-async fn cli(args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy")
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
 
 /// `alveolus health` with a site's kit and an admin's: SERVING for the coordinator and each of
 /// its services, an error for a service it does not have, and a failure once it is stopped.
@@ -37,24 +19,28 @@ async fn health_is_serving_while_the_coordinator_runs_and_fails_once_it_stops() 
     let admin = admin.to_str().unwrap();
     let address = format!("127.0.0.1:{}", project.port);
 
-    let (ok, text) = cli(&["health", "--kit", site]).await;
+    let (ok, text) = cli(&["health", "--kit", site], &[]).await;
     assert!(ok, "{text}");
     assert!(
         text.starts_with(&format!("the coordinator at {address}: SERVING (")),
         "{text}"
     );
     for service in ["alveolus.v1.Federation", "alveolus.v1.Admin"] {
-        let (ok, text) = cli(&["health", "--kit", admin, "--service", service]).await;
+        let (ok, text) = cli(&["health", "--kit", admin, "--service", service], &[]).await;
         assert!(
             ok && text.contains(&format!("{service} at {address}: SERVING")),
             "{text}"
         );
     }
-    let (ok, text) = cli(&["health", "--kit", site, "--service", "alveolus.v1.Nothing"]).await;
+    let (ok, text) = cli(
+        &["health", "--kit", site, "--service", "alveolus.v1.Nothing"],
+        &[],
+    )
+    .await;
     assert!(!ok && text.contains("NotFound"), "{text}");
 
     coordinator.stop().await;
-    let (ok, text) = cli(&["health", "--kit", site]).await;
+    let (ok, text) = cli(&["health", "--kit", site], &[]).await;
     assert!(!ok, "{text}");
     assert!(
         text.contains(&format!("cannot connect to the coordinator at {address}")),
@@ -84,7 +70,7 @@ async fn json_logs_are_one_object_per_line() {
     }
     // A join, so that the log holds more than the start.
     let kit = project.site_kit("alpha");
-    let (ok, text) = cli(&["health", "--kit", kit.to_str().unwrap()]).await;
+    let (ok, text) = cli(&["health", "--kit", kit.to_str().unwrap()], &[]).await;
     assert!(ok, "{text}");
     drop(coordinator);
     let text = std::fs::read_to_string(&log).unwrap();
@@ -110,17 +96,7 @@ async fn json_logs_are_one_object_per_line() {
 /// which also proves it catches a misspelled directive).
 #[test]
 fn the_deploy_files_verify_against_systemd_and_this_binary() {
-    let output = std::process::Command::new("scripts/check-deploy")
-        .arg(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
+    let text = run_script("check-deploy", &[BIN]);
     assert!(text.contains("check-deploy: all checks passed"), "{text}");
 }
 
@@ -137,17 +113,7 @@ fn the_container_image_and_the_units_run_a_federation() {
         );
         return;
     }
-    let output = std::process::Command::new("scripts/check-container")
-        .args(["--systemd", BIN])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
+    let text = run_script("check-container", &["--systemd", BIN]);
     assert!(
         text.contains("check-container: all checks passed"),
         "{text}"

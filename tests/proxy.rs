@@ -79,26 +79,6 @@ impl Tinyproxy {
     }
 }
 
-/// The binary with `args` and `env`, its exit status and what it printed.
-async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = tokio::process::Command::new(BIN);
-    command.args(args).stdin(Stdio::null());
-    for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
-        command.env_remove(var);
-    }
-    command.envs(env.iter().copied());
-    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("the command ran for two minutes")
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
-
 /// Two agents and the researcher's CLI reach the coordinator only through the proxy, and a
 /// federated round completes: the proxy opened their tunnels, and saw only TLS.
 #[tokio::test(flavor = "multi_thread")]

@@ -51,7 +51,7 @@ pub fn renew(request: &RenewRequest) -> Result<Renewal, ProvisionError> {
     let coordinator_kit = project_dir.join("coordinator").join(KIT_FILE);
     let project = read_toml::<CoordinatorKitConfig>(&coordinator_kit)?.project;
     let identity = Identity::new(&project, request.role, &request.name)?;
-    let key = identity_key(&identity);
+    let key = identity.to_string();
 
     let issued_path = ca_dir.join("issued.json");
     let mut issued: Vec<IssuedCert> = read_json(&issued_path)?;
@@ -111,11 +111,6 @@ pub fn renew(request: &RenewRequest) -> Result<Renewal, ProvisionError> {
         record: leaf.record,
         revocation_lists,
     })
-}
-
-/// `role/name`, as the CA's records name identities.
-fn identity_key(identity: &Identity) -> String {
-    format!("{}/{}", identity.role, identity.name)
 }
 
 /// The certificate and key files a kit's config names.

@@ -40,7 +40,7 @@ pub fn add_identity(
     }
     let issued_path = ca_dir.join("issued.json");
     let mut issued: Vec<IssuedCert> = read_json(&issued_path)?;
-    let key = format!("{}/{}", identity.role, identity.name);
+    let key = identity.to_string();
     if issued.iter().any(|c| c.identity == key) || kit_dir(project_dir, role, name).exists() {
         return Err(ProvisionError::Exists(key));
     }

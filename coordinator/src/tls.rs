@@ -80,10 +80,8 @@ fn build_acceptor(
 pub struct TlsState {
     project: String,
     roots: Arc<RootCertStore>,
-    /// The coordinator's certificate chain and key, with the files they follow.
-    own: Mutex<OwnCertificate>,
     crl_path: PathBuf,
-    current: Mutex<(Revocations, TlsAcceptor)>,
+    current: Mutex<Current>,
     roster_path: PathBuf,
     roster: Mutex<RosterFile>,
 }
@@ -93,6 +91,14 @@ struct RosterFile {
     modified: Option<SystemTime>,
     /// `None`: no roster file (a kit provisioned before rosters): any identity of the project.
     roster: Option<Roster>,
+}
+
+/// What the acceptor is built from, and the acceptor, under one lock: a reload of either the
+/// revocation list or the coordinator's certificate rebuilds it with the other as it is.
+struct Current {
+    revocations: Revocations,
+    own: OwnCertificate,
+    acceptor: TlsAcceptor,
 }
 
 /// The coordinator's own certificate and key as last read, and the modification times of their
@@ -122,6 +128,48 @@ fn read_own(
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls_err("coordinator key", e))?;
     Ok((chain, key))
+}
+
+impl Current {
+    /// Reads the coordinator's certificate and key again when their files changed (or when
+    /// `force`d). A pair that does not read or does not match is logged and the one in use
+    /// kept: a renewal half copied must not take the coordinator down.
+    fn reload_own(&mut self, roots: &Arc<RootCertStore>, force: bool) {
+        let own = &mut self.own;
+        let now = (modified(&own.cert_path), modified(&own.key_path));
+        if !force && now == own.tried {
+            return;
+        }
+        own.tried = now;
+        let read =
+            |path: &Path| std::fs::read(path).map_err(|e| tls_err(&path.display().to_string(), e));
+        let loaded = read(&own.cert_path).and_then(|cert_pem| {
+            let key_pem = read(&own.key_path)?;
+            let (chain, key) = read_own(&cert_pem, &key_pem)?;
+            let acceptor = build_acceptor(roots, &chain, &key, &self.revocations)?;
+            let not_after = alveolus_proto::kit::pem_not_after(&cert_pem).ok();
+            Ok((chain, key, acceptor, not_after))
+        });
+        match loaded {
+            Ok((chain, _, _, not_after))
+                if !force && chain == own.chain && not_after == own.not_after => {}
+            Ok((chain, key, acceptor, not_after)) => {
+                (own.chain, own.key, own.not_after) = (chain, key, not_after);
+                self.acceptor = acceptor;
+                let expires = not_after.map(alveolus_proto::kit::utc).unwrap_or_default();
+                tracing::info!(%expires, "coordinator certificate reloaded");
+                let now = crate::clock::unix_ms() / 1000;
+                if let Some(warning) = not_after
+                    .and_then(|t| alveolus_proto::kit::expiry_warning("the coordinator's", t, now))
+                {
+                    tracing::warn!("{warning}");
+                }
+            }
+            Err(e) => tracing::error!(
+                "coordinator certificate not reloaded, serving the previous one: {e}"
+            ),
+        }
+    }
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -165,9 +213,12 @@ impl TlsState {
         Ok(Self {
             project: settings.project.clone(),
             roots,
-            own: Mutex::new(own),
             crl_path: settings.revocation_list.clone(),
-            current: Mutex::new((revocations, acceptor)),
+            current: Mutex::new(Current {
+                revocations,
+                own,
+                acceptor,
+            }),
             roster_path: settings.roster.clone(),
             roster: Mutex::new(roster),
         })
@@ -176,79 +227,33 @@ impl TlsState {
     /// The acceptor for the next connection, rebuilt when the CRL file or the coordinator's
     /// certificate or key changed.
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.reload_own(false);
-        self.current().1.clone()
+        let mut current = self.current();
+        current.reload_own(&self.roots, false);
+        current.acceptor.clone()
     }
 
     /// Everything that follows a file, read again now whether or not the file seems changed
     /// (SIGHUP: for a file replaced within the same second as the last read).
     pub fn reload(&self) {
-        self.reload_own(true);
-        self.current.lock().expect("tls state lock").0.modified = None;
+        {
+            let mut current = self.current.lock().expect("tls state lock");
+            current.reload_own(&self.roots, true);
+            current.revocations.modified = None;
+        }
         self.roster.lock().expect("roster lock").modified = None;
         drop(self.current());
-    }
-
-    /// Reads the coordinator's certificate and key again when their files changed (or when
-    /// `force`d). A pair that does not read or does not match is logged and the one in use
-    /// kept: a renewal half copied must not take the coordinator down. Locks `own`, then
-    /// `current`, as `current()` does.
-    fn reload_own(&self, force: bool) {
-        let mut own = self.own.lock().expect("own certificate lock");
-        let now = (modified(&own.cert_path), modified(&own.key_path));
-        if !force && now == own.tried {
-            return;
-        }
-        own.tried = now;
-        let read =
-            |path: &Path| std::fs::read(path).map_err(|e| tls_err(&path.display().to_string(), e));
-        let loaded = read(&own.cert_path).and_then(|cert_pem| {
-            let key_pem = read(&own.key_path)?;
-            let (chain, key) = read_own(&cert_pem, &key_pem)?;
-            let revocations = self.current.lock().expect("tls state lock").0.clone();
-            let acceptor = build_acceptor(&self.roots, &chain, &key, &revocations)?;
-            Ok((
-                chain,
-                key,
-                acceptor,
-                alveolus_proto::kit::pem_not_after(&cert_pem).ok(),
-            ))
-        });
-        match loaded {
-            Ok((chain, key, acceptor, not_after)) => {
-                if chain == own.chain && not_after == own.not_after && !force {
-                    return;
-                }
-                own.chain = chain;
-                own.key = key;
-                own.not_after = not_after;
-                self.current.lock().expect("tls state lock").1 = acceptor;
-                let expires = not_after.map(alveolus_proto::kit::utc).unwrap_or_default();
-                tracing::info!(%expires, "coordinator certificate reloaded");
-                let now = crate::clock::unix_ms() / 1000;
-                if let Some(warning) = not_after
-                    .and_then(|t| alveolus_proto::kit::expiry_warning("the coordinator's", t, now))
-                {
-                    tracing::warn!("{warning}");
-                }
-            }
-            Err(e) => tracing::error!(
-                "coordinator certificate not reloaded, serving the previous one: {e}"
-            ),
-        }
     }
 
     /// The revocations and acceptor, reloaded first if the CRL file changed. Every call asks,
     /// not only every new connection: a site revoked while connected is refused at its next
     /// call (a `stat` per call is the price).
-    fn current(&self) -> MutexGuard<'_, (Revocations, TlsAcceptor)> {
-        // Always `own` before `current`, as in `reload_own`.
-        let own = self.own.lock().expect("own certificate lock");
+    fn current(&self) -> MutexGuard<'_, Current> {
         let mut current = self.current.lock().expect("tls state lock");
         let modified = std::fs::metadata(&self.crl_path)
             .ok()
             .and_then(|m| m.modified().ok());
-        if modified != current.0.modified {
+        if modified != current.revocations.modified {
+            let own = &current.own;
             let built = read_revocations(&self.crl_path)
                 .and_then(|r| Ok((build_acceptor(&self.roots, &own.chain, &own.key, &r)?, r)));
             match built {
@@ -257,7 +262,8 @@ impl TlsState {
                         revoked = revocations.serials.len(),
                         "revocation list reloaded"
                     );
-                    *current = (revocations, acceptor);
+                    current.acceptor = acceptor;
+                    current.revocations = revocations;
                 }
                 // Keep the last good list: a half-written or broken file must not open the door.
                 Err(e) => {
@@ -301,7 +307,12 @@ impl TlsState {
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| {
             CoordinatorError::Unauthenticated("unreadable client certificate".into())
         })?;
-        if self.current().0.serials.contains(cert.raw_serial()) {
+        if self
+            .current()
+            .revocations
+            .serials
+            .contains(cert.raw_serial())
+        {
             return Err(CoordinatorError::PermissionDenied(
                 "this certificate has been revoked".into(),
             ));

@@ -170,9 +170,8 @@ fn request(run_id: &str) -> pb::GetRunRequest {
 
 /// What the coordinator's `grpc.health.v1` service says of `service` (`""`: the coordinator as
 /// a whole), asked with any kit: the same check a load balancer or probe makes.
-pub async fn health(kit_dir: &Path, service: &str) -> Result<HealthStatus, ClientError> {
+pub async fn health(kit: &ClientKit, service: &str) -> Result<HealthStatus, ClientError> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let kit = ClientKit::load(kit_dir)?;
     let mut client = HealthClient::new(kit.connect().await?);
     let response = client
         .check(HealthCheckRequest {

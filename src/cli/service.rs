@@ -159,7 +159,7 @@ pub struct HealthArgs {
 pub async fn check_health(args: HealthArgs) -> Result<()> {
     let kit = ClientKit::load(&args.kit)?;
     let started = std::time::Instant::now();
-    let status = alveolus_proto::client::health(&args.kit, &args.service).await?;
+    let status = alveolus_proto::client::health(&kit, &args.service).await?;
     let what = if args.service.is_empty() {
         "the coordinator".to_string()
     } else {

@@ -454,3 +454,44 @@ pub fn http(address: &str, method: &str, target: &str) -> std::io::Result<String
     stream.read_to_end(&mut response)?;
     Ok(String::from_utf8_lossy(&response).replacen("HTTP/1.0", "HTTP/1.1", 1))
 }
+
+/// What a finished process printed: its standard output, then its standard error.
+pub fn printed(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The binary with `args` and `env`, its exit status and what it printed. The machine's own
+/// proxy variables are cleared first, so that only `env` decides the route.
+pub async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).stdin(Stdio::null());
+    for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+        command.env_remove(var);
+    }
+    command.envs(env.iter().copied());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the command ran for two minutes")
+        .unwrap();
+    (output.status.success(), printed(&output))
+}
+
+/// A script of the repository's `scripts/` run with `args`, which must succeed; what it printed.
+pub fn run_script(name: &str, args: &[&str]) -> String {
+    let output = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name),
+    )
+    .args(args)
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .output()
+    .unwrap();
+    let text = printed(&output);
+    assert!(output.status.success(), "scripts/{name} {args:?}: {text}");
+    text
+}

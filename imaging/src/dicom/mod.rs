@@ -11,13 +11,11 @@ mod pixels;
 
 use std::path::{Path, PathBuf};
 
-use dicom_dictionary_std::{tags, uids};
+use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
-use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 
-use self::coded::{Frame, check_coded_frame};
 use self::lengths::check_value_lengths;
-use self::pixels::{jpegls_samples, native_samples, rle_samples};
+use self::pixels::stored_values;
 use crate::ReadError;
 use crate::volume::{Geometry, Volume, cross, dot};
 
@@ -424,9 +422,6 @@ fn unit(v: [f64; 3]) -> Option<[f64; 3]> {
     (n > 1e-6).then(|| v.map(|c| c / n))
 }
 
-/// JPEG-LS lossless and near-lossless, decoded by `jpegls` rather than CharLS (C++).
-const JPEG_LS: [&str; 2] = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
-
 /// One slice's voxels in HU, and the HU value of its padding, if it declares one.
 fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), ReadError> {
     let obj = open_full_object(path)?;
@@ -438,89 +433,7 @@ fn read_hu(path: &Path, expected: usize) -> Result<(Vec<f32>, Option<f32>), Read
     )?
     .unwrap_or(0)
         == 1;
-    let stored = match obj.get(tags::PIXEL_DATA).map(|e| e.value()) {
-        None => return Err(ReadError::new(path, "no Pixel Data")),
-        // Native (uncompressed) pixels are read here: minimal headers (no High Bit, say) are
-        // common in exports and need only Bits Allocated and Pixel Representation.
-        Some(dicom_core::DicomValue::Primitive(value)) => {
-            let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
-            let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
-            native_samples(&value.to_bytes(), bits, bits_stored, signed, expected)
-                .map_err(|e| ReadError::new(path, e))?
-        }
-        Some(dicom_core::DicomValue::PixelSequence(sequence))
-            if obj.meta().transfer_syntax() == uids::RLE_LOSSLESS =>
-        {
-            let samples = uint(&obj, tags::SAMPLES_PER_PIXEL, path, "Samples per Pixel")?;
-            if samples.is_some_and(|n| n != 1) {
-                return Err(ReadError::new(
-                    path,
-                    "colour image: a CT slice has one sample per pixel",
-                ));
-            }
-            let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
-            let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
-            rle_samples(sequence.fragments(), bits, bits_stored, signed, expected)
-                .map_err(|e| ReadError::new(path, e))?
-        }
-        Some(dicom_core::DicomValue::PixelSequence(sequence))
-            if JPEG_LS.contains(&obj.meta().transfer_syntax().trim_end_matches('\0')) =>
-        {
-            let samples = uint(&obj, tags::SAMPLES_PER_PIXEL, path, "Samples per Pixel")?;
-            if samples.is_some_and(|n| n != 1) {
-                return Err(ReadError::new(
-                    path,
-                    "colour image: a CT slice has one sample per pixel",
-                ));
-            }
-            let rows = uint(&obj, tags::ROWS, path, "Rows")?.unwrap_or(0);
-            let columns = uint(&obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0);
-            let bits = uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
-            let bits_stored = uint(&obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
-            jpegls_samples(
-                sequence.fragments(),
-                rows,
-                columns,
-                bits_stored,
-                signed,
-                expected,
-            )
-            .map_err(|e| ReadError::new(path, e))?
-        }
-        Some(value) => {
-            let syntax = obj
-                .meta()
-                .transfer_syntax()
-                .trim_end_matches('\0')
-                .to_string();
-            if let dicom_core::DicomValue::PixelSequence(sequence) = value {
-                let frame = Frame {
-                    rows: uint(&obj, tags::ROWS, path, "Rows")?.unwrap_or(0),
-                    columns: uint(&obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0),
-                    bits_allocated: uint(&obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?
-                        .unwrap_or(0),
-                };
-                let data: Vec<u8> = sequence.fragments().concat();
-                check_coded_frame(&syntax, &data, frame).map_err(|e| ReadError::new(path, e))?;
-            }
-            let decoded = obj.decode_pixel_data().map_err(|e| {
-                ReadError::new(
-                    path,
-                    format!("cannot decode pixel data (transfer syntax {syntax}): {e}"),
-                )
-            })?;
-            if decoded.samples_per_pixel() != 1 {
-                return Err(ReadError::new(
-                    path,
-                    "colour image: a CT slice has one sample per pixel",
-                ));
-            }
-            let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-            decoded
-                .to_vec_with_options(&options)
-                .map_err(|e| ReadError::new(path, format!("cannot convert pixel data: {e}")))?
-        }
-    };
+    let stored = stored_values(&obj, path, signed, expected)?;
     if stored.len() != expected {
         return Err(ReadError::new(
             path,

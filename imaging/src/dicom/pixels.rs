@@ -1,10 +1,109 @@
-//! Stored pixel values as numbers: native little-endian samples, RLE Lossless, and JPEG-LS.
+//! Stored pixel values as numbers: native little-endian samples, RLE Lossless and JPEG-LS
+//! decoded here, the other compressed syntaxes by dicom-pixeldata after their frame is held to
+//! the header.
+
+use std::path::Path;
+
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::DefaultDicomObject;
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+
+use super::coded::{Frame, check_coded_frame};
+use super::uint;
+use crate::ReadError;
+
+/// JPEG-LS lossless and near-lossless, decoded by `jpegls` rather than CharLS (C++).
+const JPEG_LS: [&str; 2] = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
+
+/// The stored values of a slice's one frame, `expected` of them, whatever its transfer syntax.
+/// Native pixels are read here: minimal headers (no High Bit, say) are common in exports and
+/// need only Bits Allocated and Pixel Representation.
+pub(super) fn stored_values(
+    obj: &DefaultDicomObject,
+    path: &Path,
+    signed: bool,
+    expected: usize,
+) -> Result<Vec<f64>, ReadError> {
+    let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
+    let layout = || -> Result<(usize, usize), ReadError> {
+        let bits = uint(obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?.unwrap_or(16);
+        let bits_stored = uint(obj, tags::BITS_STORED, path, "Bits Stored")?.unwrap_or(bits);
+        Ok((bits, bits_stored))
+    };
+    let one_sample = |samples: Option<usize>| {
+        if samples.is_some_and(|n| n != 1) {
+            Err(ReadError::new(
+                path,
+                "colour image: a CT slice has one sample per pixel",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let ours = |e: String| ReadError::new(path, e);
+    match obj.get(tags::PIXEL_DATA).map(|e| e.value()) {
+        None => Err(ReadError::new(path, "no Pixel Data")),
+        Some(dicom_core::DicomValue::Primitive(value)) => {
+            let (bits, bits_stored) = layout()?;
+            native_samples(&value.to_bytes(), bits, bits_stored, signed, expected).map_err(ours)
+        }
+        Some(dicom_core::DicomValue::PixelSequence(sequence))
+            if syntax == uids::RLE_LOSSLESS || JPEG_LS.contains(&syntax) =>
+        {
+            one_sample(uint(
+                obj,
+                tags::SAMPLES_PER_PIXEL,
+                path,
+                "Samples per Pixel",
+            )?)?;
+            let (bits, bits_stored) = layout()?;
+            if syntax == uids::RLE_LOSSLESS {
+                rle_samples(sequence.fragments(), bits, bits_stored, signed, expected)
+            } else {
+                let rows = uint(obj, tags::ROWS, path, "Rows")?.unwrap_or(0);
+                let columns = uint(obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0);
+                jpegls_samples(
+                    sequence.fragments(),
+                    rows,
+                    columns,
+                    bits_stored,
+                    signed,
+                    expected,
+                )
+            }
+            .map_err(ours)
+        }
+        Some(value) => {
+            if let dicom_core::DicomValue::PixelSequence(sequence) = value {
+                let frame = Frame {
+                    rows: uint(obj, tags::ROWS, path, "Rows")?.unwrap_or(0),
+                    columns: uint(obj, tags::COLUMNS, path, "Columns")?.unwrap_or(0),
+                    bits_allocated: uint(obj, tags::BITS_ALLOCATED, path, "Bits Allocated")?
+                        .unwrap_or(0),
+                };
+                let data: Vec<u8> = sequence.fragments().concat();
+                check_coded_frame(syntax, &data, frame).map_err(ours)?;
+            }
+            let decoded = obj.decode_pixel_data().map_err(|e| {
+                ReadError::new(
+                    path,
+                    format!("cannot decode pixel data (transfer syntax {syntax}): {e}"),
+                )
+            })?;
+            one_sample(Some(decoded.samples_per_pixel() as usize))?;
+            let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+            decoded
+                .to_vec_with_options(&options)
+                .map_err(|e| ReadError::new(path, format!("cannot convert pixel data: {e}")))
+        }
+    }
+}
 
 /// RLE Lossless (DICOM PS3.5 annex G), decoded here rather than by dicom-pixeldata, whose
 /// decoder indexes past the end of a short or damaged segment: one fragment holding a 64-byte
 /// header (the number of segments, then where each starts) and one PackBits segment per byte of
 /// the sample, most significant first.
-pub(super) fn rle_samples(
+fn rle_samples(
     fragments: &[Vec<u8>],
     bits: usize,
     bits_stored: usize,
@@ -75,7 +174,7 @@ pub(super) fn rle_samples(
 /// the fragments of the one frame, joined, are one codestream. The codestream's size must be the
 /// header's, and its samples are read as stored values like native ones (two's complement in
 /// `bits_stored` bits when `signed`), so a signed scanner's -1024 comes out as -1024.
-pub(super) fn jpegls_samples(
+fn jpegls_samples(
     fragments: &[Vec<u8>],
     rows: usize,
     columns: usize,

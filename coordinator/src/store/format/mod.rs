@@ -6,18 +6,18 @@
 //! formats were tagged: the same fields, so they read as format 1's body. A file of a format
 //! this coordinator does not know is refused with a message naming it, never misread.
 //!
-//! It is long for one idea: every stored domain type has its mirror here, field for field, with
-//! both conversions, and the tests that pin each file's shape.
+//! Every stored domain type has its mirror here, field for field, with both conversions, and
+//! the tests that pin each file's shape; a run's configuration, the largest, is in `config`.
 
-use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, LearningRateSchedule, Metrics, PrivacyConfig, RoundSummary,
-    RunConfig, RunInfo, RunState, SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind,
-    SiteInfo, SiteReport, TrainingConfig,
-};
+use alveolus_proto::domain::{Metrics, RoundSummary, RunInfo, RunState, SiteInfo, SiteReport};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::Manifest;
+
+mod config;
+
+use self::config::{AggregationV1, ConfigV1, PrivacyV1, SecureV1};
 
 /// The format this coordinator writes.
 pub const FORMAT: &str = "1";
@@ -101,83 +101,6 @@ enum StateV1 {
     Completed,
     Aborted,
     Failed,
-}
-
-#[derive(Serialize, Deserialize)]
-struct ConfigV1 {
-    rounds: u32,
-    min_sites: u32,
-    deadline_seconds: u32,
-    training: TrainingV1,
-    #[serde(default)]
-    privacy: Option<PrivacyV1>,
-    #[serde(default)]
-    aggregation: AggregationV1,
-    #[serde(default)]
-    secure_aggregation: Option<SecureV1>,
-    /// Added within format 1: absent in files written before schedules, and omitted when
-    /// there is none, so such files read and are written as before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    schedule: Option<ScheduleV1>,
-    /// Added within format 1, as `schedule`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    server_optimizer: Option<ServerOptimizerV1>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-struct ServerOptimizerV1 {
-    /// fedavgm, fedadagrad, fedadam or fedyogi.
-    kind: ServerOptimizerKind,
-    learning_rate: f64,
-    beta1: f64,
-    beta2: f64,
-    tau: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-struct ScheduleV1 {
-    warmup_rounds: u32,
-    cosine: bool,
-    final_fraction: f64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct TrainingV1 {
-    local_epochs: u32,
-    learning_rate: f64,
-    batch_size: u32,
-    seed: u64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-struct PrivacyV1 {
-    clip_norm: f64,
-    noise_multiplier: f64,
-    delta: f64,
-    epsilon_budget: Option<f64>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Default)]
-struct AggregationV1 {
-    #[serde(flatten)]
-    rule: RuleV1,
-    norm_bound: Option<f64>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Default)]
-#[serde(rename_all = "snake_case", tag = "rule")]
-enum RuleV1 {
-    #[default]
-    FedAvg,
-    Median,
-    TrimmedMean {
-        trim_fraction: f64,
-    },
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-struct SecureV1 {
-    threshold: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -333,138 +256,6 @@ impl From<StateV1> for RunState {
             StateV1::Completed => Self::Completed,
             StateV1::Aborted => Self::Aborted,
             StateV1::Failed => Self::Failed,
-        }
-    }
-}
-
-impl From<&RunConfig> for ConfigV1 {
-    fn from(c: &RunConfig) -> Self {
-        let t = &c.training;
-        Self {
-            rounds: c.rounds,
-            min_sites: c.min_sites,
-            deadline_seconds: c.deadline_seconds,
-            training: TrainingV1 {
-                local_epochs: t.local_epochs,
-                learning_rate: t.learning_rate,
-                batch_size: t.batch_size,
-                seed: t.seed,
-            },
-            privacy: c.privacy.as_ref().map(Into::into),
-            aggregation: c.aggregation.into(),
-            secure_aggregation: c.secure_aggregation.map(Into::into),
-            schedule: c.schedule.map(|s| ScheduleV1 {
-                warmup_rounds: s.warmup_rounds,
-                cosine: s.cosine,
-                final_fraction: s.final_fraction,
-            }),
-            server_optimizer: c.server_optimizer.map(|o| ServerOptimizerV1 {
-                kind: o.kind,
-                learning_rate: o.learning_rate,
-                beta1: o.beta1,
-                beta2: o.beta2,
-                tau: o.tau,
-            }),
-        }
-    }
-}
-
-impl From<ConfigV1> for RunConfig {
-    fn from(c: ConfigV1) -> Self {
-        let t = c.training;
-        Self {
-            rounds: c.rounds,
-            min_sites: c.min_sites,
-            deadline_seconds: c.deadline_seconds,
-            training: TrainingConfig {
-                local_epochs: t.local_epochs,
-                learning_rate: t.learning_rate,
-                batch_size: t.batch_size,
-                seed: t.seed,
-            },
-            privacy: c.privacy.map(Into::into),
-            aggregation: c.aggregation.into(),
-            secure_aggregation: c.secure_aggregation.map(Into::into),
-            schedule: c.schedule.map(|s| LearningRateSchedule {
-                warmup_rounds: s.warmup_rounds,
-                cosine: s.cosine,
-                final_fraction: s.final_fraction,
-            }),
-            server_optimizer: c.server_optimizer.map(|o| ServerOptimizer {
-                kind: o.kind,
-                learning_rate: o.learning_rate,
-                beta1: o.beta1,
-                beta2: o.beta2,
-                tau: o.tau,
-            }),
-        }
-    }
-}
-
-impl From<&PrivacyConfig> for PrivacyV1 {
-    fn from(p: &PrivacyConfig) -> Self {
-        Self {
-            clip_norm: p.clip_norm,
-            noise_multiplier: p.noise_multiplier,
-            delta: p.delta,
-            epsilon_budget: p.epsilon_budget,
-        }
-    }
-}
-
-impl From<PrivacyV1> for PrivacyConfig {
-    fn from(p: PrivacyV1) -> Self {
-        Self {
-            clip_norm: p.clip_norm,
-            noise_multiplier: p.noise_multiplier,
-            delta: p.delta,
-            epsilon_budget: p.epsilon_budget,
-        }
-    }
-}
-
-impl From<AggregationConfig> for AggregationV1 {
-    fn from(a: AggregationConfig) -> Self {
-        Self {
-            rule: match a.rule {
-                AggregationRule::FedAvg => RuleV1::FedAvg,
-                AggregationRule::Median => RuleV1::Median,
-                AggregationRule::TrimmedMean { trim_fraction } => {
-                    RuleV1::TrimmedMean { trim_fraction }
-                }
-            },
-            norm_bound: a.norm_bound,
-        }
-    }
-}
-
-impl From<AggregationV1> for AggregationConfig {
-    fn from(a: AggregationV1) -> Self {
-        Self {
-            rule: match a.rule {
-                RuleV1::FedAvg => AggregationRule::FedAvg,
-                RuleV1::Median => AggregationRule::Median,
-                RuleV1::TrimmedMean { trim_fraction } => {
-                    AggregationRule::TrimmedMean { trim_fraction }
-                }
-            },
-            norm_bound: a.norm_bound,
-        }
-    }
-}
-
-impl From<SecureAggregationConfig> for SecureV1 {
-    fn from(s: SecureAggregationConfig) -> Self {
-        Self {
-            threshold: s.threshold,
-        }
-    }
-}
-
-impl From<SecureV1> for SecureAggregationConfig {
-    fn from(s: SecureV1) -> Self {
-        Self {
-            threshold: s.threshold,
         }
     }
 }

@@ -5,26 +5,22 @@
 //! read a weight update or impersonate the coordinator. Which proxy to use follows the
 //! conventions of curl and every other tool IT already configures: `--proxy URL` first, then
 //! `HTTPS_PROXY` (or `https_proxy`), with `NO_PROXY` naming the hosts reached directly.
+//!
+//! Here: the proxy's URL and which proxy a connection takes; `no_proxy` the hosts reached
+//! directly; `tunnel` the CONNECT exchange and tonic's connector over it.
+
+mod no_proxy;
+mod tunnel;
 
 use std::fmt;
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use base64::Engine as _;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+pub use self::no_proxy::NoProxy;
+pub use self::tunnel::{ProxyError, TunnelConnector};
 
 /// curl's default for a proxy URL without a port.
 const DEFAULT_PORT: u16 = 1080;
-/// A proxy's answer to CONNECT is a status line and a few headers; more is not a proxy.
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-/// Time for the proxy to answer CONNECT, after the TCP connection to it is open.
-const CONNECT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An HTTP proxy that tunnels with CONNECT: `http://[user:password@]host[:port]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -131,130 +127,6 @@ impl Proxy {
             format!("{}:{}", self.host, self.port)
         }
     }
-
-    /// Opens a tunnel through the proxy to `target` (`host:port`).
-    pub async fn tunnel(&self, target: &str) -> Result<TcpStream, ProxyError> {
-        let address = self.address();
-        let mut stream = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|source| ProxyError::Unreachable {
-                proxy: self.to_string(),
-                source,
-            })?;
-        stream.set_nodelay(true).ok();
-        let mut request = format!(
-            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: alveolus/{}\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some(credentials) = &self.credentials {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
-            request.push_str(&format!("Proxy-Authorization: Basic {encoded}\r\n"));
-        }
-        request.push_str("\r\n");
-        let exchange = async {
-            stream.write_all(request.as_bytes()).await?;
-            read_response_head(&mut stream).await
-        };
-        let head = tokio::time::timeout(CONNECT_ANSWER_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ProxyError::NoAnswer {
-                proxy: self.to_string(),
-                seconds: CONNECT_ANSWER_TIMEOUT.as_secs(),
-            })?
-            .map_err(|source| ProxyError::Broken {
-                proxy: self.to_string(),
-                message: source.to_string(),
-            })?;
-        let status_line = head.lines().next().unwrap_or_default().trim().to_string();
-        let code = status_code(&status_line).ok_or_else(|| ProxyError::Broken {
-            proxy: self.to_string(),
-            message: format!(
-                "its answer to CONNECT is not HTTP: {:?}",
-                status_line.chars().take(80).collect::<String>()
-            ),
-        })?;
-        match code {
-            200..=299 => Ok(stream),
-            // 407 is the standard answer; some proxies (tinyproxy) answer wrong credentials
-            // with 401.
-            401 | 407 => Err(ProxyError::Authentication {
-                proxy: self.to_string(),
-                status: status_line,
-                sent: self.credentials.is_some(),
-            }),
-            _ => Err(ProxyError::Refused {
-                proxy: self.to_string(),
-                target: target.to_string(),
-                status: status_line,
-            }),
-        }
-        .inspect(|_| tracing::debug!(proxy = %address, %target, "tunnel open"))
-    }
-}
-
-/// Why a tunnel through the proxy did not open. Each names the proxy (never its password).
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("cannot reach the proxy at {proxy}: {source}")]
-    Unreachable {
-        proxy: String,
-        source: std::io::Error,
-    },
-    #[error("the proxy at {proxy} did not answer CONNECT within {seconds} s")]
-    NoAnswer { proxy: String, seconds: u64 },
-    #[error("the proxy at {proxy} broke the tunnel: {message}")]
-    Broken { proxy: String, message: String },
-    #[error(
-        "the proxy at {proxy} requires authentication ({status}): {}",
-        if *.sent { "it refused the user and password in the proxy URL" }
-        else { "give them in the URL, http://USER:PASSWORD@HOST:PORT" }
-    )]
-    Authentication {
-        proxy: String,
-        status: String,
-        sent: bool,
-    },
-    #[error(
-        "the proxy at {proxy} refused to open a tunnel to {target} ({status}); ask the network's administrators to allow CONNECT to this address and port"
-    )]
-    Refused {
-        proxy: String,
-        target: String,
-        status: String,
-    },
-}
-
-/// Reads up to the blank line that ends an HTTP response head. The coordinator speaks only
-/// after the client's TLS hello, so nothing of the tunnel's own bytes can follow it yet.
-async fn read_response_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut head = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
-        if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(std::io::Error::other(format!(
-                "its answer to CONNECT is longer than {MAX_RESPONSE_HEAD} bytes"
-            )));
-        }
-        // One byte at a time: a read past the head would swallow the start of the tunnel.
-        if stream.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "it closed the connection without answering CONNECT",
-            ));
-        }
-        head.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// `HTTP/1.1 200 Connection established` → 200.
-fn status_code(line: &str) -> Option<u16> {
-    let mut parts = line.split_whitespace();
-    parts.next().filter(|v| v.starts_with("HTTP/"))?;
-    parts
-        .next()
-        .filter(|c| c.len() == 3)
-        .and_then(|c| c.parse().ok())
 }
 
 fn split_host_port(host_port: &str) -> Result<(String, Option<u16>), String> {
@@ -306,90 +178,6 @@ fn hide_password(url: &str) -> String {
     match before[start..].split_once(':') {
         Some((user, _)) => format!("{}{user}:***@{after}", &before[..start]),
         None => url.to_string(),
-    }
-}
-
-/// `NO_PROXY`: hosts reached without the proxy. Entries are separated by commas or spaces: `*`
-/// (every host), a name that matches itself and its subdomains (`example.org`, `.example.org`),
-/// an IP address, or an IP range in CIDR form (`10.0.0.0/8`); an entry may end with `:PORT`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NoProxy {
-    entries: Vec<String>,
-}
-
-impl NoProxy {
-    pub fn parse(list: &str) -> Self {
-        Self {
-            entries: list
-                .split([',', ' '])
-                .map(|e| e.trim().to_ascii_lowercase())
-                .filter(|e| !e.is_empty())
-                .collect(),
-        }
-    }
-
-    /// Whether `host` (a name or an IP, without brackets) on `port` is reached directly.
-    pub fn bypasses(&self, host: &str, port: u16) -> bool {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        let ip: Option<IpAddr> = host.parse().ok();
-        self.entries.iter().any(|entry| {
-            if entry == "*" {
-                return true;
-            }
-            let (pattern, entry_port) = split_entry_port(entry);
-            if entry_port.is_some_and(|p| p != port) {
-                return false;
-            }
-            if let Some((network, bits)) = pattern.split_once('/') {
-                return match (ip, network.parse::<IpAddr>(), bits.parse::<u8>()) {
-                    (Some(ip), Ok(network), Ok(bits)) => in_network(ip, network, bits),
-                    _ => false,
-                };
-            }
-            if let (Some(ip), Ok(entry_ip)) = (ip, pattern.parse::<IpAddr>()) {
-                return ip == entry_ip;
-            }
-            let domain = pattern.trim_start_matches("*.").trim_start_matches('.');
-            !domain.is_empty()
-                && (host == domain
-                    || host
-                        .strip_suffix(domain)
-                        .is_some_and(|head| head.ends_with('.')))
-        })
-    }
-}
-
-/// `host:443` → (`host`, 443); an IPv6 address without brackets keeps its colons.
-fn split_entry_port(entry: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = entry.strip_prefix('[')
-        && let Some((host, after)) = rest.split_once(']')
-    {
-        return (host, after.strip_prefix(':').and_then(|p| p.parse().ok()));
-    }
-    match entry.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => match port.parse() {
-            Ok(port) => (host, Some(port)),
-            Err(_) => (entry, None),
-        },
-        _ => (entry, None),
-    }
-}
-
-fn in_network(ip: IpAddr, network: IpAddr, bits: u8) -> bool {
-    match (ip, network) {
-        (IpAddr::V4(ip), IpAddr::V4(net)) if bits <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
-            u32::from(ip) & mask == u32::from(net) & mask
-        }
-        (IpAddr::V6(ip), IpAddr::V6(net)) if bits <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
-            u128::from(ip) & mask == u128::from(net) & mask
-        }
-        _ => false,
     }
 }
 
@@ -460,30 +248,6 @@ fn choose(
     Ok((!loopback && !no_proxy.bypasses(host, port)).then_some(proxy))
 }
 
-/// The connector tonic dials through: each connection a fresh tunnel to the coordinator, TLS
-/// layered on top by tonic as for a direct connection.
-#[derive(Clone)]
-pub struct TunnelConnector {
-    pub proxy: Proxy,
-    /// `host:port` of the coordinator, as the kit names it.
-    pub target: String,
-}
-
-impl tower_service::Service<http::Uri> for TunnelConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.proxy.tunnel(&this.target).await.map(TokioIo::new) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,36 +284,6 @@ mod tests {
             assert!(e.contains("HTTPS_PROXY"), "{e}");
             assert!(!e.contains("secret"), "{e}");
         }
-    }
-
-    #[test]
-    fn no_proxy_matches_names_domains_addresses_ranges_and_ports() {
-        let list =
-            NoProxy::parse("localhost, .internal.example, example.org,10.0.0.0/8 ::1 intra:7443");
-        for (host, port) in [
-            ("localhost", 1),
-            ("a.internal.example", 1),
-            ("internal.example", 1),
-            ("EXAMPLE.org", 1),
-            ("x.example.org", 1),
-            ("10.20.30.40", 1),
-            ("::1", 1),
-            ("[::1]", 1),
-            ("intra", 7443),
-        ] {
-            assert!(list.bypasses(host, port), "{host}:{port}");
-        }
-        for (host, port) in [
-            ("notexample.org", 1),
-            ("11.0.0.1", 1),
-            ("coordinator.example.com", 1),
-            ("intra", 443),
-            ("::2", 1),
-        ] {
-            assert!(!list.bypasses(host, port), "{host}:{port}");
-        }
-        assert!(NoProxy::parse("*").bypasses("anything", 1));
-        assert!(!NoProxy::parse("").bypasses("anything", 1));
     }
 
     #[test]
@@ -594,19 +328,5 @@ mod tests {
         let bad = env(&[("HTTPS_PROXY", "socks5://x:1")]);
         let e = choose("coord.org:1", None, &bad).unwrap_err().to_string();
         assert!(e.contains("environment variable HTTPS_PROXY"), "{e}");
-    }
-
-    #[test]
-    fn status_lines_are_read_strictly() {
-        assert_eq!(
-            status_code("HTTP/1.1 200 Connection established"),
-            Some(200)
-        );
-        assert_eq!(
-            status_code("HTTP/1.0 407 Proxy Authentication Required"),
-            Some(407)
-        );
-        assert_eq!(status_code("SSH-2.0-OpenSSH"), None);
-        assert_eq!(status_code("HTTP/1.1 2000 x"), None);
     }
 }

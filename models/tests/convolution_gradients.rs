@@ -1,0 +1,358 @@
+//! LibTorch's convolution gradients (its own `convolution_backward`, through the vendored
+//! burn-tch) equal burn-flex's and PyTorch autograd's on the same inputs, for the convolutions
+//! the U-Nets use (3x3 and 1x1, 2D and 3D, transposed with stride 2) and a few they could
+//! (stride 2, asymmetric padding, dilation, groups).
+//!
+//! The PyTorch half needs Python with torch (`scripts/python-env`); it runs when
+//! `ALVEOLUS_SLOW_TESTS=1` (as in CI), where a missing PyTorch is a failure, and otherwise
+//! says it skipped.
+#![cfg(feature = "tch")]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use alveolus_models::bench::tensor;
+use alveolus_models::{Device, DeviceChoice, NamedTensor, Weights, pytorch};
+use burn::tensor::Tensor;
+use burn::tensor::module::{conv_transpose2d, conv_transpose3d, conv2d, conv3d};
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// One convolution: its geometry, as both burn and PyTorch are told it.
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    dims: usize,
+    transposed: bool,
+    channels_in: usize,
+    channels_out: usize,
+    kernel: usize,
+    stride: usize,
+    /// Per spatial dimension, before and after; PyTorch gets an explicit pad when they differ.
+    padding: (usize, usize),
+    dilation: usize,
+    groups: usize,
+    size: usize,
+}
+
+const CASES: &[Case] = &[
+    // A U-Net block's convolution.
+    Case::conv("conv2d_3x3", 2, 4, 8, 3, 1, (1, 1), 1, 1, 16),
+    // The output head.
+    Case::conv("conv2d_1x1", 2, 8, 3, 1, 1, (0, 0), 1, 1, 16),
+    Case::conv("conv2d_stride2", 2, 3, 5, 3, 2, (1, 1), 1, 1, 17),
+    Case::conv("conv2d_asymmetric", 2, 2, 4, 3, 1, (0, 1), 1, 1, 12),
+    Case::conv("conv2d_dilated_grouped", 2, 4, 6, 3, 1, (2, 2), 2, 2, 14),
+    Case::conv("conv3d_3x3x3", 3, 2, 4, 3, 1, (1, 1), 1, 1, 8),
+    // A decoder's upsampling.
+    Case::transposed("conv_transpose2d_2x2", 2, 8, 4, 2, 2, 0, 8),
+    Case::transposed("conv_transpose2d_3x3_padded", 2, 3, 5, 3, 2, 1, 7),
+    Case::transposed("conv_transpose3d_2x2x2", 3, 4, 2, 2, 2, 0, 4),
+];
+
+impl Case {
+    #[allow(clippy::too_many_arguments)]
+    const fn conv(
+        name: &'static str,
+        dims: usize,
+        channels_in: usize,
+        channels_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: (usize, usize),
+        dilation: usize,
+        groups: usize,
+        size: usize,
+    ) -> Self {
+        Self {
+            name,
+            dims,
+            transposed: false,
+            channels_in,
+            channels_out,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            size,
+        }
+    }
+
+    const fn transposed(
+        name: &'static str,
+        dims: usize,
+        channels_in: usize,
+        channels_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        size: usize,
+    ) -> Self {
+        Self {
+            name,
+            dims,
+            transposed: true,
+            channels_in,
+            channels_out,
+            kernel,
+            stride,
+            padding: (padding, padding),
+            dilation: 1,
+            groups: 1,
+            size,
+        }
+    }
+
+    fn weight_shape(&self) -> Vec<usize> {
+        let (first, second) = if self.transposed {
+            (self.channels_in, self.channels_out / self.groups)
+        } else {
+            (self.channels_out, self.channels_in / self.groups)
+        };
+        [vec![first, second], vec![self.kernel; self.dims]].concat()
+    }
+
+    fn output_size(&self) -> usize {
+        let reach = self.dilation * (self.kernel - 1);
+        if self.transposed {
+            (self.size - 1) * self.stride - 2 * self.padding.0 + reach + 1
+        } else {
+            (self.size + self.padding.0 + self.padding.1 - reach - 1) / self.stride + 1
+        }
+    }
+
+    /// Input, weight, bias and the output's cotangent, drawn from `seed`.
+    fn inputs(&self, seed: u64) -> Weights {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut random = |shape: Vec<usize>| NamedTensor {
+            values: (0..shape.iter().product())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect(),
+            shape,
+        };
+        let batch = 2;
+        let mut weights = Weights::default();
+        let tensors = &mut weights.tensors;
+        let spatial = |n| vec![n; self.dims];
+        tensors.insert(
+            "x".into(),
+            random([vec![batch, self.channels_in], spatial(self.size)].concat()),
+        );
+        tensors.insert("w".into(), random(self.weight_shape()));
+        tensors.insert("b".into(), random(vec![self.channels_out]));
+        tensors.insert(
+            "g".into(),
+            random([vec![batch, self.channels_out], spatial(self.output_size())].concat()),
+        );
+        weights
+    }
+
+    /// The gradients of sum(conv(x, w, b) * g) with respect to x, w and b, on `device`.
+    fn gradients(&self, inputs: &Weights, device: &Device) -> BTreeMap<String, Vec<f32>> {
+        let device = device.clone().autodiff();
+        match self.dims {
+            2 => self.gradients_of::<4>(inputs, &device),
+            3 => self.gradients_of::<5>(inputs, &device),
+            dims => panic!("{}: {dims} spatial dimensions", self.name),
+        }
+    }
+
+    fn gradients_of<const D: usize>(
+        &self,
+        inputs: &Weights,
+        device: &Device,
+    ) -> BTreeMap<String, Vec<f32>> {
+        let x = tensor::<D>(&inputs.tensors["x"], device).require_grad();
+        let w = tensor::<D>(&inputs.tensors["w"], device).require_grad();
+        let b = tensor::<1>(&inputs.tensors["b"], device).require_grad();
+        let g = tensor::<D>(&inputs.tensors["g"], device);
+        let y = self.forward(x.clone(), w.clone(), b.clone());
+        let grads = (y * g).sum().backward();
+        let values = |t: Option<Vec<f32>>, what: &str| {
+            t.unwrap_or_else(|| panic!("{}: no gradient for {what}", self.name))
+        };
+        BTreeMap::from([
+            ("x".to_owned(), values(x.grad(&grads).map(read), "x")),
+            ("w".to_owned(), values(w.grad(&grads).map(read), "w")),
+            ("b".to_owned(), values(b.grad(&grads).map(read), "b")),
+        ])
+    }
+
+    fn forward<const D: usize>(&self, x: Tensor<D>, w: Tensor<D>, b: Tensor<1>) -> Tensor<D> {
+        // `Tensor<D>` is one type for every rank: the rank-specific op takes its own.
+        let n = self.dims;
+        let stride = self.stride;
+        let dilation = self.dilation;
+        if self.transposed {
+            let p = self.padding.0;
+            match n {
+                2 => reshape(conv_transpose2d(
+                    reshape(x),
+                    reshape(w),
+                    Some(b),
+                    ConvTransposeOptions::new([stride; 2], [p; 2], [0; 2], [dilation; 2], 1),
+                )),
+                _ => reshape(conv_transpose3d(
+                    reshape(x),
+                    reshape(w),
+                    Some(b),
+                    ConvTransposeOptions::new([stride; 3], [p; 3], [0; 3], [dilation; 3], 1),
+                )),
+            }
+        } else {
+            let p = self.padding;
+            match n {
+                2 => reshape(conv2d(
+                    reshape(x),
+                    reshape(w),
+                    Some(b),
+                    ConvOptions::new_with_padding([stride; 2], [p; 2], [dilation; 2], self.groups),
+                )),
+                _ => reshape(conv3d(
+                    reshape(x),
+                    reshape(w),
+                    Some(b),
+                    ConvOptions::new_with_padding([stride; 3], [p; 3], [dilation; 3], self.groups),
+                )),
+            }
+        }
+    }
+
+    fn python_spec(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "dims": self.dims,
+            "transposed": self.transposed,
+            "stride": self.stride,
+            "padding": [self.padding.0, self.padding.1],
+            "dilation": self.dilation,
+            "groups": self.groups,
+        })
+    }
+}
+
+fn read<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+/// The same tensor as another rank (the ranks always agree at run time).
+fn reshape<const A: usize, const B: usize>(t: Tensor<A>) -> Tensor<B> {
+    let dims: [usize; B] = t.dims().to_vec().try_into().expect("same rank");
+    t.reshape(dims)
+}
+
+fn assert_close(case: &str, what: &str, ours: &[f32], theirs: &[f32], against: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{case} {what}: lengths");
+    let scale = theirs.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "{case}: gradient of {what} differs from {against}'s by {worst} (largest value {scale})"
+    );
+}
+
+fn libtorch() -> Device {
+    let resolved = DeviceChoice::Cpu.resolve().unwrap();
+    assert!(resolved.backend.contains("LibTorch"), "{resolved}");
+    resolved.device
+}
+
+#[test]
+fn libtorch_convolution_gradients_equal_burn_flex_gradients() {
+    let flex = DeviceChoice::Flex.resolve().unwrap().device;
+    let libtorch = libtorch();
+    for (seed, case) in CASES.iter().enumerate() {
+        let inputs = case.inputs(seed as u64);
+        let ours = case.gradients(&inputs, &libtorch);
+        let reference = case.gradients(&inputs, &flex);
+        for (what, values) in &ours {
+            assert_close(case.name, what, values, &reference[what], "burn-flex");
+        }
+    }
+}
+
+const PYTORCH_GRADIENTS: &str = r#"
+import json, sys
+import torch
+import torch.nn.functional as F
+from alveolus_unet import read_safetensors, write_safetensors
+
+case = json.loads(sys.argv[1])
+tensors, _ = read_safetensors(sys.argv[2])
+x, w, b = (tensors[k].clone().requires_grad_(True) for k in ("x", "w", "b"))
+dims, stride, dilation, groups = case["dims"], case["stride"], case["dilation"], case["groups"]
+before, after = case["padding"]
+if case["transposed"]:
+    op = F.conv_transpose2d if dims == 2 else F.conv_transpose3d
+    y = op(x, w, b, stride=stride, padding=before, groups=groups, dilation=dilation)
+else:
+    op = F.conv2d if dims == 2 else F.conv3d
+    if before == after:
+        y = op(x, w, b, stride=stride, padding=before, dilation=dilation, groups=groups)
+    else:
+        y = op(F.pad(x, [before, after] * dims), w, b, stride=stride, dilation=dilation, groups=groups)
+(y * tensors["g"]).sum().backward()
+write_safetensors(sys.argv[3], {"x": x.grad, "w": w.grad, "b": b.grad})
+"#;
+
+fn slow_tests() -> bool {
+    std::env::var("ALVEOLUS_SLOW_TESTS").is_ok_and(|v| v == "1")
+}
+
+#[test]
+fn libtorch_convolution_gradients_equal_pytorch_autograd() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let python = pytorch::python(root);
+    let has_torch = Command::new(&python)
+        .args(["-c", "import torch"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_torch {
+        assert!(
+            !slow_tests(),
+            "{} cannot import torch: run scripts/python-env or set ALVEOLUS_PYTHON",
+            python.display()
+        );
+        eprintln!("skipped: {} cannot import torch", python.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    pytorch::write_scripts(dir.path()).unwrap();
+    let script = dir.path().join("gradients.py");
+    std::fs::write(&script, PYTORCH_GRADIENTS).unwrap();
+    let libtorch = libtorch();
+    for (seed, case) in CASES.iter().enumerate() {
+        let inputs = case.inputs(seed as u64);
+        let input_path = dir.path().join(format!("{}.safetensors", case.name));
+        std::fs::write(&input_path, inputs.encode()).unwrap();
+        let output_path = dir.path().join(format!("{}-grads.safetensors", case.name));
+        let run = Command::new(&python)
+            .arg(&script)
+            .arg(case.python_spec().to_string())
+            .args([&input_path, &output_path])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}: PyTorch failed:\n{}",
+            case.name,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let theirs = Weights::decode(&std::fs::read(&output_path).unwrap()).unwrap();
+        let ours = case.gradients(&inputs, &libtorch);
+        for (what, values) in &ours {
+            let reference = &theirs.tensors[what.as_str()];
+            assert_close(case.name, what, values, &reference.values, "PyTorch");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+mod activation;
+mod base;
+mod bool_tensor;
+#[cfg(libtorch_convolution_backward)]
+mod convolution_backward;
+mod int_tensor;
+mod module;
+mod qtensor;
+mod tensor;
+mod transaction;
+
+pub(crate) use base::*;

@@ -151,7 +151,7 @@ impl SystemInfo {
             "src/cuda_hack/fake_cuda_dependency.cpp"
         };
         println!("cargo:rerun-if-changed={cuda_dependency}");
-        println!("cargo:rerun-if-changed={CONVOLUTION_BACKWARD}");
+        println!("cargo:rerun-if-changed={NATIVE_BACKWARD}");
 
         match self.os {
             Os::Linux | Os::Macos => {
@@ -163,7 +163,7 @@ impl SystemInfo {
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
                     .flag("-std=c++17")
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
-                    .files(&[cuda_dependency, CONVOLUTION_BACKWARD])
+                    .files(&[cuda_dependency, NATIVE_BACKWARD])
                     .compile("burn-tch");
             }
             Os::Windows => {
@@ -173,12 +173,12 @@ impl SystemInfo {
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
                     .flag("/std:c++17")
-                    .files(&[cuda_dependency, CONVOLUTION_BACKWARD])
+                    .files(&[cuda_dependency, NATIVE_BACKWARD])
                     .compile("burn-tch");
             }
         };
         // Alveolus: the module ops call LibTorch's convolution backward only when it was compiled.
-        println!("cargo:rustc-cfg=libtorch_convolution_backward");
+        println!("cargo:rustc-cfg=libtorch_native_backward");
     }
 
     fn make_cpu() {
@@ -216,11 +216,11 @@ fn check_out_dir() -> Option<PathBuf> {
     libtorch_dir.exists().then_some(libtorch_dir)
 }
 
-// Alveolus: LibTorch's own convolution backward (see src/ops/convolution_backward.cpp).
-const CONVOLUTION_BACKWARD: &str = "src/ops/convolution_backward.cpp";
+// Alveolus: LibTorch's own convolution and batch-norm backward (src/ops/native_backward.cpp).
+const NATIVE_BACKWARD: &str = "src/ops/native_backward.cpp";
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(libtorch_convolution_backward)");
+    println!("cargo::rustc-check-cfg=cfg(libtorch_native_backward)");
     let system_info = SystemInfo::new();
     let out_dir = env_var_rerun("OUT_DIR").expect("Failed to get out dir");
 

@@ -1,8 +1,8 @@
 mod activation;
 mod base;
 mod bool_tensor;
-#[cfg(libtorch_convolution_backward)]
-mod convolution_backward;
+#[cfg(libtorch_native_backward)]
+mod native_backward;
 mod int_tensor;
 mod module;
 mod qtensor;

@@ -1,5 +1,7 @@
-#[cfg(libtorch_convolution_backward)]
-use super::convolution_backward;
+#[cfg(libtorch_native_backward)]
+use super::native_backward;
+#[cfg(libtorch_native_backward)]
+use burn_backend::ops::{BatchNormTrain, BatchNormTrainBackward};
 use crate::{IntoKind, LibTorch, TchTensor};
 use burn_backend::{
     IntDType, TensorMetadata,
@@ -122,17 +124,59 @@ impl ModuleOps<Self> for LibTorch {
         TchTensor::new(tensor)
     }
 
+    // Alveolus: a training batch norm and its gradients come from LibTorch's own kernels; see
+    // `native_backward.rs`.
+    #[cfg(libtorch_native_backward)]
+    fn batch_norm_train(
+        x: TchTensor,
+        gamma: TchTensor,
+        beta: TchTensor,
+        epsilon: f64,
+    ) -> BatchNormTrain<Self> {
+        let (output, mean, variance) =
+            native_backward::batch_norm_train(&x.tensor, &gamma.tensor, &beta.tensor, epsilon);
+        BatchNormTrain::new(
+            TchTensor::new(output),
+            TchTensor::new(mean),
+            TchTensor::new(variance),
+        )
+    }
+
+    #[cfg(libtorch_native_backward)]
+    fn batch_norm_train_backward(
+        x: TchTensor,
+        gamma: TchTensor,
+        mean: TchTensor,
+        variance: TchTensor,
+        epsilon: f64,
+        output_grad: TchTensor,
+    ) -> BatchNormTrainBackward<Self> {
+        let [x_grad, gamma_grad, beta_grad] = native_backward::batch_norm_train_backward(
+            &x.tensor,
+            &gamma.tensor,
+            &mean.tensor,
+            &variance.tensor,
+            epsilon,
+            &output_grad.tensor,
+        );
+        BatchNormTrainBackward::new(
+            TchTensor::new(x_grad),
+            TchTensor::new(gamma_grad),
+            TchTensor::new(beta_grad),
+        )
+    }
+
     // Alveolus: the convolution gradients come from LibTorch's own backward kernels; see
-    // `convolution_backward.rs`. (A transposed convolution's input gradient is a forward
+    // `native_backward.rs`. (A transposed convolution's input gradient is a forward
     // convolution already, and a bias gradient a sum: burn's defaults do those well.)
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv2d_x_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvOptions<2>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_input(
+        TchTensor::new(native_backward::conv_input(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,
@@ -140,14 +184,14 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv2d_weight_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvOptions<2>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_weight(
+        TchTensor::new(native_backward::conv_weight(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,
@@ -155,14 +199,14 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv3d_x_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvOptions<3>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_input(
+        TchTensor::new(native_backward::conv_input(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,
@@ -170,14 +214,14 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv3d_weight_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvOptions<3>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_weight(
+        TchTensor::new(native_backward::conv_weight(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,
@@ -185,14 +229,14 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv_transpose2d_weight_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvTransposeOptions<2>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_transpose_weight(
+        TchTensor::new(native_backward::conv_transpose_weight(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,
@@ -200,14 +244,14 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    #[cfg(libtorch_convolution_backward)]
+    #[cfg(libtorch_native_backward)]
     fn conv_transpose3d_weight_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvTransposeOptions<3>,
     ) -> TchTensor {
-        TchTensor::new(convolution_backward::conv_transpose_weight(
+        TchTensor::new(native_backward::conv_transpose_weight(
             &x.tensor,
             &weight.tensor,
             &output_grad.tensor,

@@ -1,7 +1,8 @@
-//! Alveolus: convolution gradients through LibTorch's own `convolution_backward`
-//! (`convolution_backward.cpp`), the kernels PyTorch's autograd runs (oneDNN on CPU, cuDNN on
-//! CUDA), instead of burn's generic weight gradient (a forward convolution whose kernel is the
-//! output gradient).
+//! Alveolus: convolution and batch-norm gradients through LibTorch's own
+//! `convolution_backward` and `native_batch_norm_backward` (`native_backward.cpp`), the kernels
+//! PyTorch's autograd runs (oneDNN on CPU, cuDNN on CUDA), instead of burn's generic ones (a
+//! weight gradient as a forward convolution whose kernel is the output gradient; a batch norm's
+//! as a dozen passes over the activation).
 
 use burn_backend::ops::{ConvOptions, ConvTransposeOptions};
 use std::ffi::{CStr, c_char, c_int};
@@ -22,6 +23,28 @@ unsafe extern "C" {
         groups: i64,
         which: c_int,
     ) -> *mut c_char;
+
+    fn burn_tch_batch_norm_backward(
+        out: *mut *mut C_tensor,
+        grad_output: *const C_tensor,
+        input: *const C_tensor,
+        weight: *const C_tensor,
+        mean: *const C_tensor,
+        invstd: *const C_tensor,
+        eps: f64,
+    ) -> *mut c_char;
+}
+
+/// Panics with LibTorch's message when `error` is one, as the other LibTorch ops of this
+/// backend do (tch's unwraps).
+fn check(error: *mut c_char, what: &str) {
+    if error.is_null() {
+        return;
+    }
+    // SAFETY: a NUL-terminated string from strdup, freed once here.
+    let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    unsafe { libc::free(error.cast()) };
+    panic!("LibTorch {what} failed: {message}");
 }
 
 /// Which gradient of a convolution to compute.
@@ -71,13 +94,7 @@ fn backward<const N: usize>(
             grad as c_int,
         )
     };
-    if !error.is_null() {
-        // SAFETY: a NUL-terminated string from strdup, freed once here.
-        let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
-        unsafe { libc::free(error.cast()) };
-        // The other LibTorch ops of this backend panic on LibTorch errors too (tch's unwraps).
-        panic!("LibTorch convolution_backward failed: {message}");
-    }
+    check(error, "convolution_backward");
     // SAFETY: `out` was allocated by `new at::Tensor` and is owned by nobody else.
     unsafe { tch::Tensor::from_ptr(out) }
 }
@@ -161,4 +178,57 @@ pub(crate) fn conv_transpose_weight<const N: usize>(
         groups: options.groups as i64,
     };
     backward(Grad::Weight, output_grad, x, weight, &geometry)
+}
+
+/// A training-mode batch norm: the output, and the batch mean and biased variance per channel.
+pub(crate) fn batch_norm_train(
+    x: &tch::Tensor,
+    gamma: &tch::Tensor,
+    beta: &tch::Tensor,
+    epsilon: f64,
+) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    // LibTorch's own kernel, which returns 1 / sqrt(variance + epsilon): on 8x16x256x256 and
+    // 2 threads it takes 19 ms, where `var_mean` and the normalisation take 37 ms.
+    let (output, mean, invstd) = tch::Tensor::native_batch_norm(
+        x,
+        Some(gamma),
+        Some(beta),
+        None::<&tch::Tensor>,
+        None::<&tch::Tensor>,
+        true,
+        0.0,
+        epsilon,
+    );
+    // Clamped: a constant channel's variance could otherwise round below zero.
+    let variance = (invstd.pow_tensor_scalar(-2) - epsilon).clamp_min(0.0);
+    (output, mean, variance)
+}
+
+/// The gradients of a training-mode batch norm's input, `gamma` and `beta`.
+pub(crate) fn batch_norm_train_backward(
+    x: &tch::Tensor,
+    gamma: &tch::Tensor,
+    mean: &tch::Tensor,
+    variance: &tch::Tensor,
+    epsilon: f64,
+    output_grad: &tch::Tensor,
+) -> [tch::Tensor; 3] {
+    let invstd = (variance + epsilon).rsqrt();
+    let mut out: [*mut C_tensor; 3] = [std::ptr::null_mut(); 3];
+    // SAFETY: the tensors are live for the call and only read; on success the three pointers
+    // are fresh tensors whose ownership passes to us.
+    let error = unsafe {
+        burn_tch_batch_norm_backward(
+            out.as_mut_ptr(),
+            output_grad.as_ptr(),
+            x.as_ptr(),
+            gamma.as_ptr(),
+            mean.as_ptr(),
+            invstd.as_ptr(),
+            epsilon,
+        )
+    };
+    check(error, "native_batch_norm_backward");
+    // SAFETY: each pointer was allocated by `new at::Tensor` and is owned by nobody else.
+    out.map(|t| unsafe { tch::Tensor::from_ptr(t) })
 }

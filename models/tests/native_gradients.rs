@@ -1,7 +1,8 @@
-//! LibTorch's convolution gradients (its own `convolution_backward`, through the vendored
-//! burn-tch) equal burn-flex's and PyTorch autograd's on the same inputs, for the convolutions
-//! the U-Nets use (3x3 and 1x1, 2D and 3D, transposed with stride 2) and a few they could
-//! (stride 2, asymmetric padding, dilation, groups).
+//! LibTorch's convolution and batch-norm gradients (its own `convolution_backward` and
+//! `native_batch_norm_backward`, through the vendored burn-tch) equal burn-flex's and PyTorch
+//! autograd's on the same inputs, for the layers the U-Nets use (3x3 and 1x1 convolutions, 2D
+//! and 3D, transposed with stride 2, batch norm) and a few they could (stride 2, asymmetric
+//! padding, dilation, groups).
 //!
 //! The PyTorch half needs Python with torch (`scripts/python-env`); it runs when
 //! `ALVEOLUS_SLOW_TESTS=1` (as in CI), where a missing PyTorch is a failure, and otherwise
@@ -15,17 +16,25 @@ use std::process::Command;
 use alveolus_models::bench::tensor;
 use alveolus_models::{Device, DeviceChoice, NamedTensor, Weights, pytorch};
 use burn::tensor::Tensor;
-use burn::tensor::module::{conv_transpose2d, conv_transpose3d, conv2d, conv3d};
+use burn::tensor::module::{batch_norm_train, conv_transpose2d, conv_transpose3d, conv2d, conv3d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// One convolution: its geometry, as both burn and PyTorch are told it.
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Conv,
+    ConvTranspose,
+    /// Training mode: the batch's own statistics.
+    BatchNorm,
+}
+
+/// One layer: its geometry, as both burn and PyTorch are told it.
 #[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     dims: usize,
-    transposed: bool,
+    op: Op,
     channels_in: usize,
     channels_out: usize,
     kernel: usize,
@@ -50,6 +59,8 @@ const CASES: &[Case] = &[
     Case::transposed("conv_transpose2d_2x2", 2, 8, 4, 2, 2, 0, 8),
     Case::transposed("conv_transpose2d_3x3_padded", 2, 3, 5, 3, 2, 1, 7),
     Case::transposed("conv_transpose3d_2x2x2", 3, 4, 2, 2, 2, 0, 4),
+    Case::batch_norm("batch_norm_2d", 2, 6, 9),
+    Case::batch_norm("batch_norm_3d", 3, 4, 5),
 ];
 
 impl Case {
@@ -69,7 +80,7 @@ impl Case {
         Self {
             name,
             dims,
-            transposed: false,
+            op: Op::Conv,
             channels_in,
             channels_out,
             kernel,
@@ -94,7 +105,7 @@ impl Case {
         Self {
             name,
             dims,
-            transposed: true,
+            op: Op::ConvTranspose,
             channels_in,
             channels_out,
             kernel,
@@ -106,8 +117,27 @@ impl Case {
         }
     }
 
+    const fn batch_norm(name: &'static str, dims: usize, channels: usize, size: usize) -> Self {
+        Self {
+            name,
+            dims,
+            op: Op::BatchNorm,
+            channels_in: channels,
+            channels_out: channels,
+            kernel: 1,
+            stride: 1,
+            padding: (0, 0),
+            dilation: 1,
+            groups: 1,
+            size,
+        }
+    }
+
     fn weight_shape(&self) -> Vec<usize> {
-        let (first, second) = if self.transposed {
+        if self.op == Op::BatchNorm {
+            return vec![self.channels_in];
+        }
+        let (first, second) = if self.op == Op::ConvTranspose {
             (self.channels_in, self.channels_out / self.groups)
         } else {
             (self.channels_out, self.channels_in / self.groups)
@@ -117,7 +147,7 @@ impl Case {
 
     fn output_size(&self) -> usize {
         let reach = self.dilation * (self.kernel - 1);
-        if self.transposed {
+        if self.op == Op::ConvTranspose {
             (self.size - 1) * self.stride - 2 * self.padding.0 + reach + 1
         } else {
             (self.size + self.padding.0 + self.padding.1 - reach - 1) / self.stride + 1
@@ -150,7 +180,8 @@ impl Case {
         weights
     }
 
-    /// The gradients of sum(conv(x, w, b) * g) with respect to x, w and b, on `device`.
+    /// The gradients of sum(layer(x, w, b) * g) with respect to x, w and b, on `device`, and
+    /// what the layer computed (`y`, and a batch norm's `mean` and `variance`).
     fn gradients(&self, inputs: &Weights, device: &Device) -> BTreeMap<String, Vec<f32>> {
         let device = device.clone().autodiff();
         match self.dims {
@@ -166,19 +197,30 @@ impl Case {
         device: &Device,
     ) -> BTreeMap<String, Vec<f32>> {
         let x = tensor::<D>(&inputs.tensors["x"], device).require_grad();
-        let w = tensor::<D>(&inputs.tensors["w"], device).require_grad();
         let b = tensor::<1>(&inputs.tensors["b"], device).require_grad();
         let g = tensor::<D>(&inputs.tensors["g"], device);
-        let y = self.forward(x.clone(), w.clone(), b.clone());
-        let grads = (y * g).sum().backward();
         let values = |t: Option<Vec<f32>>, what: &str| {
             t.unwrap_or_else(|| panic!("{}: no gradient for {what}", self.name))
         };
-        BTreeMap::from([
-            ("x".to_owned(), values(x.grad(&grads).map(read), "x")),
-            ("w".to_owned(), values(w.grad(&grads).map(read), "w")),
-            ("b".to_owned(), values(b.grad(&grads).map(read), "b")),
-        ])
+        let mut out = BTreeMap::new();
+        let (y, w_grad, grads) = if self.op == Op::BatchNorm {
+            let w = tensor::<1>(&inputs.tensors["w"], device).require_grad();
+            let result = batch_norm_train(x.clone(), w.clone(), b.clone(), 1e-5);
+            out.insert("mean".to_owned(), read(result.mean));
+            out.insert("variance".to_owned(), read(result.variance));
+            let grads = (result.output.clone() * g).sum().backward();
+            (result.output, w.grad(&grads).map(read), grads)
+        } else {
+            let w = tensor::<D>(&inputs.tensors["w"], device).require_grad();
+            let y = self.forward(x.clone(), w.clone(), b.clone());
+            let grads = (y.clone() * g).sum().backward();
+            (y, w.grad(&grads).map(read), grads)
+        };
+        out.insert("y".to_owned(), read(y));
+        out.insert("x".to_owned(), values(x.grad(&grads).map(read), "x"));
+        out.insert("w".to_owned(), values(w_grad, "w"));
+        out.insert("b".to_owned(), values(b.grad(&grads).map(read), "b"));
+        out
     }
 
     fn forward<const D: usize>(&self, x: Tensor<D>, w: Tensor<D>, b: Tensor<1>) -> Tensor<D> {
@@ -186,7 +228,7 @@ impl Case {
         let n = self.dims;
         let stride = self.stride;
         let dilation = self.dilation;
-        if self.transposed {
+        if self.op == Op::ConvTranspose {
             let p = self.padding.0;
             match n {
                 2 => reshape(conv_transpose2d(
@@ -225,7 +267,11 @@ impl Case {
         serde_json::json!({
             "name": self.name,
             "dims": self.dims,
-            "transposed": self.transposed,
+            "op": match self.op {
+                Op::Conv => "conv",
+                Op::ConvTranspose => "conv_transpose",
+                Op::BatchNorm => "batch_norm",
+            },
             "stride": self.stride,
             "padding": [self.padding.0, self.padding.1],
             "dilation": self.dilation,
@@ -257,7 +303,7 @@ fn assert_close(case: &str, what: &str, ours: &[f32], theirs: &[f32], against: &
         .fold(0f32, f32::max);
     assert!(
         worst <= 1e-4 * scale,
-        "{case}: gradient of {what} differs from {against}'s by {worst} (largest value {scale})"
+        "{case}: {what} differs from {against}'s by {worst} (largest value {scale})"
     );
 }
 
@@ -268,7 +314,7 @@ fn libtorch() -> Device {
 }
 
 #[test]
-fn libtorch_convolution_gradients_equal_burn_flex_gradients() {
+fn libtorch_gradients_equal_burn_flex_gradients() {
     let flex = DeviceChoice::Flex.resolve().unwrap().device;
     let libtorch = libtorch();
     for (seed, case) in CASES.iter().enumerate() {
@@ -292,7 +338,12 @@ tensors, _ = read_safetensors(sys.argv[2])
 x, w, b = (tensors[k].clone().requires_grad_(True) for k in ("x", "w", "b"))
 dims, stride, dilation, groups = case["dims"], case["stride"], case["dilation"], case["groups"]
 before, after = case["padding"]
-if case["transposed"]:
+out = {}
+if case["op"] == "batch_norm":
+    y = F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    reduced = [d for d in range(x.dim()) if d != 1]
+    out["variance"], out["mean"] = torch.var_mean(x.detach(), dim=reduced, correction=0)
+elif case["op"] == "conv_transpose":
     op = F.conv_transpose2d if dims == 2 else F.conv_transpose3d
     y = op(x, w, b, stride=stride, padding=before, groups=groups, dilation=dilation)
 else:
@@ -302,7 +353,7 @@ else:
     else:
         y = op(F.pad(x, [before, after] * dims), w, b, stride=stride, dilation=dilation, groups=groups)
 (y * tensors["g"]).sum().backward()
-write_safetensors(sys.argv[3], {"x": x.grad, "w": w.grad, "b": b.grad})
+write_safetensors(sys.argv[3], {"y": y, "x": x.grad, "w": w.grad, "b": b.grad, **out})
 "#;
 
 fn slow_tests() -> bool {
@@ -310,7 +361,7 @@ fn slow_tests() -> bool {
 }
 
 #[test]
-fn libtorch_convolution_gradients_equal_pytorch_autograd() {
+fn libtorch_gradients_equal_pytorch_autograd() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let python = pytorch::python(root);
     let has_torch = Command::new(&python)

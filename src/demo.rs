@@ -305,6 +305,7 @@ pub async fn run(
             learning_rate: 3e-3,
             batch_size: 4,
             seed,
+            proximal_mu: 0.0,
         },
         privacy,
         // Every hospital must see each round through: the coordinator unmasks only the sum of all.

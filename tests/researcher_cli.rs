@@ -51,6 +51,8 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
                 "0.1",
                 "--server-optimizer",
                 "fedadam",
+                "--fedprox-mu",
+                "0.01",
                 "--init",
                 init.to_str().unwrap(),
             ])
@@ -70,6 +72,11 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         started.contains(
             "server optimizer: fedadam (server lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)"
         ),
+        "{started}"
+    );
+
+    assert!(
+        started.contains("FedProx at the sites, mu 0.01"),
         "{started}"
     );
 
@@ -93,6 +100,7 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(status["config"]["schedule"]["warmup_rounds"], 1);
     assert_eq!(status["config"]["schedule"]["cosine"], true);
     assert_eq!(status["config"]["server_optimizer"]["kind"], "fedadam");
+    assert_eq!(status["config"]["training"]["proximal_mu"], 0.01);
     // A schedule that cannot work is refused before anything starts.
     let refused = Command::new(BIN)
         .args([
@@ -121,6 +129,11 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         ),
         (&["--server-optimizer", "adamw"], "adamw"),
         (&["--server-tau", "0.1"], "--server-optimizer"),
+        (
+            &["--fedprox-mu=-0.1"],
+            "`proximal_mu`: -0.1 is not in [0, 100]",
+        ),
+        (&["--fedprox-mu", "NaN"], "proximal_mu"),
     ] {
         let refused = Command::new(BIN)
             .args(["run", "start", "--kit", admin])

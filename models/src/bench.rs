@@ -105,7 +105,7 @@ fn time_steps<const D: usize, N: Segmenter<D>>(
         let started = Instant::now();
         let x = tensor::<D>(&batch.tensors["x"], device);
         let y = tensor::<D>(&batch.tensors["y"], device);
-        let (updated, _, _) = step(network, &mut optimizer, x, y, 1e-3)?;
+        let (updated, _, _) = step(network, &mut optimizer, x, y, 1e-3, None)?;
         network = updated;
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -11,6 +11,7 @@ pub mod hausdorff;
 pub mod infer;
 pub mod loss;
 pub mod metrics;
+pub mod proximal;
 pub mod pytorch;
 pub mod spec;
 pub mod train;

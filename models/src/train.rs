@@ -12,6 +12,7 @@ use crate::Weights;
 use crate::augment::AugmentConfig;
 use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
+use crate::proximal::Proximal;
 use crate::spec::{DATASET_LABELS, ModelSpec, SpecError};
 use crate::unet::{Segmenter, UNet2d, UNet3d};
 use crate::weights::{LoadError, load_weights, to_weights};
@@ -212,13 +213,14 @@ pub fn optimizer(weight_decay: f32) -> ModuleOptimizer {
 
 /// One optimiser step on a batch: forward, loss, backward, update. Returns the updated model,
 /// the loss and the predicted class per pixel (still on the device: reading it is the caller's
-/// choice).
+/// choice). With `proximal`, FedProx's term joins the gradients (not the reported loss).
 pub fn step<const D: usize, N: Segmenter<D>>(
     model: N,
     optimizer: &mut ModuleOptimizer,
     x: Tensor<D>,
     one_hot: Tensor<D>,
     rate: f64,
+    proximal: Option<&Proximal>,
 ) -> Result<(N, f64, Tensor<D, Int>), TrainError> {
     let logits = model.forward(x);
     let predicted = logits.clone().detach().argmax(1);
@@ -227,7 +229,10 @@ pub fn step<const D: usize, N: Segmenter<D>>(
     if !value.is_finite() {
         return Err(TrainError::Diverged(value));
     }
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    if let Some(proximal) = proximal {
+        proximal.add_to(&model, &mut grads);
+    }
     Ok((optimizer.step(rate, model, grads), value, predicted))
 }
 
@@ -284,6 +289,7 @@ pub fn train(
     let autodiff = device.clone().autodiff();
     let (spec, mut model) = load_model(start, &autodiff)?;
     check_slices(&spec, slices)?;
+    let proximal = (config.proximal_mu > 0.0).then(|| Proximal::new(&model, config.proximal_mu));
     let mut optimizer = optimizer(options.weight_decay);
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = (0..slices.len()).collect();
@@ -302,7 +308,8 @@ pub fn train(
             let rate = options
                 .schedule
                 .rate(config.learning_rate, step_index, total_steps);
-            let (updated, value, predicted) = self::step(model, &mut optimizer, x, y, rate)?;
+            let (updated, value, predicted) =
+                self::step(model, &mut optimizer, x, y, rate, proximal.as_ref())?;
             model = updated;
             counts.add(&labels(predicted), &masks);
             loss_sum += value * items.len() as f64;
@@ -428,7 +435,7 @@ mod tests {
         for _ in 0..15 {
             let x = crate::bench::tensor::<5>(&batch.tensors["x"], &autodiff);
             let y = crate::bench::tensor::<5>(&batch.tensors["y"], &autodiff);
-            let (updated, loss, predicted) = step(model, &mut optimizer, x, y, 1e-2).unwrap();
+            let (updated, loss, predicted) = step(model, &mut optimizer, x, y, 1e-2, None).unwrap();
             assert_eq!(predicted.dims(), [2, 1, 16, 16, 16]);
             model = updated;
             losses.push(loss);
@@ -511,6 +518,7 @@ mod tests {
             learning_rate: 1e-2,
             batch_size: 4,
             seed: 1,
+            proximal_mu: 0.0,
         };
         let mut losses = Vec::new();
         let options = TrainOptions {

@@ -50,7 +50,7 @@ fn libtorch_training_steps_lower_the_loss() {
     for _ in 0..30 {
         let x = tensor::<4>(&batch.tensors["x"], &device);
         let y = tensor::<4>(&batch.tensors["y"], &device);
-        let (updated, loss, _) = step(model, &mut optimizer, x, y, 1e-2).unwrap();
+        let (updated, loss, _) = step(model, &mut optimizer, x, y, 1e-2, None).unwrap();
         model = updated;
         losses.push(loss);
     }

@@ -48,90 +48,126 @@ struct Case {
 
 const CASES: &[Case] = &[
     // A U-Net block's convolution.
-    Case::conv("conv2d_3x3", 2, 4, 8, 3, 1, (1, 1), 1, 1, 16),
+    Case {
+        name: "conv2d_3x3",
+        ..Case::CONV2D
+    },
     // The output head.
-    Case::conv("conv2d_1x1", 2, 8, 3, 1, 1, (0, 0), 1, 1, 16),
-    Case::conv("conv2d_stride2", 2, 3, 5, 3, 2, (1, 1), 1, 1, 17),
-    Case::conv("conv2d_asymmetric", 2, 2, 4, 3, 1, (0, 1), 1, 1, 12),
-    Case::conv("conv2d_dilated_grouped", 2, 4, 6, 3, 1, (2, 2), 2, 2, 14),
-    Case::conv("conv3d_3x3x3", 3, 2, 4, 3, 1, (1, 1), 1, 1, 8),
+    Case {
+        name: "conv2d_1x1",
+        channels_in: 8,
+        channels_out: 3,
+        kernel: 1,
+        padding: (0, 0),
+        ..Case::CONV2D
+    },
+    Case {
+        name: "conv2d_stride2",
+        channels_in: 3,
+        channels_out: 5,
+        stride: 2,
+        size: 17,
+        ..Case::CONV2D
+    },
+    Case {
+        name: "conv2d_asymmetric",
+        channels_in: 2,
+        channels_out: 4,
+        padding: (0, 1),
+        size: 12,
+        ..Case::CONV2D
+    },
+    Case {
+        name: "conv2d_dilated_grouped",
+        channels_out: 6,
+        padding: (2, 2),
+        dilation: 2,
+        groups: 2,
+        size: 14,
+        ..Case::CONV2D
+    },
+    Case {
+        name: "conv3d_3x3x3",
+        dims: 3,
+        channels_in: 2,
+        size: 8,
+        ..Case::CONV2D
+    },
     // A decoder's upsampling.
-    Case::transposed("conv_transpose2d_2x2", 2, 8, 4, 2, 2, 0, 8),
-    Case::transposed("conv_transpose2d_3x3_padded", 2, 3, 5, 3, 2, 1, 7),
-    Case::transposed("conv_transpose3d_2x2x2", 3, 4, 2, 2, 2, 0, 4),
-    Case::batch_norm("batch_norm_2d", 2, 6, 9),
-    Case::batch_norm("batch_norm_3d", 3, 4, 5),
+    Case {
+        name: "conv_transpose2d_2x2",
+        ..Case::UP2D
+    },
+    Case {
+        name: "conv_transpose2d_3x3_padded",
+        channels_in: 3,
+        channels_out: 5,
+        kernel: 3,
+        padding: (1, 1),
+        size: 7,
+        ..Case::UP2D
+    },
+    Case {
+        name: "conv_transpose3d_2x2x2",
+        dims: 3,
+        channels_in: 4,
+        channels_out: 2,
+        size: 4,
+        ..Case::UP2D
+    },
+    Case {
+        name: "batch_norm_2d",
+        op: Op::BatchNorm,
+        channels_in: 6,
+        channels_out: 6,
+        kernel: 1,
+        padding: (0, 0),
+        size: 9,
+        ..Case::CONV2D
+    },
+    Case {
+        name: "batch_norm_3d",
+        op: Op::BatchNorm,
+        dims: 3,
+        channels_in: 4,
+        channels_out: 4,
+        kernel: 1,
+        padding: (0, 0),
+        size: 5,
+        ..Case::CONV2D
+    },
 ];
 
 impl Case {
-    #[allow(clippy::too_many_arguments)]
-    const fn conv(
-        name: &'static str,
-        dims: usize,
-        channels_in: usize,
-        channels_out: usize,
-        kernel: usize,
-        stride: usize,
-        padding: (usize, usize),
-        dilation: usize,
-        groups: usize,
-        size: usize,
-    ) -> Self {
-        Self {
-            name,
-            dims,
-            op: Op::Conv,
-            channels_in,
-            channels_out,
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-            size,
-        }
-    }
+    /// A 3x3 convolution, as in a U-Net block.
+    const CONV2D: Case = Case {
+        name: "",
+        dims: 2,
+        op: Op::Conv,
+        channels_in: 4,
+        channels_out: 8,
+        kernel: 3,
+        stride: 1,
+        padding: (1, 1),
+        dilation: 1,
+        groups: 1,
+        size: 16,
+    };
 
-    const fn transposed(
-        name: &'static str,
-        dims: usize,
-        channels_in: usize,
-        channels_out: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        size: usize,
-    ) -> Self {
-        Self {
-            name,
-            dims,
-            op: Op::ConvTranspose,
-            channels_in,
-            channels_out,
-            kernel,
-            stride,
-            padding: (padding, padding),
-            dilation: 1,
-            groups: 1,
-            size,
-        }
-    }
-
-    const fn batch_norm(name: &'static str, dims: usize, channels: usize, size: usize) -> Self {
-        Self {
-            name,
-            dims,
-            op: Op::BatchNorm,
-            channels_in: channels,
-            channels_out: channels,
-            kernel: 1,
-            stride: 1,
-            padding: (0, 0),
-            dilation: 1,
-            groups: 1,
-            size,
-        }
-    }
+    /// A 2x2 transposed convolution of stride 2, as in a U-Net's decoder.
+    const UP2D: Case = Case {
+        name: "",
+        dims: 2,
+        op: Op::ConvTranspose,
+        channels_in: 8,
+        channels_out: 4,
+        kernel: 2,
+        stride: 2,
+        padding: (0, 0),
+        dilation: 1,
+        groups: 1,
+        size: 8,
+    };
 
     fn weight_shape(&self) -> Vec<usize> {
         if self.op == Op::BatchNorm {

@@ -16,6 +16,10 @@ pub struct TrainingConfig {
     pub batch_size: u32,
     /// Seeds shuffling and augmentation, so a run can be repeated.
     pub seed: u64,
+    /// FedProx (Li et al. 2020): sites add μ/2 ‖w − w_global‖² to their loss, which keeps a
+    /// site whose data differ from the others' near the global model; 0: plain local training.
+    #[serde(default)]
+    pub proximal_mu: f64,
 }
 
 impl Default for TrainingConfig {
@@ -25,6 +29,7 @@ impl Default for TrainingConfig {
             learning_rate: 2e-3,
             batch_size: 4,
             seed: 0,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -45,6 +50,13 @@ impl TrainingConfig {
         }
         if self.batch_size == 0 || self.batch_size > 4096 {
             return Err(invalid("batch_size", "must be between 1 and 4096"));
+        }
+        // Li et al. tried 0.001 to 1; past 100 the term is all a site would minimise.
+        if !(self.proximal_mu.is_finite() && (0.0..=100.0).contains(&self.proximal_mu)) {
+            return Err(invalid(
+                "proximal_mu",
+                format!("{} is not in [0, 100]", self.proximal_mu),
+            ));
         }
         Ok(())
     }
@@ -238,6 +250,7 @@ impl From<TrainingConfig> for pb::TrainingConfig {
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,
             seed: c.seed,
+            proximal_mu: c.proximal_mu,
         }
     }
 }
@@ -250,6 +263,7 @@ impl TryFrom<pb::TrainingConfig> for TrainingConfig {
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,
             seed: c.seed,
+            proximal_mu: c.proximal_mu,
         };
         c.validate()?;
         Ok(c)

@@ -52,6 +52,9 @@ pub(super) struct TrainingV1 {
     learning_rate: f64,
     batch_size: u32,
     seed: u64,
+    /// Added within format 1, as `schedule`: FedProx's μ, written only when above 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proximal_mu: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -97,6 +100,7 @@ impl From<&RunConfig> for ConfigV1 {
                 learning_rate: t.learning_rate,
                 batch_size: t.batch_size,
                 seed: t.seed,
+                proximal_mu: (t.proximal_mu > 0.0).then_some(t.proximal_mu),
             },
             privacy: c.privacy.as_ref().map(Into::into),
             aggregation: c.aggregation.into(),
@@ -119,6 +123,7 @@ impl From<ConfigV1> for RunConfig {
                 learning_rate: t.learning_rate,
                 batch_size: t.batch_size,
                 seed: t.seed,
+                proximal_mu: t.proximal_mu.unwrap_or(0.0),
             },
             privacy: c.privacy.map(Into::into),
             aggregation: c.aggregation.into(),

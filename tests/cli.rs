@@ -281,6 +281,81 @@ fn training_flags_are_checked_before_training() {
     assert_eq!(model.tensors["head.bias"].shape, vec![2]);
     assert!(model.tensors.contains_key("encoders.0.norm1.weight"));
     assert!(!model.tensors.keys().any(|n| n.contains("running_mean")));
+
+    // Fine-tuning starts from that model, keeps its network, and reports Dice before and after.
+    let tuned = project.path("tuned.safetensors");
+    let fine_tune = |extra: &[&str]| {
+        let base = [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            tuned.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ];
+        alveolus(&[&base[..], extra].concat())
+    };
+    let init = out.to_str().unwrap();
+    let (ok, text) = fine_tune(&[
+        "--init",
+        init,
+        "--trainable",
+        "decoder",
+        "--validate",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("(decoder of it)"), "{text}");
+    assert!(
+        text.contains("validation, before fine-tuning infection")
+            && text.contains("validation, after fine-tuning  infection")
+            && text.contains("fine-tuning changed validation infection dice by"),
+        "{text}"
+    );
+    let tuned_model = Weights::decode(&std::fs::read(&tuned).unwrap()).unwrap();
+    assert_eq!(tuned_model.tensors["head.bias"].shape, vec![2]);
+    assert_eq!(
+        tuned_model.tensors["encoders.0.conv1.weight"], model.tensors["encoders.0.conv1.weight"],
+        "the encoder stays as it was"
+    );
+    assert_ne!(
+        tuned_model.tensors["head.weight"],
+        model.tensors["head.weight"]
+    );
+    std::fs::remove_file(&tuned).unwrap();
+
+    // What cannot be fine-tuned is refused before training.
+    let volume_model = project.path("3d.safetensors");
+    let spec = alveolus_models::ModelSpec::tiny_3d();
+    let weights = alveolus_models::train::initial_weights(&spec, 1).unwrap();
+    std::fs::write(&volume_model, weights.encode()).unwrap();
+    let not_a_model = project.path("notes.txt");
+    std::fs::write(&not_a_model, "not a model").unwrap();
+    for (extra, expected) in [
+        (
+            &["--init", init, "--model", "small"][..],
+            "cannot be used with",
+        ),
+        (&["--init", init, "--classes", "3"], "cannot be used with"),
+        (&["--trainable", "decoder"], "--init"),
+        (
+            &["--init", init, "--trainable", "encoder"],
+            "all, decoder or norm",
+        ),
+        (
+            &["--init", volume_model.to_str().unwrap()],
+            "volume patches",
+        ),
+        (&["--init", not_a_model.to_str().unwrap()], "notes.txt"),
+    ] {
+        let (ok, text) = fine_tune(extra);
+        assert!(!ok && text.contains(expected), "{extra:?}: {text}");
+    }
+    assert!(
+        !tuned.exists(),
+        "nothing is written when fine-tuning is refused"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod proximal;
 pub mod pytorch;
 pub mod spec;
 pub mod train;
+pub mod trainable;
 pub mod unet;
 pub mod weights;
 

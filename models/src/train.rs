@@ -14,6 +14,7 @@ use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
 use crate::proximal::Proximal;
 use crate::spec::{DATASET_LABELS, ModelSpec, SpecError};
+use crate::trainable::Trainable;
 use crate::unet::{Segmenter, UNet2d, UNet3d};
 use crate::weights::{LoadError, load_weights, to_weights};
 
@@ -106,6 +107,8 @@ pub struct TrainOptions {
     pub augment: AugmentConfig,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f32,
+    /// What is trained (fine-tuning may train only part of the network).
+    pub trainable: Trainable,
 }
 
 impl TrainOptions {
@@ -115,6 +118,7 @@ impl TrainOptions {
             schedule: Schedule::Constant,
             augment: AugmentConfig::default(),
             weight_decay: 1e-4,
+            trainable: Trainable::All,
         }
     }
 
@@ -287,8 +291,9 @@ pub fn train(
         return Err(TrainError::NoData);
     }
     let autodiff = device.clone().autodiff();
-    let (spec, mut model) = load_model(start, &autodiff)?;
+    let (spec, model) = load_model(start, &autodiff)?;
     check_slices(&spec, slices)?;
+    let mut model = options.trainable.apply(model);
     let proximal = (config.proximal_mu > 0.0).then(|| Proximal::new(&model, config.proximal_mu));
     let mut optimizer = optimizer(options.weight_decay);
     let mut rng = StdRng::seed_from_u64(config.seed);

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use alveolus_imaging::dataset::Purpose;
 use alveolus_imaging::evaluate::{add_hausdorff, evaluate};
 use alveolus_models::augment::AugmentConfig;
-use alveolus_models::{DeviceChoice, Schedule, TrainOptions};
+use alveolus_models::trainable::Trainable;
+use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions};
 use alveolus_proto::domain::TrainingConfig;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{NetworkArgs, load_data, print_report, read_model};
+use super::{NetworkArgs, load_data, print_report, read_model, slices_only};
 use crate::progress::TrainingProgress;
 
 #[derive(Args)]
@@ -27,6 +28,15 @@ pub struct TrainArgs {
     out: PathBuf,
     #[command(flatten)]
     network: NetworkArgs,
+    /// Fine-tune this model (a federation's global model, from `model pull`) instead of
+    /// training a fresh network: its architecture and classes are the model's own. With
+    /// --validate, Dice is reported before and after.
+    #[arg(long, conflicts_with_all = ["model", "classes", "norm"])]
+    init: Option<PathBuf>,
+    /// What fine-tuning trains: all, decoder (the encoder stays as it is) or norm (only the
+    /// normalisation layers, which needs the fewest slices).
+    #[arg(long, default_value = "all", requires = "init")]
+    trainable: Trainable,
     #[arg(long, default_value_t = 10)]
     epochs: u32,
     /// Learning-rate schedule: cosine (5% warm-up, then cosine decay) or constant.
@@ -69,6 +79,7 @@ impl From<&TrainArgs> for TrainOptions {
             } else {
                 AugmentConfig::default()
             },
+            trainable: a.trainable,
             ..TrainOptions::central()
         }
     }
@@ -95,7 +106,17 @@ pub async fn train(args: TrainArgs) -> Result<()> {
     let config = TrainingConfig::from(&args);
     config.validate()?;
     let options = TrainOptions::from(&args);
-    let spec = args.network.spec()?;
+    let initial = match &args.init {
+        Some(path) => {
+            let weights = read_model(path)?;
+            let spec = ModelSpec::from_weights(&weights)
+                .with_context(|| format!("{} is not a model to fine-tune", path.display()))?;
+            slices_only(&spec)?;
+            weights
+        }
+        None => alveolus_models::train::initial_weights(&args.network.spec()?, args.seed)?,
+    };
+    let spec = ModelSpec::from_weights(&initial)?;
     let dataset = load_data(&args.data, Purpose::Training, args.skip_bad_cases)?;
     let validation = args
         .validate
@@ -104,16 +125,25 @@ pub async fn train(args: TrainArgs) -> Result<()> {
         .transpose()?;
     let resolved = args.device.resolve()?;
     let epochs = args.epochs;
+    let what = match &args.init {
+        Some(path) => format!("fine-tuning {} ({} of it)", path.display(), args.trainable),
+        None => "training".to_owned(),
+    };
     println!(
-        "training a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}",
+        "{what}: a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}",
         spec.image_size,
         spec.base_channels,
         spec.depth,
         dataset.len()
     );
-    let initial = alveolus_models::train::initial_weights(&spec, args.seed)?;
+    let fine_tuning = args.init.is_some();
     let slices = dataset.at_size(spec.image_size);
-    let (outcome, report) = tokio::task::spawn_blocking(move || {
+    let (outcome, before, after) = tokio::task::spawn_blocking(move || {
+        // The model a site starts from is what fine-tuning has to beat.
+        let before = match (&validation, fine_tuning) {
+            (Some(v), true) => Some(evaluate(&initial, v, &resolved.device)?),
+            _ => None,
+        };
         let mut progress = TrainingProgress::new(epochs);
         let outcome = alveolus_models::train::train(
             &initial,
@@ -123,10 +153,10 @@ pub async fn train(args: TrainArgs) -> Result<()> {
             &resolved.device,
             |p| progress.update(p),
         )?;
-        let report = validation
+        let after = validation
             .map(|v| evaluate(&outcome.weights, &v, &resolved.device))
             .transpose()?;
-        anyhow::Ok((outcome, report))
+        anyhow::Ok((outcome, before, after))
     })
     .await??;
     std::fs::write(&args.out, outcome.weights.encode())
@@ -135,8 +165,23 @@ pub async fn train(args: TrainArgs) -> Result<()> {
         "training-set infection dice (last epoch) {:.4}",
         outcome.dice
     );
-    if let Some(report) = report {
-        print_report("validation ", &report);
+    if let Some(before) = &before {
+        print_report("validation, before fine-tuning ", before);
+    }
+    if let Some(after) = &after {
+        let prefix = match before {
+            Some(_) => "validation, after fine-tuning  ",
+            None => "validation ",
+        };
+        print_report(prefix, after);
+    }
+    if let (Some(before), Some(after)) = (&before, &after)
+        && let (Some(b), Some(a)) = (before.infection, after.infection)
+    {
+        println!(
+            "fine-tuning changed validation infection dice by {:+.4} ({b:.4} -> {a:.4})",
+            a - b
+        );
     }
     println!("model written to {}", args.out.display());
     Ok(())

@@ -16,7 +16,9 @@ use std::process::Command;
 use alveolus_models::bench::tensor;
 use alveolus_models::{Device, DeviceChoice, NamedTensor, Weights, pytorch};
 use burn::tensor::Tensor;
-use burn::tensor::module::{batch_norm_train, conv_transpose2d, conv_transpose3d, conv2d, conv3d};
+use burn::tensor::module::{
+    batch_norm, batch_norm_train, conv_transpose2d, conv_transpose3d, conv2d, conv3d,
+};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -373,6 +375,43 @@ fn libtorch_gradients_equal_burn_flex_gradients() {
             assert_close(case.name, what, values, &reference[what], "burn-flex");
         }
     }
+}
+
+/// Inference batch norm (running statistics, no autodiff), which LibTorch runs as one kernel.
+#[test]
+fn libtorch_inference_batch_norm_equals_burn_flex() {
+    let flex = DeviceChoice::Flex.resolve().unwrap().device;
+    let libtorch = libtorch();
+    let mut rng = StdRng::seed_from_u64(11);
+    let channels = 5;
+    let mut random = |shape: Vec<usize>, low: f32, high: f32| NamedTensor {
+        values: (0..shape.iter().product())
+            .map(|_| rng.random_range(low..high))
+            .collect(),
+        shape,
+    };
+    let x = random(vec![3, channels, 7, 6], -2.0, 2.0);
+    let gamma = random(vec![channels], 0.5, 1.5);
+    let beta = random(vec![channels], -0.5, 0.5);
+    let mean = random(vec![channels], -0.3, 0.3);
+    let variance = random(vec![channels], 0.2, 2.0);
+    let on = |device: &Device| {
+        read(batch_norm(
+            tensor::<4>(&x, device),
+            tensor::<1>(&gamma, device),
+            tensor::<1>(&beta, device),
+            tensor::<1>(&mean, device),
+            tensor::<1>(&variance, device),
+            1e-5,
+        ))
+    };
+    assert_close(
+        "batch_norm_inference",
+        "y",
+        &on(&libtorch),
+        &on(&flex),
+        "burn-flex",
+    );
 }
 
 const PYTORCH_GRADIENTS: &str = r#"

@@ -124,6 +124,29 @@ impl ModuleOps<Self> for LibTorch {
         TchTensor::new(tensor)
     }
 
+    // Alveolus: inference batch norm in LibTorch's one fused kernel, not burn's five passes
+    // (subtract, divide by the square root, scale, shift).
+    fn batch_norm(
+        x: TchTensor,
+        gamma: TchTensor,
+        beta: TchTensor,
+        mean: TchTensor,
+        variance: TchTensor,
+        epsilon: f64,
+    ) -> TchTensor {
+        TchTensor::new(tch::Tensor::batch_norm(
+            &x.tensor,
+            Some(&gamma.tensor),
+            Some(&beta.tensor),
+            Some(&mean.tensor),
+            Some(&variance.tensor),
+            false,
+            0.0,
+            epsilon,
+            true,
+        ))
+    }
+
     // Alveolus: a training batch norm and its gradients come from LibTorch's own kernels; see
     // `native_backward.rs`.
     #[cfg(libtorch_native_backward)]

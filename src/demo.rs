@@ -306,6 +306,7 @@ pub async fn run(
             batch_size: 4,
             seed,
             proximal_mu: 0.0,
+            site_normalisation: false,
         },
         privacy,
         // Every hospital must see each round through: the coordinator unmasks only the sum of all.

@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use alveolus_proto::sha256_hex;
+use alveolus_proto::weights::Weights;
 use common::*;
 
 fn run_ok(args: &[&str]) -> String {
@@ -53,6 +54,7 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
                 "fedadam",
                 "--fedprox-mu",
                 "0.01",
+                "--fedbn",
                 "--init",
                 init.to_str().unwrap(),
             ])
@@ -79,6 +81,10 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         started.contains("FedProx at the sites, mu 0.01"),
         "{started}"
     );
+    assert!(
+        started.contains("FedBN: normalisation layers stay at the sites"),
+        "{started}"
+    );
 
     // `watch` follows the run live and returns when it ends.
     let admin_owned = admin.to_string();
@@ -101,6 +107,7 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(status["config"]["schedule"]["cosine"], true);
     assert_eq!(status["config"]["server_optimizer"]["kind"], "fedadam");
     assert_eq!(status["config"]["training"]["proximal_mu"], 0.01);
+    assert_eq!(status["config"]["training"]["site_normalisation"], true);
     // A schedule that cannot work is refused before anything starts.
     let refused = Command::new(BIN)
         .args([
@@ -171,6 +178,44 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(pulled.with_extension("json")).unwrap()).unwrap();
     assert_eq!(manifest["round"], 2);
+
+    // FedBN: the published model's normalisation layers are the initial ones, and it says so;
+    // the rest trained (through FedAdam and FedProx too). The site sent zeros for its norms and
+    // put its own back in for round 2.
+    let initial = tiny_model(4);
+    let global = Weights::decode(&std::fs::read(&pulled).unwrap()).unwrap();
+    assert!(
+        global.metadata["alveolus.site_specific"].contains("FedBN"),
+        "{:?}",
+        global.metadata
+    );
+    let is_norm = |name: &str| name.split('.').any(|p| p.starts_with("norm"));
+    let mut trained = 0;
+    for (name, tensor) in &global.tensors {
+        if is_norm(name) {
+            assert_eq!(tensor, &initial.tensors[name], "{name} was aggregated");
+        } else if tensor != &initial.tensors[name] {
+            trained += 1;
+        }
+    }
+    assert!(trained > 0, "nothing but norms left the sites");
+    for round in [1, 2] {
+        let sent = project.path(&format!("audit-alpha/{run_id}-round{round:04}.safetensors"));
+        let sent = Weights::decode(&std::fs::read(&sent).unwrap()).unwrap();
+        for (name, tensor) in sent.tensors.iter().filter(|(n, _)| is_norm(n)) {
+            assert!(
+                tensor.values.iter().all(|v| *v == 0.0),
+                "round {round} sent {name}"
+            );
+        }
+    }
+    let log = std::fs::read_to_string(project.path("alpha.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("round=2")
+            && l.contains("normalisation layers in place")
+            && !l.contains("tensors=0")),
+        "{log}"
+    );
     let first = rounds[0]["version"].as_str().unwrap();
     let pulled = project.path("first.safetensors");
     run_ok(&[

@@ -21,6 +21,7 @@ use crate::error::AgentError;
 use crate::metrics::AgentMetrics;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
+use crate::site_norms::{SiteNorms, withhold_normalisation};
 use crate::transport::{
     Federation, Traffic, Verdict, join, next_task, pull_model, push_update, status_error, verdict,
 };
@@ -66,6 +67,7 @@ pub async fn run_agent(
         options,
         device: resolved.device,
         prepared: None,
+        site_norms: SiteNorms::default(),
     };
     tokio::select! {
         result = agent.run_forever() => result,
@@ -83,6 +85,8 @@ struct Agent {
     device: alveolus_models::Device,
     /// Slices resized for the last model size seen, kept across rounds.
     prepared: Option<(usize, std::sync::Arc<Vec<alveolus_models::LabelledSlice>>)>,
+    /// FedBN: this site's normalisation layers, trained in an earlier round of the run.
+    site_norms: SiteNorms,
 }
 
 impl Agent {
@@ -245,7 +249,16 @@ impl Agent {
             }
         };
         tracing::info!(run = %task.run_id, round = task.round, "pulling global model");
-        let (global, model_bytes) = pull_model(client, &task.model_version).await?;
+        let (mut global, model_bytes) = pull_model(client, &task.model_version).await?;
+        let site_normalisation = task.training.site_normalisation;
+        if site_normalisation {
+            let placed = self.site_norms.personalise(&task.run_id, &mut global);
+            tracing::info!(
+                round = task.round,
+                tensors = placed,
+                "FedBN: this site's normalisation layers in place"
+            );
+        }
         self.options.metrics.traffic(0, model_bytes);
         let spec = ModelSpec::from_weights(&global).map_err(TrainError::from)?;
         self.refresh_data();
@@ -298,6 +311,10 @@ impl Agent {
             .weights
             .minus(&start)
             .map_err(|e| AgentError::Transfer(e.to_string()))?;
+        if site_normalisation {
+            self.site_norms = SiteNorms::keep(&task.run_id, &outcome.weights);
+            withhold_normalisation(&mut update);
+        }
         if let Some(clip_norm) = task.clip_norm {
             let norm = alveolus_privacy::dp::clip(&mut update, clip_norm);
             tracing::info!(

@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod secure;
 pub mod site_data;
+pub mod site_norms;
 pub mod transport;
 
 pub use client::{AgentOptions, run_agent};

@@ -524,6 +524,7 @@ mod tests {
             batch_size: 4,
             seed: 1,
             proximal_mu: 0.0,
+            site_normalisation: false,
         };
         let mut losses = Vec::new();
         let options = TrainOptions {

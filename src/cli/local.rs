@@ -66,6 +66,7 @@ impl From<&TrainArgs> for TrainingConfig {
             batch_size: a.batch_size,
             seed: a.seed,
             proximal_mu: 0.0,
+            site_normalisation: false,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use alveolus_agent::site_norms::{SITE_SPECIFIC_METADATA_KEY, SITE_SPECIFIC_NORMALISATION};
 use alveolus_models::ModelSpec;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
@@ -140,6 +141,10 @@ pub struct StartArgs {
     /// tried 0.001 to 1.
     #[arg(long, default_value_t = 0.0)]
     fedprox_mu: f64,
+    /// FedBN (Li et al. 2021): every normalisation layer stays at its site, which trains and
+    /// keeps its own (the published model's are the initial ones, and say so).
+    #[arg(long)]
+    fedbn: bool,
     /// Secure aggregation: sites mask their updates so that the coordinator learns only
     /// their sum (FedAvg only; with --dp-clip the sites add the noise).
     #[arg(long)]
@@ -196,6 +201,7 @@ impl From<&StartArgs> for RunConfig {
                 batch_size: a.batch_size,
                 seed: a.seed,
                 proximal_mu: a.fedprox_mu,
+                site_normalisation: a.fedbn,
             },
             privacy: privacy_config(a.dp_clip, a.dp_noise, a.dp_delta, a.dp_epsilon_budget),
             aggregation: AggregationConfig {
@@ -320,10 +326,18 @@ pub async fn run_command(command: RunCommand) -> Result<()> {
 async fn start(args: StartArgs) -> Result<()> {
     let config = RunConfig::from(&args);
     config.validate()?;
-    let weights = match &args.init {
+    let mut weights = match &args.init {
         Some(path) => read_model(path)?,
         None => alveolus_models::train::initial_weights(&args.network.spec()?, args.seed)?,
     };
+    if config.training.site_normalisation {
+        // Carried by every checkpoint of the run (aggregation keeps the base's metadata), so
+        // whoever pulls the model reads that its normalisation is no site's.
+        weights.metadata.insert(
+            SITE_SPECIFIC_METADATA_KEY.to_owned(),
+            SITE_SPECIFIC_NORMALISATION.to_owned(),
+        );
+    }
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
     let (secure, privacy, schedule, optimizer) = (
@@ -357,6 +371,9 @@ async fn start(args: StartArgs) -> Result<()> {
     }
     if args.fedprox_mu > 0.0 {
         println!("  FedProx at the sites, mu {}", args.fedprox_mu);
+    }
+    if args.fedbn {
+        println!("  FedBN: normalisation layers stay at the sites");
     }
     if let Some(secure) = secure {
         println!(
@@ -407,6 +424,9 @@ fn print_run(info: &RunInfo) {
             "  FedProx at the sites, mu {}",
             info.config.training.proximal_mu
         );
+    }
+    if info.config.training.site_normalisation {
+        println!("  FedBN: normalisation layers stay at the sites");
     }
     if let Some(p) = &info.config.privacy {
         println!(

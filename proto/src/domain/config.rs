@@ -20,6 +20,10 @@ pub struct TrainingConfig {
     /// site whose data differ from the others' near the global model; 0: plain local training.
     #[serde(default)]
     pub proximal_mu: f64,
+    /// FedBN (Li et al. 2021): normalisation layers (scale, shift, running statistics) stay at
+    /// each site, which trains and keeps its own and sends zeros for them.
+    #[serde(default)]
+    pub site_normalisation: bool,
 }
 
 impl Default for TrainingConfig {
@@ -30,6 +34,7 @@ impl Default for TrainingConfig {
             batch_size: 4,
             seed: 0,
             proximal_mu: 0.0,
+            site_normalisation: false,
         }
     }
 }
@@ -251,6 +256,7 @@ impl From<TrainingConfig> for pb::TrainingConfig {
             batch_size: c.batch_size,
             seed: c.seed,
             proximal_mu: c.proximal_mu,
+            site_normalisation: c.site_normalisation,
         }
     }
 }
@@ -264,6 +270,7 @@ impl TryFrom<pb::TrainingConfig> for TrainingConfig {
             batch_size: c.batch_size,
             seed: c.seed,
             proximal_mu: c.proximal_mu,
+            site_normalisation: c.site_normalisation,
         };
         c.validate()?;
         Ok(c)

@@ -55,6 +55,9 @@ pub(super) struct TrainingV1 {
     /// Added within format 1, as `schedule`: FedProx's μ, written only when above 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     proximal_mu: Option<f64>,
+    /// Added within format 1, as `schedule`: FedBN, written only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    site_normalisation: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -101,6 +104,7 @@ impl From<&RunConfig> for ConfigV1 {
                 batch_size: t.batch_size,
                 seed: t.seed,
                 proximal_mu: (t.proximal_mu > 0.0).then_some(t.proximal_mu),
+                site_normalisation: t.site_normalisation,
             },
             privacy: c.privacy.as_ref().map(Into::into),
             aggregation: c.aggregation.into(),
@@ -124,6 +128,7 @@ impl From<ConfigV1> for RunConfig {
                 batch_size: t.batch_size,
                 seed: t.seed,
                 proximal_mu: t.proximal_mu.unwrap_or(0.0),
+                site_normalisation: t.site_normalisation,
             },
             privacy: c.privacy.map(Into::into),
             aggregation: c.aggregation.into(),

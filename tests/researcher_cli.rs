@@ -178,6 +178,12 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(pulled.with_extension("json")).unwrap()).unwrap();
     assert_eq!(manifest["round"], 2);
+    // The manifest says how the model was made.
+    let strategy = &manifest["strategy"];
+    assert_eq!(strategy["server_optimizer"]["kind"], "fedadam", "{manifest}");
+    assert_eq!(strategy["schedule"]["cosine"], true, "{manifest}");
+    assert_eq!(strategy["proximal_mu"], 0.01, "{manifest}");
+    assert_eq!(strategy["site_normalisation"], true, "{manifest}");
 
     // FedBN: the published model's normalisation layers are the initial ones, and it says so;
     // the rest trained (through FedAdam and FedProx too). The site sent zeros for its norms and

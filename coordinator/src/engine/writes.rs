@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use alveolus_proto::domain::{
-    RoundSummary, RunConfig, RunInfo, RunState, ServerOptimizer, SiteInfo,
+    RoundSummary, RunConfig, RunInfo, RunState, ServerOptimizer, SiteInfo, Strategy,
 };
 use alveolus_proto::weights::{MODEL_METADATA_KEY, Weights};
 use bytes::Bytes;
@@ -263,6 +263,7 @@ impl Coordinator {
                     privacy: config.privacy.clone(),
                     secure_aggregation: config.secure_aggregation,
                     epsilon: None,
+                    strategy: Strategy::of(&config),
                 },
             )?;
             let info = RunInfo {
@@ -336,6 +337,7 @@ fn aggregate_and_store(
             privacy: config.privacy.clone(),
             secure_aggregation: config.secure_aggregation,
             epsilon: run::epsilon_after(config, round.round),
+            strategy: Strategy::of(config),
         },
     )?;
     Ok((outcome, manifest))

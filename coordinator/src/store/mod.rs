@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use alveolus_proto::domain::{
     AggregationConfig, Metrics, PrivacyConfig, RunInfo, SecureAggregationConfig, SiteInfo,
-    validate_version,
+    Strategy, validate_version,
 };
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
@@ -49,6 +49,8 @@ pub struct Manifest {
     pub secure_aggregation: Option<SecureAggregationConfig>,
     /// ε the run had spent when this model was made, at `privacy.delta`.
     pub epsilon: Option<f64>,
+    /// The run's schedule, server optimizer, FedProx and FedBN; None: FedAvg at a constant rate.
+    pub strategy: Option<Strategy>,
 }
 
 impl Manifest {
@@ -296,6 +298,7 @@ mod tests {
             privacy: None,
             secure_aggregation: None,
             epsilon: None,
+            strategy: None,
         }
     }
 

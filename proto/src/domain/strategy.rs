@@ -217,3 +217,32 @@ mod tests {
         }
     }
 }
+
+/// What a run does beyond FedAvg at a constant rate, as a checkpoint's manifest records it so
+/// that whoever receives the model knows how it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub schedule: Option<super::LearningRateSchedule>,
+    pub server_optimizer: Option<ServerOptimizer>,
+    /// FedProx's μ; 0 without.
+    pub proximal_mu: f64,
+    /// FedBN.
+    pub site_normalisation: bool,
+}
+
+impl Strategy {
+    /// `config`'s strategy; None for plain FedAvg at a constant rate.
+    pub fn of(config: &super::RunConfig) -> Option<Self> {
+        let strategy = Self {
+            schedule: config.schedule,
+            server_optimizer: config.server_optimizer,
+            proximal_mu: config.training.proximal_mu,
+            site_normalisation: config.training.site_normalisation,
+        };
+        let plain = strategy.schedule.is_none()
+            && strategy.server_optimizer.is_none()
+            && strategy.proximal_mu == 0.0
+            && !strategy.site_normalisation;
+        (!plain).then_some(strategy)
+    }
+}

@@ -4,7 +4,7 @@
 
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RunConfig,
-    SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind, TrainingConfig,
+    SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind, Strategy, TrainingConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,41 @@ pub(super) struct ConfigV1 {
     /// Added within format 1, as `schedule`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     server_optimizer: Option<ServerOptimizerV1>,
+}
+
+/// A manifest's record of the run's strategy.
+#[derive(Serialize, Deserialize, Clone, Copy)]
+pub(super) struct StrategyV1 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schedule: Option<ScheduleV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server_optimizer: Option<ServerOptimizerV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proximal_mu: Option<f64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    site_normalisation: bool,
+}
+
+impl From<Strategy> for StrategyV1 {
+    fn from(s: Strategy) -> Self {
+        Self {
+            schedule: s.schedule.map(Into::into),
+            server_optimizer: s.server_optimizer.map(Into::into),
+            proximal_mu: (s.proximal_mu > 0.0).then_some(s.proximal_mu),
+            site_normalisation: s.site_normalisation,
+        }
+    }
+}
+
+impl From<StrategyV1> for Strategy {
+    fn from(s: StrategyV1) -> Self {
+        Self {
+            schedule: s.schedule.map(Into::into),
+            server_optimizer: s.server_optimizer.map(Into::into),
+            proximal_mu: s.proximal_mu.unwrap_or(0.0),
+            site_normalisation: s.site_normalisation,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]

@@ -17,7 +17,7 @@ use super::Manifest;
 
 mod config;
 
-use self::config::{AggregationV1, ConfigV1, PrivacyV1, SecureV1};
+use self::config::{AggregationV1, ConfigV1, PrivacyV1, SecureV1, StrategyV1};
 
 /// The format this coordinator writes.
 pub const FORMAT: &str = "1";
@@ -157,6 +157,10 @@ pub struct ManifestV1 {
     secure_aggregation: Option<SecureV1>,
     #[serde(default)]
     epsilon: Option<f64>,
+    /// Added within format 1: absent (and left out of the check) when the run is FedAvg at a
+    /// constant rate, so earlier manifests verify as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    strategy: Option<StrategyV1>,
     /// sha256 of the other fields: an edited or damaged manifest is refused, not served.
     /// Manifests written before it existed have none and are checked against their model only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -359,6 +363,7 @@ impl From<&Manifest> for ManifestV1 {
             privacy: m.privacy.as_ref().map(Into::into),
             secure_aggregation: m.secure_aggregation.map(Into::into),
             epsilon: m.epsilon,
+            strategy: m.strategy.map(Into::into),
             check: None,
         }
     }
@@ -383,6 +388,7 @@ impl From<ManifestV1> for Manifest {
             privacy: m.privacy.map(Into::into),
             secure_aggregation: m.secure_aggregation.map(Into::into),
             epsilon: m.epsilon,
+            strategy: m.strategy.map(Into::into),
         }
     }
 }

@@ -180,7 +180,10 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(manifest["round"], 2);
     // The manifest says how the model was made.
     let strategy = &manifest["strategy"];
-    assert_eq!(strategy["server_optimizer"]["kind"], "fedadam", "{manifest}");
+    assert_eq!(
+        strategy["server_optimizer"]["kind"], "fedadam",
+        "{manifest}"
+    );
     assert_eq!(strategy["schedule"]["cosine"], true, "{manifest}");
     assert_eq!(strategy["proximal_mu"], 0.01, "{manifest}");
     assert_eq!(strategy["site_normalisation"], true, "{manifest}");

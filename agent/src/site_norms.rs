@@ -5,7 +5,8 @@
 //! own normalisation in place, keeps what training made of it for the next round, and sends
 //! zeros for those tensors: the sum, mean, median or server step over zeros leaves the global
 //! model's normalisation as the run started it, whatever the aggregation, and the update keeps
-//! the layout that secure aggregation and DP expect.
+//! the layout that secure aggregation and DP expect. (DP's noise lands on those zeros too; no
+//! site uses the global normalisation, so that costs nothing.)
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,7 @@ use alveolus_proto::weights::{Tensor, Weights};
 
 /// The model metadata that says which tensors are each site's own, and its value under FedBN.
 pub const SITE_SPECIFIC_METADATA_KEY: &str = "alveolus.site_specific";
-pub const SITE_SPECIFIC_NORMALISATION: &str = "normalisation layers (FedBN): each site trains and keeps its own; these are the run's initial ones";
+pub const SITE_SPECIFIC_NORMALISATION: &str = "normalisation layers (FedBN): each site trains and keeps its own; these are the run's initial ones (plus the noise, under DP)";
 
 /// A tensor of a normalisation layer (`….norm1.weight`, `….norm2.running_var`, …).
 pub fn is_normalisation(name: &str) -> bool {

@@ -306,8 +306,7 @@ pub async fn run(
             learning_rate: 3e-3,
             batch_size: 4,
             seed,
-            proximal_mu: 0.0,
-            site_normalisation: false,
+            ..TrainingConfig::default()
         },
         privacy,
         // Every hospital must see each round through: the coordinator unmasks only the sum of all.

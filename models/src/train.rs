@@ -523,8 +523,7 @@ mod tests {
             learning_rate: 1e-2,
             batch_size: 4,
             seed: 1,
-            proximal_mu: 0.0,
-            site_normalisation: false,
+            ..TrainingConfig::default()
         };
         let mut losses = Vec::new();
         let options = TrainOptions {

@@ -332,10 +332,6 @@ fn reshape<const A: usize, const B: usize>(t: Tensor<A>) -> Tensor<B> {
 }
 
 /// Within `tolerance` of the largest reference value.
-fn assert_close(case: &str, what: &str, ours: &[f32], theirs: &[f32], against: &str) {
-    assert_within(case, what, ours, theirs, against, 1e-4);
-}
-
 fn assert_within(
     case: &str,
     what: &str,
@@ -372,7 +368,7 @@ fn libtorch_gradients_equal_burn_flex_gradients() {
         let ours = case.gradients(&inputs, &libtorch);
         let reference = case.gradients(&inputs, &flex);
         for (what, values) in &ours {
-            assert_close(case.name, what, values, &reference[what], "burn-flex");
+            assert_within(case.name, what, values, &reference[what], "burn-flex", 1e-4);
         }
     }
 }
@@ -405,12 +401,13 @@ fn libtorch_inference_batch_norm_equals_burn_flex() {
             1e-5,
         ))
     };
-    assert_close(
+    assert_within(
         "batch_norm_inference",
         "y",
         &on(&libtorch),
         &on(&flex),
         "burn-flex",
+        1e-4,
     );
 }
 

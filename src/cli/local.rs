@@ -65,8 +65,7 @@ impl From<&TrainArgs> for TrainingConfig {
             learning_rate: a.lr,
             batch_size: a.batch_size,
             seed: a.seed,
-            proximal_mu: 0.0,
-            site_normalisation: false,
+            ..Self::default()
         }
     }
 }

@@ -340,11 +340,12 @@ async fn start(args: StartArgs) -> Result<()> {
     }
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
-    let (secure, privacy, schedule, optimizer) = (
+    let (secure, privacy, schedule, optimizer, training) = (
         config.secure_aggregation,
         config.privacy.clone(),
         config.schedule,
         config.server_optimizer,
+        config.training.clone(),
     );
     let mut client = AdminClient::connect(&args.kit).await?;
     let info = client.start_run(config, weights.encode()).await?;
@@ -369,12 +370,7 @@ async fn start(args: StartArgs) -> Result<()> {
     if let Some(optimizer) = optimizer {
         println!("  server optimizer: {optimizer}");
     }
-    if args.fedprox_mu > 0.0 {
-        println!("  FedProx at the sites, mu {}", args.fedprox_mu);
-    }
-    if args.fedbn {
-        println!("  FedBN: normalisation layers stay at the sites");
-    }
+    print_site_strategy(&training);
     if let Some(secure) = secure {
         println!(
             "  secure aggregation: the coordinator sees only the sum; each round needs {} surviving sites",
@@ -419,15 +415,7 @@ fn print_run(info: &RunInfo) {
     if let Some(optimizer) = &info.config.server_optimizer {
         println!("  server optimizer: {optimizer}");
     }
-    if info.config.training.proximal_mu > 0.0 {
-        println!(
-            "  FedProx at the sites, mu {}",
-            info.config.training.proximal_mu
-        );
-    }
-    if info.config.training.site_normalisation {
-        println!("  FedBN: normalisation layers stay at the sites");
-    }
+    print_site_strategy(&info.config.training);
     if let Some(p) = &info.config.privacy {
         println!(
             "  differential privacy: clip {}, noise multiplier {}, delta {}{}; epsilon spent {:.4}",
@@ -528,4 +516,15 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the sites do beyond plain local training (FedProx, FedBN), as `run start` and
+/// `run status` say it.
+fn print_site_strategy(training: &TrainingConfig) {
+    if training.proximal_mu > 0.0 {
+        println!("  FedProx at the sites, mu {}", training.proximal_mu);
+    }
+    if training.site_normalisation {
+        println!("  FedBN: normalisation layers stay at the sites");
+    }
 }

@@ -247,8 +247,7 @@ pub fn run_config(rounds: u32, min_sites: u32, deadline_seconds: u32) -> RunConf
             learning_rate: 1e-3,
             batch_size: 4,
             seed: 3,
-            proximal_mu: 0.0,
-            site_normalisation: false,
+            ..TrainingConfig::default()
         },
         ..RunConfig::default()
     }

@@ -14,6 +14,22 @@ use burn_backend::{
     tensor::{FloatTensor, IntTensor},
 };
 
+/// Alveolus: `ModuleOps` methods `(x, weight, output_grad, options)` that hand over to
+/// `native_backward`.
+macro_rules! native_convolution_gradients {
+    ($($method:ident($options:ty) => $native:ident;)*) => {$(
+        #[cfg(libtorch_native_backward)]
+        fn $method(
+            x: TchTensor,
+            weight: TchTensor,
+            output_grad: TchTensor,
+            options: $options,
+        ) -> TchTensor {
+            native_backward::$native(x, weight, output_grad, &options)
+        }
+    )*};
+}
+
 impl ModuleOps<Self> for LibTorch {
     fn embedding(weights: TchTensor, indices: TchTensor) -> TchTensor {
         // Workaround for MPS "Placeholder storage has not been allocated" error.
@@ -147,8 +163,10 @@ impl ModuleOps<Self> for LibTorch {
         ))
     }
 
-    // Alveolus: a training batch norm and its gradients come from LibTorch's own kernels; see
-    // `native_backward.rs`.
+    // Alveolus: a training batch norm, and convolution and batch-norm gradients, come from
+    // LibTorch's own kernels; see `native_backward.rs`. (A transposed convolution's input
+    // gradient is a forward convolution already, and a bias gradient a sum: burn's defaults do
+    // those well.)
     #[cfg(libtorch_native_backward)]
     fn batch_norm_train(
         x: TchTensor,
@@ -156,13 +174,7 @@ impl ModuleOps<Self> for LibTorch {
         beta: TchTensor,
         epsilon: f64,
     ) -> BatchNormTrain<Self> {
-        let (output, mean, variance) =
-            native_backward::batch_norm_train(&x.tensor, &gamma.tensor, &beta.tensor, epsilon);
-        BatchNormTrain::new(
-            TchTensor::new(output),
-            TchTensor::new(mean),
-            TchTensor::new(variance),
-        )
+        native_backward::batch_norm_train(x, gamma, beta, epsilon)
     }
 
     #[cfg(libtorch_native_backward)]
@@ -174,112 +186,16 @@ impl ModuleOps<Self> for LibTorch {
         epsilon: f64,
         output_grad: TchTensor,
     ) -> BatchNormTrainBackward<Self> {
-        let [x_grad, gamma_grad, beta_grad] = native_backward::batch_norm_train_backward(
-            &x.tensor,
-            &gamma.tensor,
-            &mean.tensor,
-            &variance.tensor,
-            epsilon,
-            &output_grad.tensor,
-        );
-        BatchNormTrainBackward::new(
-            TchTensor::new(x_grad),
-            TchTensor::new(gamma_grad),
-            TchTensor::new(beta_grad),
-        )
+        native_backward::batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad)
     }
 
-    // Alveolus: the convolution gradients come from LibTorch's own backward kernels; see
-    // `native_backward.rs`. (A transposed convolution's input gradient is a forward
-    // convolution already, and a bias gradient a sum: burn's defaults do those well.)
-    #[cfg(libtorch_native_backward)]
-    fn conv2d_x_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvOptions<2>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_input(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
-    }
-
-    #[cfg(libtorch_native_backward)]
-    fn conv2d_weight_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvOptions<2>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_weight(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
-    }
-
-    #[cfg(libtorch_native_backward)]
-    fn conv3d_x_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvOptions<3>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_input(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
-    }
-
-    #[cfg(libtorch_native_backward)]
-    fn conv3d_weight_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvOptions<3>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_weight(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
-    }
-
-    #[cfg(libtorch_native_backward)]
-    fn conv_transpose2d_weight_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvTransposeOptions<2>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_transpose_weight(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
-    }
-
-    #[cfg(libtorch_native_backward)]
-    fn conv_transpose3d_weight_backward(
-        x: TchTensor,
-        weight: TchTensor,
-        output_grad: TchTensor,
-        options: ConvTransposeOptions<3>,
-    ) -> TchTensor {
-        TchTensor::new(native_backward::conv_transpose_weight(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-        ))
+    native_convolution_gradients! {
+        conv2d_x_backward(ConvOptions<2>) => conv_input;
+        conv2d_weight_backward(ConvOptions<2>) => conv_weight;
+        conv3d_x_backward(ConvOptions<3>) => conv_input;
+        conv3d_weight_backward(ConvOptions<3>) => conv_weight;
+        conv_transpose2d_weight_backward(ConvTransposeOptions<2>) => conv_transpose_weight;
+        conv_transpose3d_weight_backward(ConvTransposeOptions<3>) => conv_transpose_weight;
     }
 
     fn deform_conv2d(

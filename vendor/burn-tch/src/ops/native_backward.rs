@@ -4,7 +4,8 @@
 //! weight gradient as a forward convolution whose kernel is the output gradient; a batch norm's
 //! as a dozen passes over the activation).
 
-use burn_backend::ops::{ConvOptions, ConvTransposeOptions};
+use crate::{LibTorch, TchTensor};
+use burn_backend::ops::{BatchNormTrain, BatchNormTrainBackward, ConvOptions, ConvTransposeOptions};
 use std::ffi::{CStr, c_char, c_int};
 use torch_sys::C_tensor;
 
@@ -49,23 +50,19 @@ fn check(error: *mut c_char, what: &str) {
 
 /// Which gradient of a convolution to compute.
 #[derive(Clone, Copy)]
-pub(crate) enum Grad {
+enum Grad {
     Input = 0,
     Weight = 1,
 }
 
 /// A convolution's geometry as LibTorch's `convolution` takes it.
 struct Geometry<const N: usize> {
-    stride: [i64; N],
-    padding: [i64; N],
-    dilation: [i64; N],
-    output_padding: [i64; N],
+    stride: [usize; N],
+    padding: [usize; N],
+    dilation: [usize; N],
+    output_padding: [usize; N],
     transposed: bool,
-    groups: i64,
-}
-
-fn to_i64<const N: usize>(values: [usize; N]) -> [i64; N] {
-    values.map(|v| v as i64)
+    groups: usize,
 }
 
 fn backward<const N: usize>(
@@ -75,6 +72,9 @@ fn backward<const N: usize>(
     weight: &tch::Tensor,
     geometry: &Geometry<N>,
 ) -> tch::Tensor {
+    let long = |values: [usize; N]| values.map(|v| v as i64);
+    let (stride, padding) = (long(geometry.stride), long(geometry.padding));
+    let (dilation, output_padding) = (long(geometry.dilation), long(geometry.output_padding));
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the three tensors are live for the call and only read; the arrays hold N values
     // each, as `dims` says; on success `out` is a fresh tensor whose ownership passes to us.
@@ -84,13 +84,13 @@ fn backward<const N: usize>(
             output_grad.as_ptr(),
             input.as_ptr(),
             weight.as_ptr(),
-            geometry.stride.as_ptr(),
-            geometry.padding.as_ptr(),
-            geometry.dilation.as_ptr(),
-            geometry.output_padding.as_ptr(),
+            stride.as_ptr(),
+            padding.as_ptr(),
+            dilation.as_ptr(),
+            output_padding.as_ptr(),
             N as c_int,
             c_int::from(geometry.transposed),
-            geometry.groups,
+            geometry.groups as i64,
             grad as c_int,
         )
     };
@@ -99,100 +99,95 @@ fn backward<const N: usize>(
     unsafe { tch::Tensor::from_ptr(out) }
 }
 
-/// Pads `x` by the asymmetric part of `options` (the forward does the same), so that LibTorch,
-/// which knows only symmetric padding, sees the same convolution.
-fn symmetric<const N: usize>(
-    x: &tch::Tensor,
+/// The gradient of a convolution's input or weight. Asymmetric padding is applied to the input
+/// first, as the forward does, since LibTorch knows only symmetric padding; an input gradient
+/// is then cut back to the input's size.
+fn conv<const N: usize>(
+    grad: Grad,
+    x: TchTensor,
+    weight: TchTensor,
+    output_grad: TchTensor,
     options: &ConvOptions<N>,
-) -> (tch::Tensor, [i64; N]) {
-    if !options.is_asymmetric() {
-        return (x.shallow_clone(), to_i64(options.padding_begin()));
+) -> TchTensor {
+    let asymmetric = options.is_asymmetric();
+    let (input, padding) = if asymmetric {
+        let pad: Vec<i64> = (options.padding.iter().rev())
+            .flat_map(|&(begin, end)| [begin as i64, end as i64])
+            .collect();
+        (x.tensor.constant_pad_nd(pad.as_slice()), [0; N])
+    } else {
+        (x.tensor.shallow_clone(), options.padding_begin())
+    };
+    let geometry = Geometry {
+        stride: options.stride,
+        padding,
+        dilation: options.dilation,
+        output_padding: [0; N],
+        transposed: false,
+        groups: options.groups,
+    };
+    let mut result = backward(grad, &output_grad.tensor, &input, &weight.tensor, &geometry);
+    if asymmetric && matches!(grad, Grad::Input) {
+        for (dim, &(begin, _)) in options.padding.iter().enumerate() {
+            let size = x.tensor.size()[dim + 2];
+            result = result.narrow((dim + 2) as i64, begin as i64, size);
+        }
     }
-    let pad: Vec<i64> = options
-        .padding
-        .iter()
-        .rev()
-        .flat_map(|&(begin, end)| [begin as i64, end as i64])
-        .collect();
-    (x.constant_pad_nd(pad.as_slice()), [0; N])
+    TchTensor::new(result)
 }
 
 /// The gradient of a convolution's input.
 pub(crate) fn conv_input<const N: usize>(
-    x: &tch::Tensor,
-    weight: &tch::Tensor,
-    output_grad: &tch::Tensor,
+    x: TchTensor,
+    weight: TchTensor,
+    output_grad: TchTensor,
     options: &ConvOptions<N>,
-) -> tch::Tensor {
-    let (padded, padding) = symmetric(x, options);
-    let geometry = Geometry {
-        stride: to_i64(options.stride),
-        padding,
-        dilation: to_i64(options.dilation),
-        output_padding: [0; N],
-        transposed: false,
-        groups: options.groups as i64,
-    };
-    let mut grad = backward(Grad::Input, output_grad, &padded, weight, &geometry);
-    if options.is_asymmetric() {
-        for (dim, &(begin, _)) in options.padding.iter().enumerate() {
-            let size = x.size()[dim + 2];
-            grad = grad.narrow((dim + 2) as i64, begin as i64, size);
-        }
-    }
-    grad
+) -> TchTensor {
+    conv(Grad::Input, x, weight, output_grad, options)
 }
 
 /// The gradient of a convolution's weight.
 pub(crate) fn conv_weight<const N: usize>(
-    x: &tch::Tensor,
-    weight: &tch::Tensor,
-    output_grad: &tch::Tensor,
+    x: TchTensor,
+    weight: TchTensor,
+    output_grad: TchTensor,
     options: &ConvOptions<N>,
-) -> tch::Tensor {
-    let (padded, padding) = symmetric(x, options);
-    let geometry = Geometry {
-        stride: to_i64(options.stride),
-        padding,
-        dilation: to_i64(options.dilation),
-        output_padding: [0; N],
-        transposed: false,
-        groups: options.groups as i64,
-    };
-    backward(Grad::Weight, output_grad, &padded, weight, &geometry)
+) -> TchTensor {
+    conv(Grad::Weight, x, weight, output_grad, options)
 }
 
 /// The gradient of a transposed convolution's weight.
 pub(crate) fn conv_transpose_weight<const N: usize>(
-    x: &tch::Tensor,
-    weight: &tch::Tensor,
-    output_grad: &tch::Tensor,
+    x: TchTensor,
+    weight: TchTensor,
+    output_grad: TchTensor,
     options: &ConvTransposeOptions<N>,
-) -> tch::Tensor {
+) -> TchTensor {
     let geometry = Geometry {
-        stride: to_i64(options.stride),
-        padding: to_i64(options.padding),
-        dilation: to_i64(options.dilation),
-        output_padding: to_i64(options.padding_out),
+        stride: options.stride,
+        padding: options.padding,
+        dilation: options.dilation,
+        output_padding: options.padding_out,
         transposed: true,
-        groups: options.groups as i64,
+        groups: options.groups,
     };
-    backward(Grad::Weight, output_grad, x, weight, &geometry)
+    let grad = backward(Grad::Weight, &output_grad.tensor, &x.tensor, &weight.tensor, &geometry);
+    TchTensor::new(grad)
 }
 
 /// A training-mode batch norm: the output, and the batch mean and biased variance per channel.
 pub(crate) fn batch_norm_train(
-    x: &tch::Tensor,
-    gamma: &tch::Tensor,
-    beta: &tch::Tensor,
+    x: TchTensor,
+    gamma: TchTensor,
+    beta: TchTensor,
     epsilon: f64,
-) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+) -> BatchNormTrain<LibTorch> {
     // LibTorch's own kernel, which returns 1 / sqrt(variance + epsilon): on 8x16x256x256 and
     // 2 threads it takes 19 ms, where `var_mean` and the normalisation take 37 ms.
     let (output, mean, invstd) = tch::Tensor::native_batch_norm(
-        x,
-        Some(gamma),
-        Some(beta),
+        &x.tensor,
+        Some(&gamma.tensor),
+        Some(&beta.tensor),
         None::<&tch::Tensor>,
         None::<&tch::Tensor>,
         true,
@@ -201,34 +196,40 @@ pub(crate) fn batch_norm_train(
     );
     // Clamped: a constant channel's variance could otherwise round below zero.
     let variance = (invstd.pow_tensor_scalar(-2) - epsilon).clamp_min(0.0);
-    (output, mean, variance)
+    BatchNormTrain::new(
+        TchTensor::new(output),
+        TchTensor::new(mean),
+        TchTensor::new(variance),
+    )
 }
 
 /// The gradients of a training-mode batch norm's input, `gamma` and `beta`.
 pub(crate) fn batch_norm_train_backward(
-    x: &tch::Tensor,
-    gamma: &tch::Tensor,
-    mean: &tch::Tensor,
-    variance: &tch::Tensor,
+    x: TchTensor,
+    gamma: TchTensor,
+    mean: TchTensor,
+    variance: TchTensor,
     epsilon: f64,
-    output_grad: &tch::Tensor,
-) -> [tch::Tensor; 3] {
-    let invstd = (variance + epsilon).rsqrt();
+    output_grad: TchTensor,
+) -> BatchNormTrainBackward<LibTorch> {
+    let invstd = (&variance.tensor + epsilon).rsqrt();
     let mut out: [*mut C_tensor; 3] = [std::ptr::null_mut(); 3];
     // SAFETY: the tensors are live for the call and only read; on success the three pointers
     // are fresh tensors whose ownership passes to us.
     let error = unsafe {
         burn_tch_batch_norm_backward(
             out.as_mut_ptr(),
-            output_grad.as_ptr(),
-            x.as_ptr(),
-            gamma.as_ptr(),
-            mean.as_ptr(),
+            output_grad.tensor.as_ptr(),
+            x.tensor.as_ptr(),
+            gamma.tensor.as_ptr(),
+            mean.tensor.as_ptr(),
             invstd.as_ptr(),
             epsilon,
         )
     };
     check(error, "native_batch_norm_backward");
     // SAFETY: each pointer was allocated by `new at::Tensor` and is owned by nobody else.
-    out.map(|t| unsafe { tch::Tensor::from_ptr(t) })
+    let [x_grad, gamma_grad, beta_grad] =
+        out.map(|t| TchTensor::new(unsafe { tch::Tensor::from_ptr(t) }));
+    BatchNormTrainBackward::new(x_grad, gamma_grad, beta_grad)
 }

@@ -4,7 +4,9 @@
 //! What leaves the site: the protocol version and agent version at join, the update tensors
 //! (local minus global weights, no metadata), the sample count and two aggregate numbers (loss,
 //! Dice); under secure aggregation the same numbers, masked, plus the protocol's keys and
-//! shares (`secure`). Never a file name, a slice, a mask or a header from the site's data.
+//! shares (`secure`); when the run validates at the sites, Dice per class of each round's
+//! model on the site's validation cases and how many cases they are. Never a file name, a
+//! slice, a mask or a header from the site's data.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -13,7 +15,9 @@ use std::time::Duration;
 
 use alveolus_models::train::{TrainError, train};
 use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions};
-use alveolus_proto::domain::{Metrics, Task, TrainTask, UpdateHeader};
+use alveolus_proto::domain::{
+    ClassDice, EvaluateTask, Metrics, Task, TrainTask, UpdateHeader, Validation, ValidationReport,
+};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::sha256_hex;
 
@@ -23,7 +27,8 @@ use crate::secure::SecureError;
 use crate::site_data::SiteData;
 use crate::site_norms::{SiteNorms, withhold_normalisation};
 use crate::transport::{
-    Federation, Traffic, Verdict, join, next_task, pull_model, push_update, status_error, verdict,
+    Federation, Traffic, Verdict, join, next_task, pull_model, push_update, report_validation,
+    status_error, verdict,
 };
 
 /// How the agent behaves beyond its kit.
@@ -140,6 +145,7 @@ impl Agent {
                     }
                 }
                 Task::Train(task) => self.train_round(&mut client, task).await?,
+                Task::Evaluate(task) => self.evaluate(&mut client, task).await?,
             }
         }
     }
@@ -207,6 +213,78 @@ impl Agent {
                 slices = self.data.slices().len(),
                 "the dataset changed but cannot be loaded; training on what was loaded before: {e}"
             ),
+        }
+    }
+
+    /// Measures a finished round's global model on the site's validation cases and reports
+    /// Dice per class and the case count: nothing else of them leaves. A site without
+    /// validation cases says so (0 cases), so that the run does not wait for it.
+    async fn evaluate(
+        &mut self,
+        client: &mut Federation,
+        task: EvaluateTask,
+    ) -> Result<(), AgentError> {
+        self.refresh_data();
+        let validation = match self.data.validation().cloned() {
+            None => Validation {
+                cases: 0,
+                infection_dice: None,
+                classes: Vec::new(),
+            },
+            Some((slices, cases)) => {
+                let (mut global, model_bytes) = pull_model(client, &task.model_version).await?;
+                self.options.metrics.traffic(0, model_bytes);
+                if task.site_normalisation {
+                    self.site_norms.personalise(&task.run_id, &mut global);
+                }
+                let device = self.device.clone();
+                let measured = tokio::task::spawn_blocking(move || {
+                    alveolus_imaging::evaluate::evaluate(&global, &slices, &device)
+                })
+                .await;
+                match training_ended(measured)? {
+                    Ok(report) => Validation {
+                        cases: u32::try_from(cases).unwrap_or(u32::MAX),
+                        infection_dice: report.infection,
+                        classes: report
+                            .per_class
+                            .into_iter()
+                            .map(|c| ClassDice {
+                                class: c.class,
+                                dice: c.dice,
+                            })
+                            .collect(),
+                    },
+                    Err(e) => {
+                        tracing::warn!(
+                            round = task.round,
+                            "the round's model cannot be measured here: {e}"
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            run = %task.run_id,
+            round = task.round,
+            cases = validation.cases,
+            infection_dice = validation.infection_dice.map(|d| format!("{d:.3}")),
+            "validation of the round's global model"
+        );
+        let report = ValidationReport {
+            run_id: task.run_id,
+            round: task.round,
+            model_version: task.model_version,
+            validation,
+        };
+        match report_validation(client, report).await {
+            Ok(()) => Ok(()),
+            Err(s) if verdict(&s) == Verdict::SkipRound => {
+                tracing::warn!(round = task.round, "validation not taken: {}", s.message());
+                Ok(())
+            }
+            Err(s) => Err(status_error(s)),
         }
     }
 

@@ -2,8 +2,12 @@
 //! round when its description has changed (a case added by `alveolus data add-case`, say), so
 //! that a radiologist's correction reaches the next round without restarting the agent. A
 //! description that no longer loads leaves the agent training on what it had.
+//!
+//! Beside the training cases the agent holds the dataset's `validation` cases, on which it
+//! measures each round's global model when the run asks; they never train and never leave.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use alveolus_imaging::SliceDataset;
@@ -19,6 +23,9 @@ pub struct SiteData {
     skip_bad_cases: bool,
     stamp: Stamp,
     slices: SliceDataset,
+    /// The validation cases' slices and how many cases they are; None: the dataset has none
+    /// (or they do not load, which was logged).
+    validation: Option<(Arc<SliceDataset>, usize)>,
 }
 
 impl SiteData {
@@ -32,12 +39,18 @@ impl SiteData {
             skip_bad_cases,
             stamp,
             slices,
+            validation: load_validation(path, skip_bad_cases),
         };
         Ok((data, notes))
     }
 
     pub fn slices(&self) -> &SliceDataset {
         &self.slices
+    }
+
+    /// The validation cases' slices and their case count, if the dataset has any.
+    pub fn validation(&self) -> Option<&(Arc<SliceDataset>, usize)> {
+        self.validation.as_ref()
     }
 
     /// Loads the dataset again if its description changed since it was last loaded. `None`:
@@ -54,6 +67,7 @@ impl SiteData {
             load(&self.path, Purpose::Training, self.skip_bad_cases).map(|loaded| {
                 let (slices, notes) = Notes::split(loaded);
                 self.slices = slices;
+                self.validation = load_validation(&self.path, self.skip_bad_cases);
                 notes
             }),
         )
@@ -75,8 +89,22 @@ impl Notes {
             slices,
             skipped,
             warned,
+            ..
         } = loaded;
         (slices, Self { skipped, warned })
+    }
+}
+
+/// The dataset's validation cases; a dataset without any has none to measure on, and one whose
+/// validation cases do not load is reported and measures nothing.
+fn load_validation(path: &Path, skip_bad_cases: bool) -> Option<(Arc<SliceDataset>, usize)> {
+    match load(path, Purpose::Validation, skip_bad_cases) {
+        Ok(loaded) => Some((Arc::new(loaded.slices), loaded.cases)),
+        Err(DatasetError::Empty { .. }) => None,
+        Err(e) => {
+            tracing::warn!("the validation cases do not load; this site reports none: {e}");
+            None
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! refusal means for the agent ([`verdict`]).
 
 use alveolus_proto::PROTOCOL_VERSION;
-use alveolus_proto::domain::{Task, UpdateHeader};
+use alveolus_proto::domain::{Task, UpdateHeader, ValidationReport};
 use alveolus_proto::pb::{self, federation_client::FederationClient};
 use alveolus_proto::transfer::{ModelReceiveError, ReceiveError, framed, receive_model};
 use alveolus_proto::weights::Weights;
@@ -85,6 +85,17 @@ pub async fn next_task(client: &mut Federation, wait_seconds: u32) -> Result<Tas
         .map_err(status_error)?
         .into_inner();
     Task::try_from(task).map_err(|e| AgentError::Rpc(e.to_string()))
+}
+
+/// Sends what the site measured of a round's model on its validation cases.
+pub async fn report_validation(
+    client: &mut Federation,
+    report: ValidationReport,
+) -> Result<(), tonic::Status> {
+    client
+        .report_validation(pb::ValidationReport::from(report))
+        .await?;
+    Ok(())
 }
 
 /// Protocol bytes (protobuf-encoded messages, before HTTP/2 and TLS framing) of one round's

@@ -29,6 +29,12 @@ pub enum CoordinatorError {
     WrongBase { got: String, expected: String },
     #[error("site `{site}` already reported for round {round}")]
     AlreadyReported { site: String, round: u32 },
+    #[error("validation of round {round} of run `{run}` is not taken: {reason}")]
+    ValidationRefused {
+        run: String,
+        round: u32,
+        reason: &'static str,
+    },
     #[error(
         "the update of site `{site}` has L2 norm {norm:.4}, above this run's bound {bound:.4}; it is not used"
     )]
@@ -88,6 +94,7 @@ impl CoordinatorError {
             E::RoundClosing { .. } => "round_closing",
             E::WrongBase { .. } => "wrong_base",
             E::AlreadyReported { .. } => "already_reported",
+            E::ValidationRefused { .. } => "validation_refused",
             E::UpdateNorm { .. } => "update_norm",
             E::RefusedThisRound { .. } => "refused_this_round",
             E::SecureAggregation(_) => "secure_aggregation",
@@ -124,6 +131,7 @@ impl From<CoordinatorError> for Status {
             | E::UpdateNorm { .. }
             | E::RefusedThisRound { .. }
             | E::SecureAggregation(_)
+            | E::ValidationRefused { .. }
             | E::Aggregation { .. } => Status::failed_precondition(message),
             E::AlreadyReported { .. } => Status::already_exists(message),
             E::TooMany { .. } => Status::resource_exhausted(message),

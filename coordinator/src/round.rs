@@ -327,6 +327,7 @@ mod tests {
             secure_aggregation: None,
             schedule: None,
             server_optimizer: None,
+            validate_at_sites: false,
         }
     }
 

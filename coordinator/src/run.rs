@@ -2,8 +2,11 @@
 //! watchers replay, and the run-level rules: what a finished round makes of the record (the
 //! last round, the privacy budget), the norm an update may have, the task's secure part.
 
+use std::collections::BTreeSet;
+
 use alveolus_proto::domain::{
-    DomainError, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SecureTask,
+    DomainError, EvaluateTask, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SecureTask,
+    SiteValidation,
 };
 
 use crate::error::CoordinatorError;
@@ -13,6 +16,9 @@ pub struct RunRecord {
     pub info: RunInfo,
     /// Everything `watch` replays: a watcher that attaches late still sees the whole run.
     pub events: Vec<RunEvent>,
+    /// Evaluate tasks handed out, as (round, site): each is handed once, so that a site whose
+    /// evaluation fails is not asked again and again instead of training.
+    evaluations_handed: BTreeSet<(u32, String)>,
 }
 
 impl RunRecord {
@@ -26,19 +32,96 @@ impl RunRecord {
                 model_version: version.clone(),
             });
             events.push(RunEvent::RoundFinished(summary.clone()));
+            events.extend(summary.validation.iter().map(|v| RunEvent::SiteValidated {
+                round: summary.round,
+                validation: v.clone(),
+            }));
             version = summary.version.clone();
         }
         if info.state != RunState::Running {
             events.push(RunEvent::RunFinished(Box::new(info.clone())));
         }
-        Self { info, events }
+        Self {
+            info,
+            events,
+            evaluations_handed: BTreeSet::new(),
+        }
     }
 
     pub fn started(info: RunInfo) -> Self {
         Self {
             info,
             events: Vec::new(),
+            evaluations_handed: BTreeSet::new(),
         }
+    }
+
+    /// The evaluation `site` owes of the run's newest model, if the run validates at the sites
+    /// and the site has neither reported on it nor been asked already. Marks it handed.
+    pub fn evaluation_for(&mut self, site: &str) -> Option<EvaluateTask> {
+        let config = &self.info.config;
+        let last = self.info.rounds.last()?;
+        if !config.validate_at_sites || last.validation.iter().any(|v| v.site == site) {
+            return None;
+        }
+        if !self
+            .evaluations_handed
+            .insert((last.round, site.to_string()))
+        {
+            return None;
+        }
+        Some(EvaluateTask {
+            run_id: self.info.run_id.clone(),
+            round: last.round,
+            model_version: last.version.clone(),
+            site_normalisation: config.training.site_normalisation,
+        })
+    }
+
+    /// The round of this run that made `version`, which `site` may still report on: checks a
+    /// validation report before it is written.
+    pub fn check_validation(
+        &self,
+        site: &str,
+        round: u32,
+        version: &str,
+    ) -> Result<(), CoordinatorError> {
+        let refuse = |reason| CoordinatorError::ValidationRefused {
+            run: self.info.run_id.clone(),
+            round,
+            reason,
+        };
+        if !self.is_running() {
+            return Err(refuse("the run has ended"));
+        }
+        if !self.info.config.validate_at_sites {
+            return Err(refuse("the run does not validate at the sites"));
+        }
+        let summary = self
+            .info
+            .rounds
+            .iter()
+            .find(|s| s.round == round)
+            .ok_or_else(|| refuse("no such finished round"))?;
+        if summary.version != version {
+            return Err(refuse("the round made another model"));
+        }
+        if summary.validation.iter().any(|v| v.site == site) {
+            return Err(CoordinatorError::AlreadyReported {
+                site: site.to_string(),
+                round,
+            });
+        }
+        Ok(())
+    }
+
+    /// A checked validation of round `round`'s model (already durable).
+    pub fn validated(&mut self, round: u32, validation: SiteValidation) {
+        if let Some(summary) = self.info.rounds.iter_mut().find(|s| s.round == round) {
+            summary.validation.push(validation.clone());
+        }
+        self.events
+            .push(RunEvent::SiteValidated { round, validation });
     }
 
     pub fn is_running(&self) -> bool {
@@ -88,8 +171,14 @@ impl RunRecord {
     }
 }
 
+/// Whether the run has had its last round: its rounds are done, or its budget stopped it.
+pub fn rounds_done(info: &RunInfo) -> bool {
+    info.rounds.len() as u32 >= info.config.rounds || info.stop_reason.is_some()
+}
+
 /// The record of `info`'s run after round `summary`: the round appended, and the run completed
-/// when it was the last round or the next would take ε past the budget.
+/// when it was the last round or the next would take ε past the budget, unless the sites are
+/// still to validate its final model (the run then completes with [`completed`]).
 pub fn after_round(info: &RunInfo, summary: RoundSummary) -> RunInfo {
     let mut info = info.clone();
     let round = summary.round;
@@ -110,9 +199,18 @@ pub fn after_round(info: &RunInfo, summary: RoundSummary) -> RunInfo {
             done = true;
         }
     }
-    if done {
+    if done && !info.config.validate_at_sites {
         info.state = RunState::Completed;
     }
+    info
+}
+
+/// `info`'s run completed, after the sites validated its final model.
+pub fn completed(info: &RunInfo) -> RunInfo {
+    let mut info = info.clone();
+    info.state = RunState::Completed;
+    info.reported.clear();
+    info.held_up = None;
     info
 }
 
@@ -200,6 +298,7 @@ mod tests {
                 secure_aggregation: None,
                 schedule: None,
                 server_optimizer: None,
+                validate_at_sites: false,
             },
             initial_version: "v0".into(),
             rounds: Vec::new(),
@@ -220,6 +319,7 @@ mod tests {
             dice: 0.5,
             finished_unix_ms: 0,
             epsilon: None,
+            validation: Vec::new(),
             site_reports: Vec::new(),
         }
     }

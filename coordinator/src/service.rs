@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_proto::PROTOCOL_VERSION;
-use alveolus_proto::domain::{Join, ModelHeader, RunConfig, UpdateHeader};
+use alveolus_proto::domain::{Join, ModelHeader, RunConfig, UpdateHeader, ValidationReport};
 use alveolus_proto::identity::{Identity, Role};
 use alveolus_proto::kit::expiry_warning;
 use alveolus_proto::pb::{self, admin_server::Admin, federation_server::Federation};
@@ -244,6 +244,20 @@ impl Federation for Services {
                 |e| tracing::warn!(site = %site.name, "secure aggregation step refused: {e}"),
             )?;
         Ok(Response::new(reply.into()))
+    }
+
+    async fn report_validation(
+        &self,
+        request: Request<pb::ValidationReport>,
+    ) -> Result<Response<pb::ValidationAck>, Status> {
+        let site = self.caller(&request, Role::Site)?;
+        let report =
+            ValidationReport::try_from(request.into_inner()).map_err(CoordinatorError::from)?;
+        self.coordinator
+            .accept_validation(&site.name, report)
+            .await
+            .inspect_err(|e| tracing::warn!(site = %site.name, "validation refused: {e}"))?;
+        Ok(Response::new(pb::ValidationAck {}))
     }
 
     async fn join(

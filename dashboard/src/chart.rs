@@ -349,6 +349,7 @@ mod tests {
             finished_unix_ms: 0,
             epsilon: None,
             site_reports: reports,
+            validation: Vec::new(),
         };
         let run = RunInfo {
             run_id: "r".into(),

@@ -87,6 +87,8 @@ fn bad_cases_message(cases: &[CaseReport], total: usize) -> String {
 pub enum Purpose {
     /// The `train` split only.
     Training,
+    /// The `validation` split only: what a site measures each round's model on.
+    Validation,
     /// Every case, whatever its split (the data given is the data to measure on).
     Evaluation,
 }
@@ -95,6 +97,8 @@ pub enum Purpose {
 #[derive(Debug)]
 pub struct Loaded {
     pub slices: SliceDataset,
+    /// Cases the slices come from: what a site may say of its validation data.
+    pub cases: usize,
     /// Cases left out for errors (only with `skip_bad_cases`).
     pub skipped: Vec<CaseReport>,
     /// Used cases with warnings.
@@ -106,10 +110,15 @@ pub fn load(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<Loade
     let cases: Vec<&CaseSpec> = spec
         .cases
         .iter()
-        .filter(|c| purpose == Purpose::Evaluation || c.split == Split::Train)
+        .filter(|c| match purpose {
+            Purpose::Training => c.split == Split::Train,
+            Purpose::Validation => c.split == Split::Validation,
+            Purpose::Evaluation => true,
+        })
         .collect();
     let total = cases.len();
     let (mut slices, mut skipped, mut warned) = (Vec::new(), Vec::new(), Vec::new());
+    let mut used = 0;
     for case in cases {
         let (report, case_slices) = check_case(&spec, case, true);
         if !report.usable() {
@@ -117,6 +126,7 @@ pub fn load(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<Loade
             continue;
         }
         slices.extend(case_slices.unwrap_or_default());
+        used += 1;
         if !report.problems.is_empty() {
             warned.push(report);
         }
@@ -132,12 +142,14 @@ pub fn load(path: &Path, purpose: Purpose, skip_bad_cases: bool) -> Result<Loade
             path: path.to_path_buf(),
             purpose: match purpose {
                 Purpose::Training => "training",
+                Purpose::Validation => "validation",
                 Purpose::Evaluation => "labelled",
             },
             skipped: skipped.len(),
         });
     }
     Ok(Loaded {
+        cases: used,
         slices: SliceDataset { slices },
         skipped,
         warned,

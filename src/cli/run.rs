@@ -9,7 +9,7 @@ use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
     AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RoundSummary,
     RunConfig, RunEvent, RunInfo, RunState, SecureAggregationConfig, ServerOptimizer,
-    ServerOptimizerKind, SiteReport, TrainingConfig,
+    ServerOptimizerKind, SiteReport, SiteValidation, TrainingConfig,
 };
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -145,6 +145,11 @@ pub struct StartArgs {
     /// keeps its own (the published model's are the initial ones, and say so).
     #[arg(long)]
     fedbn: bool,
+    /// Do not have the sites measure each round's model on their `validation` cases. By
+    /// default they do (only Dice per class and the case count leave a site), and the run
+    /// completes once the sites of its last round have reported on its final model.
+    #[arg(long)]
+    no_site_validation: bool,
     /// Secure aggregation: sites mask their updates so that the coordinator learns only
     /// their sum (FedAvg only; with --dp-clip the sites add the noise).
     #[arg(long)]
@@ -219,6 +224,7 @@ impl From<&StartArgs> for RunConfig {
                 },
             ),
             server_optimizer: a.server_optimizer(),
+            validate_at_sites: !a.no_site_validation,
         }
     }
 }
@@ -340,12 +346,12 @@ async fn start(args: StartArgs) -> Result<()> {
     }
     let spec = ModelSpec::from_weights(&weights)?;
     slices_only(&spec)?;
-    let (secure, privacy, schedule, optimizer, training) = (
+    let (secure, privacy, schedule, optimizer, sites_config) = (
         config.secure_aggregation,
         config.privacy.clone(),
         config.schedule,
         config.server_optimizer,
-        config.training.clone(),
+        config.clone(),
     );
     let mut client = AdminClient::connect(&args.kit).await?;
     let info = client.start_run(config, weights.encode()).await?;
@@ -370,7 +376,7 @@ async fn start(args: StartArgs) -> Result<()> {
     if let Some(optimizer) = optimizer {
         println!("  server optimizer: {optimizer}");
     }
-    print_site_strategy(&training);
+    print_site_strategy(&sites_config);
     if let Some(secure) = secure {
         println!(
             "  secure aggregation: the coordinator sees only the sum; each round needs {} surviving sites",
@@ -415,7 +421,7 @@ fn print_run(info: &RunInfo) {
     if let Some(optimizer) = &info.config.server_optimizer {
         println!("  server optimizer: {optimizer}");
     }
-    print_site_strategy(&info.config.training);
+    print_site_strategy(&info.config);
     if let Some(p) = &info.config.privacy {
         println!(
             "  differential privacy: clip {}, noise multiplier {}, delta {}{}; epsilon spent {:.4}",
@@ -436,6 +442,9 @@ fn print_run(info: &RunInfo) {
     }
     for r in &info.rounds {
         println!("  round {:>3}  {}", r.round, round_line(r, "  "));
+        for v in &r.validation {
+            println!("             validated at {}", validation_line(v));
+        }
     }
     print_sites(info);
     if let Some(held_up) = &info.held_up {
@@ -510,6 +519,12 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
             RunEvent::RoundFinished(r) => {
                 println!("round {} finished: {}", r.round, round_line(&r, ", "))
             }
+            RunEvent::SiteValidated { round, validation } => {
+                println!(
+                    "round {round}'s model validated at {}",
+                    validation_line(&validation)
+                );
+            }
             RunEvent::RunFinished(info) => {
                 println!("run {} {}", info.run_id, info.state.as_str());
             }
@@ -518,9 +533,36 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
     Ok(())
 }
 
-/// What the sites do beyond plain local training (FedProx, FedBN), as `run start` and
-/// `run status` say it.
-fn print_site_strategy(training: &TrainingConfig) {
+/// A site's validation of a round's model: the site, infection and per-class Dice, and how
+/// many cases they rest on.
+fn validation_line(v: &SiteValidation) -> String {
+    let dice = |d: Option<f64>| d.map_or_else(|| "-".to_string(), |d| format!("{d:.3}"));
+    let figures = &v.validation;
+    if figures.cases == 0 {
+        return format!("{}: no validation cases", v.site);
+    }
+    let mut parts = vec![format!(
+        "{}: infection {}",
+        v.site,
+        dice(figures.infection_dice)
+    )];
+    parts.extend(
+        figures
+            .classes
+            .iter()
+            .map(|c| format!("{} {}", c.class, dice(c.dice))),
+    );
+    parts.push(format!("({} cases)", figures.cases));
+    parts.join("  ")
+}
+
+/// What the sites do beyond plain local training (FedProx, FedBN, validation), as `run
+/// start` and `run status` say it.
+fn print_site_strategy(config: &RunConfig) {
+    let training = &config.training;
+    if config.validate_at_sites {
+        println!("  sites measure each round's model on their validation cases");
+    }
     if training.proximal_mu > 0.0 {
         println!("  FedProx at the sites, mu {}", training.proximal_mu);
     }

@@ -70,6 +70,15 @@ enum Phase {
         run_id: String,
         round: u32,
     },
+    /// The run has had its last round (`round`) and waits, until `deadline`, for the sites of
+    /// that round to report their validation of its final model; no task but that evaluation
+    /// is handed out.
+    Validating {
+        run_id: String,
+        round: u32,
+        deadline: Instant,
+        awaiting: BTreeSet<String>,
+    },
 }
 
 struct State {
@@ -99,7 +108,7 @@ impl State {
         match &self.phase {
             Phase::Open(round) => Ok(round),
             Phase::Closing { round, .. } => Err(CoordinatorError::RoundClosing { round: *round }),
-            Phase::Idle => Err(CoordinatorError::NoActiveRun),
+            Phase::Idle | Phase::Validating { .. } => Err(CoordinatorError::NoActiveRun),
         }
     }
 
@@ -107,8 +116,38 @@ impl State {
         match &mut self.phase {
             Phase::Open(round) => Ok(round),
             Phase::Closing { round, .. } => Err(CoordinatorError::RoundClosing { round: *round }),
-            Phase::Idle => Err(CoordinatorError::NoActiveRun),
+            Phase::Idle | Phase::Validating { .. } => Err(CoordinatorError::NoActiveRun),
         }
+    }
+
+    /// The run the phase belongs to, if any.
+    fn current_run(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Open(round) => Some(&round.run_id),
+            Phase::Closing { run_id, .. } | Phase::Validating { run_id, .. } => Some(run_id),
+            Phase::Idle => None,
+        }
+    }
+
+    /// Run `index` has had its last round: it waits for its sites' validation of the final
+    /// model, for at most the run's round deadline from `now`.
+    fn await_validation(&mut self, index: usize, now: Instant) {
+        let info = &self.runs[index].info;
+        let Some(last) = info.rounds.last() else {
+            return;
+        };
+        let awaiting = last
+            .sites
+            .iter()
+            .filter(|site| !last.validation.iter().any(|v| &v.site == *site))
+            .cloned()
+            .collect();
+        self.phase = Phase::Validating {
+            run_id: info.run_id.clone(),
+            round: last.round,
+            deadline: now + Duration::from_secs(info.config.deadline_seconds.into()),
+            awaiting,
+        };
     }
 
     /// Sites heard from within `window` of `now`: those connected, which will ask for the task.
@@ -165,6 +204,11 @@ enum Settled {
     Fail {
         index: usize,
         reason: String,
+    },
+    /// The sites have validated the run's final model, or stopped being waited for: the run
+    /// completes.
+    Complete {
+        index: usize,
     },
 }
 
@@ -234,8 +278,14 @@ impl Coordinator {
                         "resuming run at round {}",
                         resumed.rounds.len() + 1
                     );
-                    let version = resumed.latest_version().to_string();
-                    state.open_next_round(last, version, Weights::decode(&bytes)?);
+                    if run::rounds_done(&resumed) {
+                        // Stopped while the sites validated the final model: they are asked
+                        // again, for a full deadline.
+                        state.await_validation(last, clock::now());
+                    } else {
+                        let version = resumed.latest_version().to_string();
+                        state.open_next_round(last, version, Weights::decode(&bytes)?);
+                    }
                 }
                 None => {
                     let reason = "no checkpoint of the run reads, not even its initial model";
@@ -278,6 +328,9 @@ impl Coordinator {
             Phase::Idle => ("idle", None),
             Phase::Open(round) => ("open", Some((round.run_id.clone(), round.round))),
             Phase::Closing { run_id, round } => ("closing", Some((run_id.clone(), *round))),
+            Phase::Validating { run_id, round, .. } => {
+                ("validating", Some((run_id.clone(), *round)))
+            }
         }
     }
 
@@ -320,11 +373,35 @@ impl Coordinator {
                     }
                 });
             }
+            Settled::Complete { index } => {
+                let this = self.clone();
+                tokio::spawn(async move { this.complete_run(index).await });
+            }
         }
     }
 
     /// The decision part of [`Coordinator::settle`], under the lock.
     fn step(&self, state: &mut State, now: Instant) -> Settled {
+        if let Phase::Validating {
+            run_id,
+            round,
+            deadline,
+            awaiting,
+        } = &state.phase
+        {
+            if !awaiting.is_empty() && now < *deadline {
+                return Settled::Unchanged;
+            }
+            let Ok(index) = state.run_index(run_id) else {
+                return Settled::Unchanged;
+            };
+            if !awaiting.is_empty() {
+                tracing::warn!(run = %run_id, round, ?awaiting, "completing the run without these sites' validation: the deadline passed");
+            }
+            let (run_id, round) = (run_id.clone(), *round);
+            state.phase = Phase::Closing { run_id, round };
+            return Settled::Complete { index };
+        }
         let Phase::Open(open) = &state.phase else {
             return Settled::Unchanged;
         };
@@ -433,6 +510,7 @@ impl Coordinator {
 
 mod sites;
 mod uploads;
+mod validation;
 mod writes;
 
 pub use uploads::{UPLOAD_TIMEOUT, Upload};

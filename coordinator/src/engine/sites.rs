@@ -29,6 +29,20 @@ impl Coordinator {
         let mut state = self.lock();
         state.touch(site);
         let State { phase, runs, .. } = &mut *state;
+        // A finished round's model is measured before the next one is trained from it: the
+        // evaluation is short, and the run's last one holds up its completion.
+        let current = match phase {
+            Phase::Open(open) => Some(open.run_id.as_str()),
+            Phase::Validating { run_id, .. } => Some(run_id.as_str()),
+            Phase::Idle | Phase::Closing { .. } => None,
+        }?;
+        if let Some(task) = runs
+            .iter_mut()
+            .find(|r| r.info.run_id == current)
+            .and_then(|r| r.evaluation_for(site))
+        {
+            return Some(Task::Evaluate(task));
+        }
         let Phase::Open(open) = phase else {
             return None;
         };

@@ -15,7 +15,7 @@ use crate::store::Store;
 use alveolus_proto::domain::{AggregationConfig, TrainingConfig};
 use alveolus_proto::weights::Tensor;
 
-fn model(value: f32) -> Weights {
+pub(super) fn model(value: f32) -> Weights {
     let mut weights = Weights::default();
     weights.metadata.insert(
         alveolus_proto::weights::MODEL_METADATA_KEY.into(),
@@ -31,7 +31,7 @@ fn model(value: f32) -> Weights {
     weights
 }
 
-fn config(min_sites: u32, deadline_seconds: u32) -> RunConfig {
+pub(super) fn config(min_sites: u32, deadline_seconds: u32) -> RunConfig {
     RunConfig {
         rounds: 3,
         min_sites,
@@ -42,10 +42,11 @@ fn config(min_sites: u32, deadline_seconds: u32) -> RunConfig {
         secure_aggregation: None,
         schedule: None,
         server_optimizer: None,
+        validate_at_sites: false,
     }
 }
 
-fn open(dir: &std::path::Path) -> Arc<Coordinator> {
+pub(super) fn open(dir: &std::path::Path) -> Arc<Coordinator> {
     Coordinator::open(EngineSettings {
         project: "lungs".into(),
         state_dir: dir.to_path_buf(),
@@ -57,14 +58,14 @@ fn open(dir: &std::path::Path) -> Arc<Coordinator> {
 }
 
 /// The site's train task, which it must be handed now.
-fn take_task(coordinator: &Coordinator, site: &str) -> TrainTask {
+pub(super) fn take_task(coordinator: &Coordinator, site: &str) -> TrainTask {
     match coordinator.try_task(site) {
         Some(Task::Train(task)) => task,
         other => panic!("{site} got no task: {other:?}"),
     }
 }
 
-fn push(
+pub(super) fn push(
     coordinator: &Arc<Coordinator>,
     site: &str,
     task: &TrainTask,
@@ -84,7 +85,7 @@ fn push(
 }
 
 /// Waits until run `run_id` has finished `rounds` rounds in memory.
-async fn finished(coordinator: &Coordinator, run_id: &str, rounds: usize) -> RunInfo {
+pub(super) async fn finished(coordinator: &Coordinator, run_id: &str, rounds: usize) -> RunInfo {
     let mut changes = coordinator.changed.subscribe();
     loop {
         let info = coordinator.run(run_id).unwrap();

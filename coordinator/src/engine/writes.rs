@@ -95,6 +95,7 @@ impl Coordinator {
             finished_unix_ms: manifest.created_unix_ms,
             epsilon: manifest.epsilon,
             site_reports: outcome.site_reports.clone(),
+            validation: Vec::new(),
         };
         let next = run::after_round(&info, summary.clone());
         let sites = {
@@ -159,7 +160,10 @@ impl Coordinator {
             );
         }
         state.runs[index].round_finished(next, summary.clone());
-        if state.runs[index].is_running() {
+        if state.runs[index].is_running() && run::rounds_done(&state.runs[index].info) {
+            tracing::info!(run = %round.run_id, "last round done; waiting for the sites' validation of the final model");
+            state.await_validation(index, crate::clock::now());
+        } else if state.runs[index].is_running() {
             state.open_next_round(index, summary.version, outcome.weights);
         } else {
             tracing::info!(run = %round.run_id, "run completed");
@@ -189,12 +193,7 @@ impl Coordinator {
         let record = info.clone();
         blocking(move || store.put_run(&record)).await?;
         let mut state = self.lock();
-        let current = match &state.phase {
-            Phase::Open(round) => Some(&round.run_id),
-            Phase::Closing { run_id, .. } => Some(run_id),
-            Phase::Idle => None,
-        };
-        if current == Some(&info.run_id) {
+        if state.current_run() == Some(info.run_id.as_str()) {
             state.phase = Phase::Idle;
         }
         state.runs[index].ended(info.clone());
@@ -379,7 +378,7 @@ fn optimized(
 }
 
 /// Runs `work` on a blocking thread (disk writes, big sums) and waits for it.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(work).await {
         Ok(value) => value,
         Err(e) => std::panic::resume_unwind(e.into_panic()),

@@ -92,6 +92,11 @@ pub struct RunConfig {
     /// A server optimizer on each round's aggregate; None: the aggregate is the next model.
     #[serde(default)]
     pub server_optimizer: Option<ServerOptimizer>,
+    /// After each round every site measures the new global model on its own validation cases
+    /// (only Dice per class and the case count leave it); the run completes once the sites of
+    /// its last round have reported on its final model, or its deadline has passed.
+    #[serde(default)]
+    pub validate_at_sites: bool,
 }
 
 /// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
@@ -118,6 +123,7 @@ impl Default for RunConfig {
             secure_aggregation: None,
             schedule: None,
             server_optimizer: None,
+            validate_at_sites: false,
         }
     }
 }
@@ -308,6 +314,7 @@ impl From<RunConfig> for pb::RunConfig {
             }),
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
+            validate_at_sites: c.validate_at_sites,
         }
     }
 }
@@ -365,6 +372,7 @@ impl TryFrom<pb::RunConfig> for RunConfig {
             }),
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(TryInto::try_into).transpose()?,
+            validate_at_sites: c.validate_at_sites,
         };
         c.validate()?;
         Ok(c)

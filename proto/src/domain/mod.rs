@@ -1,7 +1,8 @@
 //! Domain types of the protocol, by topic, and their conversions from and to the generated
 //! `pb` types: what a run is configured with (`config`), what a site is asked and sends back
 //! (`task`), what a run and its rounds are (`run`), how a model travels (`model`), the learning
-//! rate over rounds (`schedule`), what the coordinator does with an aggregate (`strategy`).
+//! rate over rounds (`schedule`), what the coordinator does with an aggregate (`strategy`), evaluation at the sites
+//! (`validation`).
 //!
 //! Conversions from `pb` check what protobuf cannot express (required sub-messages, value
 //! ranges) so that code past the edge only ever sees valid values. The serde forms are what
@@ -13,6 +14,7 @@ mod run;
 mod schedule;
 mod strategy;
 mod task;
+mod validation;
 
 pub use config::*;
 pub use model::*;
@@ -20,6 +22,7 @@ pub use run::*;
 pub use schedule::*;
 pub use strategy::*;
 pub use task::*;
+pub use validation::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DomainError {

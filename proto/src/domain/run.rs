@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DomainError, RunConfig, invalid, positive};
+use super::{DomainError, RunConfig, SiteValidation, invalid, positive};
 use crate::pb;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,6 +44,10 @@ pub struct RoundSummary {
     /// Each site's own figures, by site name; empty under secure aggregation.
     #[serde(default)]
     pub site_reports: Vec<SiteReport>,
+    /// What each site measured of this round's model on its own validation cases, in the
+    /// order the reports arrived (after the round: the sites measure the model it made).
+    #[serde(default)]
+    pub validation: Vec<SiteValidation>,
 }
 
 /// One site's part in a round: what its update header said.
@@ -102,6 +106,11 @@ pub enum RunEvent {
     RoundFinished(RoundSummary),
     /// Boxed: a run's whole record is far larger than the other events.
     RunFinished(Box<RunInfo>),
+    /// A site's validation of the model round `round` made arrived.
+    SiteValidated {
+        round: u32,
+        validation: SiteValidation,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +148,7 @@ impl From<RoundSummary> for pb::RoundSummary {
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon.unwrap_or(0.0),
             site_reports: r.site_reports.into_iter().map(Into::into).collect(),
+            validation: r.validation.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -181,6 +191,7 @@ impl From<pb::RoundSummary> for RoundSummary {
             finished_unix_ms: r.finished_unix_ms,
             epsilon: positive(r.epsilon),
             site_reports: r.site_reports.into_iter().map(Into::into).collect(),
+            validation: r.validation.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -241,6 +252,12 @@ impl From<RunEvent> for pb::RunEvent {
             }
             RunEvent::RoundFinished(s) => Kind::RoundFinished(s.into()),
             RunEvent::RunFinished(r) => Kind::RunFinished((*r).into()),
+            RunEvent::SiteValidated { round, validation } => {
+                Kind::SiteValidated(pb::SiteValidated {
+                    round,
+                    validation: Some(validation.into()),
+                })
+            }
         };
         Self { kind: Some(kind) }
     }
@@ -261,6 +278,13 @@ impl TryFrom<pb::RunEvent> for RunEvent {
             },
             Kind::RoundFinished(s) => RunEvent::RoundFinished(s.into()),
             Kind::RunFinished(r) => RunEvent::RunFinished(Box::new(r.try_into()?)),
+            Kind::SiteValidated(v) => RunEvent::SiteValidated {
+                round: v.round,
+                validation: v
+                    .validation
+                    .ok_or(DomainError::Missing("validation"))?
+                    .into(),
+            },
         })
     }
 }

@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use super::config::check_threshold;
 use super::{
-    DomainError, TrainingConfig, invalid, positive, require_non_negative, validate_version,
+    DomainError, EvaluateTask, TrainingConfig, invalid, positive, require_non_negative,
+    validate_version,
 };
 use crate::pb;
 /// What a site must do for a securely aggregated round.
@@ -30,6 +31,7 @@ pub struct TrainTask {
 pub enum Task {
     Wait { retry_after_ms: u32 },
     Train(TrainTask),
+    Evaluate(EvaluateTask),
 }
 
 /// Aggregate training metrics a site reports: never anything per image or per patient.
@@ -72,6 +74,7 @@ impl From<Task> for pb::Task {
                     noise_std: s.noise_std.unwrap_or(0.0),
                 }),
             }),
+            Task::Evaluate(t) => pb::task::Kind::Evaluate(t.into()),
         };
         Self { kind: Some(kind) }
     }
@@ -84,6 +87,7 @@ impl TryFrom<pb::Task> for Task {
             pb::task::Kind::Wait(w) => Ok(Task::Wait {
                 retry_after_ms: w.retry_after_ms,
             }),
+            pb::task::Kind::Evaluate(t) => Ok(Task::Evaluate(t.try_into()?)),
             pb::task::Kind::Train(t) => {
                 validate_version(&t.model_version)?;
                 Ok(Task::Train(TrainTask {

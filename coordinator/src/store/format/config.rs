@@ -27,6 +27,9 @@ pub(super) struct ConfigV1 {
     /// Added within format 1, as `schedule`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     server_optimizer: Option<ServerOptimizerV1>,
+    /// Added within format 1, written only when on: runs before it did not validate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    validate_at_sites: bool,
 }
 
 /// A manifest's record of the run's strategy.
@@ -146,6 +149,7 @@ impl From<&RunConfig> for ConfigV1 {
             secure_aggregation: c.secure_aggregation.map(Into::into),
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
+            validate_at_sites: c.validate_at_sites,
         }
     }
 }
@@ -170,6 +174,7 @@ impl From<ConfigV1> for RunConfig {
             secure_aggregation: c.secure_aggregation.map(Into::into),
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
+            validate_at_sites: c.validate_at_sites,
         }
     }
 }

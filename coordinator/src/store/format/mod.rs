@@ -9,7 +9,10 @@
 //! Every stored domain type has its mirror here, field for field, with both conversions, and
 //! the tests that pin each file's shape; a run's configuration, the largest, is in `config`.
 
-use alveolus_proto::domain::{Metrics, RoundSummary, RunInfo, RunState, SiteInfo, SiteReport};
+use alveolus_proto::domain::{
+    ClassDice, Metrics, RoundSummary, RunInfo, RunState, SiteInfo, SiteReport, SiteValidation,
+    Validation,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +119,54 @@ struct RoundV1 {
     epsilon: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     site_reports: Vec<SiteReportV1>,
+    /// Added within format 1, as `site_reports`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    validation: Vec<SiteValidationV1>,
+}
+
+/// A site's validation of a round's model.
+#[derive(Serialize, Deserialize)]
+struct SiteValidationV1 {
+    site: String,
+    cases: u32,
+    #[serde(default)]
+    infection_dice: Option<f64>,
+    /// Class name and Dice, in the model's order.
+    #[serde(default)]
+    classes: Vec<(String, Option<f64>)>,
+}
+
+impl From<&SiteValidation> for SiteValidationV1 {
+    fn from(v: &SiteValidation) -> Self {
+        Self {
+            site: v.site.clone(),
+            cases: v.validation.cases,
+            infection_dice: v.validation.infection_dice,
+            classes: v
+                .validation
+                .classes
+                .iter()
+                .map(|c| (c.class.clone(), c.dice))
+                .collect(),
+        }
+    }
+}
+
+impl From<SiteValidationV1> for SiteValidation {
+    fn from(v: SiteValidationV1) -> Self {
+        Self {
+            site: v.site,
+            validation: Validation {
+                cases: v.cases,
+                infection_dice: v.infection_dice,
+                classes: v
+                    .classes
+                    .into_iter()
+                    .map(|(class, dice)| ClassDice { class, dice })
+                    .collect(),
+            },
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -276,6 +327,7 @@ impl From<&RoundSummary> for RoundV1 {
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
             site_reports: r.site_reports.iter().map(Into::into).collect(),
+            validation: r.validation.iter().map(Into::into).collect(),
         }
     }
 }
@@ -318,6 +370,7 @@ impl From<RoundV1> for RoundSummary {
             finished_unix_ms: r.finished_unix_ms,
             epsilon: r.epsilon,
             site_reports: r.site_reports.into_iter().map(Into::into).collect(),
+            validation: r.validation.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -7,6 +7,7 @@ mod demo;
 mod progress;
 mod secagg_bench;
 mod segment_bench;
+mod simulate;
 mod simulated;
 mod soak_bench;
 
@@ -114,6 +115,9 @@ enum Command {
     },
     /// Everything on one machine: a coordinator and three hospital agents over real mTLS.
     Demo(demo::DemoArgs),
+    /// Federated rounds over local site folders in one process, for research: the
+    /// coordinator's engine and the sites' training without certificates or network.
+    Simulate(simulate::SimulateArgs),
 }
 
 impl Command {
@@ -187,5 +191,6 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Data { command } => cli::data::data_command(command).await,
         Command::Bench { command } => cli::bench::bench_command(command).await,
         Command::Demo(args) => demo::run_demo(args).await,
+        Command::Simulate(args) => simulate::simulate(args).await,
     }
 }

@@ -24,7 +24,9 @@ fn run_ok(args: &[&str]) -> String {
 async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let project = project(&["alpha"]);
     let _coordinator = start_coordinator(&project).await;
-    let data = site_data(&project, "alpha", 0, 2);
+    // Two training slices, and two validation cases on which the site measures each round's
+    // model (the default).
+    let data = site_dataset(&project, "alpha", 0, 2, 2);
     let _agent = spawn_agent(&project, "alpha", &data);
     let admin = project.admin_kit();
     let admin = admin.to_str().unwrap();
@@ -99,6 +101,15 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         "{watched}"
     );
     assert!(watched.trim_end().ends_with("completed"), "{watched}");
+    for round in [1, 2] {
+        assert!(
+            watched.contains(&format!(
+                "round {round}'s model validated at alpha: infection "
+            )),
+            "{watched}"
+        );
+    }
+    assert!(watched.contains("(2 cases)"), "{watched}");
 
     let status = run_ok(&["run", "status", "--kit", admin, "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -108,6 +119,38 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(status["config"]["server_optimizer"]["kind"], "fedadam");
     assert_eq!(status["config"]["training"]["proximal_mu"], 0.01);
     assert_eq!(status["config"]["training"]["site_normalisation"], true);
+    assert_eq!(status["config"]["validate_at_sites"], true);
+    // Each round's model, the final one included, as measured at the site: Dice per class on
+    // its own validation cases, and how many.
+    for round in status["rounds"].as_array().unwrap() {
+        let validation = round["validation"].as_array().unwrap();
+        assert_eq!(validation.len(), 1, "{round}");
+        let alpha = &validation[0];
+        assert_eq!(alpha["site"], "alpha");
+        assert_eq!(alpha["cases"], 2);
+        let classes: Vec<&str> = alpha["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["class"].as_str().unwrap())
+            .collect();
+        assert_eq!(classes, ["ggo", "consolidation"], "{alpha}");
+        for dice in alpha["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["dice"])
+            .chain([&alpha["infection_dice"]])
+        {
+            assert!(
+                dice.is_null() || (0.0..=1.0).contains(&dice.as_f64().unwrap()),
+                "{alpha}"
+            );
+        }
+    }
+    let text = run_ok(&["run", "status", "--kit", admin]);
+    assert!(text.contains("sites measure each round's model"), "{text}");
+    assert!(text.contains("validated at alpha: infection"), "{text}");
     // A schedule that cannot work is refused before anything starts.
     let refused = Command::new(BIN)
         .args([

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use alveolus_imaging::dicom_write::{SeriesTags, write_series};
 use alveolus_imaging::{nifti, synth};
-use alveolus_proto::domain::RunState;
+use alveolus_proto::domain::{RunConfig, RunState};
 use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -50,10 +50,30 @@ fn identifiable_site(dir: &Path) -> (PathBuf, SeriesTags) {
     )
     .unwrap();
     nifti::write(&root.join(format!("{NAMES}-labels.nii.gz")), &case.labels).unwrap();
+    // A second scan of the same patient as a validation case: the run measures each round's
+    // model on it, and only figures may leave.
+    let validation = synth::chest_ct(12, [48, 48, 10], [7.0, 7.0, 12.0]);
+    let mut validation_tags = SeriesTags::synthetic(12);
+    validation_tags.patient_name = PATIENT_NAME.into();
+    validation_tags.patient_id = PATIENT_ID.into();
+    validation_tags.accession_number = ACCESSION.into();
+    write_series(
+        &root.join("ct-followup"),
+        &validation.image,
+        &validation_tags,
+        &format!("{NAMES}-followup"),
+    )
+    .unwrap();
+    nifti::write(
+        &root.join(format!("{NAMES}-followup-labels.nii.gz")),
+        &validation.labels,
+    )
+    .unwrap();
     std::fs::write(
         root.join("dataset.toml"),
         format!(
-            "[[case]]\nid = \"{NAMES}-{PATIENT_ID}\"\nimage = \"ct\"\nlabels = \"{NAMES}-labels.nii.gz\"\n"
+            "[[case]]\nid = \"{NAMES}-{PATIENT_ID}\"\nimage = \"ct\"\nlabels = \"{NAMES}-labels.nii.gz\"\n\n\
+             [[case]]\nid = \"{NAMES}-followup-{PATIENT_ID}\"\nimage = \"ct-followup\"\nlabels = \"{NAMES}-followup-labels.nii.gz\"\nsplit = \"validation\"\n"
         ),
     )
     .unwrap();
@@ -122,7 +142,11 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
     ]
     .map(|(site, data)| spawn_agent(&project, site, data));
     let mut admin = admin(&project).await;
-    let run = start_run(&mut admin, run_config(1, 4, 300), &tiny_model(3)).await;
+    let config = RunConfig {
+        validate_at_sites: true,
+        ..run_config(1, 4, 300)
+    };
+    let run = start_run(&mut admin, config, &tiny_model(3)).await;
     let run = wait_for(&mut admin, &run.run_id, Duration::from_secs(300), |r| {
         r.state != RunState::Running
     })
@@ -146,6 +170,17 @@ async fn sites_train_from_every_format_and_send_no_identifiers() {
     assert_eq!(samples("png"), 3);
     assert!(samples("nifti") > 0);
     assert!(samples("dicom") >= 5, "{}", samples("dicom"));
+    // The final model was measured where the data are: figures and a case count came back.
+    let validated: Vec<(String, u32)> = run.rounds[0]
+        .validation
+        .iter()
+        .map(|v| (v.site.clone(), v.validation.cases))
+        .collect();
+    assert!(
+        validated.contains(&("dicom".to_string(), 1)),
+        "{validated:?}"
+    );
+    assert!(validated.contains(&("png".to_string(), 0)), "{validated:?}");
 
     // What the identifiable site sent, in plaintext: its updates and nothing of its files.
     proxy.abort();

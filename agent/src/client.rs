@@ -13,19 +13,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alveolus_models::train::{TrainError, train};
-use alveolus_models::{DeviceChoice, ModelSpec, Progress, TrainOptions};
-use alveolus_proto::domain::{
-    ClassDice, EvaluateTask, Metrics, Task, TrainTask, UpdateHeader, Validation, ValidationReport,
-};
+use alveolus_models::train::TrainError;
+use alveolus_models::{DeviceChoice, ModelSpec, Progress};
+use alveolus_proto::domain::{EvaluateTask, Task, TrainTask, UpdateHeader, ValidationReport};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::sha256_hex;
 
 use crate::error::AgentError;
+use crate::local::{LocalUpdate, local_update, measure, no_validation};
 use crate::metrics::AgentMetrics;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
-use crate::site_norms::{SiteNorms, withhold_normalisation};
+use crate::site_norms::SiteNorms;
 use crate::transport::{
     Federation, Traffic, Verdict, join, next_task, pull_model, push_update, report_validation,
     status_error, verdict,
@@ -226,11 +225,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.refresh_data();
         let validation = match self.data.validation().cloned() {
-            None => Validation {
-                cases: 0,
-                infection_dice: None,
-                classes: Vec::new(),
-            },
+            None => no_validation(),
             Some((slices, cases)) => {
                 let (mut global, model_bytes) = pull_model(client, &task.model_version).await?;
                 self.options.metrics.traffic(0, model_bytes);
@@ -238,23 +233,11 @@ impl Agent {
                     self.site_norms.personalise(&task.run_id, &mut global);
                 }
                 let device = self.device.clone();
-                let measured = tokio::task::spawn_blocking(move || {
-                    alveolus_imaging::evaluate::evaluate(&global, &slices, &device)
-                })
-                .await;
+                let measured =
+                    tokio::task::spawn_blocking(move || measure(&global, &slices, cases, &device))
+                        .await;
                 match training_ended(measured)? {
-                    Ok(report) => Validation {
-                        cases: u32::try_from(cases).unwrap_or(u32::MAX),
-                        infection_dice: report.infection,
-                        classes: report
-                            .per_class
-                            .into_iter()
-                            .map(|c| ClassDice {
-                                class: c.class,
-                                dice: c.dice,
-                            })
-                            .collect(),
-                    },
+                    Ok(validation) => validation,
                     Err(e) => {
                         tracing::warn!(
                             round = task.round,
@@ -348,22 +331,20 @@ impl Agent {
                 slices
             }
         };
-        let mut training = task.training.clone();
-        training.seed = training.seed.wrapping_add(task.round as u64);
         let device = self.device.clone();
         let round = task.round;
         let start = std::sync::Arc::new(global);
         let start_for_training = start.clone();
+        let task_for_training = task.clone();
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             // Seconds per epoch in the log: the site's operator sees what its hardware costs
             // the federation.
             let mut epoch_started = std::time::Instant::now();
-            train(
+            local_update(
                 &start_for_training,
                 &slices,
-                &training,
-                &TrainOptions::federated(),
+                &task_for_training,
                 &device,
                 |progress| {
                     if let Progress::Epoch { epoch, loss } = progress {
@@ -380,21 +361,19 @@ impl Agent {
             )
         })
         .await;
-        let outcome = training_ended(outcome)??;
+        let LocalUpdate {
+            local,
+            update,
+            samples,
+            metrics,
+            clipped_from,
+        } = training_ended(outcome)??;
         let train_seconds = started.elapsed().as_secs_f64();
-        self.options
-            .metrics
-            .trained(started.elapsed(), outcome.samples);
-        let mut update = outcome
-            .weights
-            .minus(&start)
-            .map_err(|e| AgentError::Transfer(e.to_string()))?;
+        self.options.metrics.trained(started.elapsed(), samples);
         if site_normalisation {
-            self.site_norms = SiteNorms::keep(&task.run_id, &outcome.weights);
-            withhold_normalisation(&mut update);
+            self.site_norms = SiteNorms::keep(&task.run_id, &local);
         }
-        if let Some(clip_norm) = task.clip_norm {
-            let norm = alveolus_privacy::dp::clip(&mut update, clip_norm);
+        if let (Some(norm), Some(clip_norm)) = (clipped_from, task.clip_norm) {
             tracing::info!(
                 round,
                 norm,
@@ -402,14 +381,10 @@ impl Agent {
                 "update clipped for differential privacy"
             );
         }
-        let metrics = Metrics {
-            loss: outcome.loss,
-            dice: outcome.dice,
-        };
         tracing::info!(
             round,
-            loss = format!("{:.4}", outcome.loss),
-            dice = format!("{:.3}", outcome.dice),
+            loss = format!("{:.4}", metrics.loss),
+            dice = format!("{:.3}", metrics.dice),
             seconds = format!("{:.1}", started.elapsed().as_secs_f32()),
             "local training done; pushing update"
         );
@@ -418,7 +393,7 @@ impl Agent {
             let weight = if task.clip_norm.is_some() {
                 1
             } else {
-                outcome.samples as u64
+                samples as u64
             };
             let noise_std = task.secure_aggregation.and_then(|s| s.noise_std);
             let words =
@@ -454,7 +429,7 @@ impl Agent {
             run_id: task.run_id.clone(),
             round: task.round,
             base_version: task.model_version.clone(),
-            num_samples: outcome.samples as u64,
+            num_samples: samples as u64,
             metrics,
             total_bytes: bytes.len() as u64,
             masked: false,

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+pub mod local;
 pub mod metrics;
 pub mod secure;
 pub mod site_data;

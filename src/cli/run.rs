@@ -11,6 +11,7 @@ use alveolus_proto::domain::{
     RunConfig, RunEvent, RunInfo, RunState, SecureAggregationConfig, ServerOptimizer,
     ServerOptimizerKind, SiteReport, SiteValidation, TrainingConfig,
 };
+use alveolus_proto::weights::Weights;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -66,6 +67,13 @@ pub enum RunCommand {
 pub struct StartArgs {
     #[arg(long)]
     kit: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How a run goes: what `run start` sends the coordinator, and what `simulate` runs.
+#[derive(Args)]
+pub struct RunArgs {
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     #[arg(long, default_value_t = 1)]
@@ -91,7 +99,7 @@ pub struct StartArgs {
     #[arg(long, default_value_t = 600)]
     deadline: u32,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     #[command(flatten)]
     network: NetworkArgs,
     /// Start from this model file instead of a fresh network.
@@ -169,7 +177,28 @@ pub enum ServerOptimizerChoice {
     Fedyogi,
 }
 
-impl StartArgs {
+impl RunArgs {
+    /// The run's configuration, checked, and its initial model (fresh, or `--init`; FedBN's
+    /// note in its metadata).
+    pub(crate) fn config_and_model(&self) -> Result<(RunConfig, Weights)> {
+        let config = RunConfig::from(self);
+        config.validate()?;
+        let mut weights = match &self.init {
+            Some(path) => read_model(path)?,
+            None => alveolus_models::train::initial_weights(&self.network.spec()?, self.seed)?,
+        };
+        if config.training.site_normalisation {
+            // Carried by every checkpoint of the run (aggregation keeps the base's metadata),
+            // so whoever pulls the model reads that its normalisation is no site's.
+            weights.metadata.insert(
+                SITE_SPECIFIC_METADATA_KEY.to_owned(),
+                SITE_SPECIFIC_NORMALISATION.to_owned(),
+            );
+        }
+        slices_only(&ModelSpec::from_weights(&weights)?)?;
+        Ok((config, weights))
+    }
+
     fn server_optimizer(&self) -> Option<ServerOptimizer> {
         let kind = match self.server_optimizer? {
             ServerOptimizerChoice::Fedavgm => ServerOptimizerKind::FedAvgM,
@@ -194,8 +223,8 @@ pub enum LrSchedule {
     Cosine,
 }
 
-impl From<&StartArgs> for RunConfig {
-    fn from(a: &StartArgs) -> Self {
+impl From<&RunArgs> for RunConfig {
+    fn from(a: &RunArgs) -> Self {
         RunConfig {
             rounds: a.rounds,
             min_sites: a.min_sites,
@@ -330,22 +359,8 @@ pub async fn run_command(command: RunCommand) -> Result<()> {
 }
 
 async fn start(args: StartArgs) -> Result<()> {
-    let config = RunConfig::from(&args);
-    config.validate()?;
-    let mut weights = match &args.init {
-        Some(path) => read_model(path)?,
-        None => alveolus_models::train::initial_weights(&args.network.spec()?, args.seed)?,
-    };
-    if config.training.site_normalisation {
-        // Carried by every checkpoint of the run (aggregation keeps the base's metadata), so
-        // whoever pulls the model reads that its normalisation is no site's.
-        weights.metadata.insert(
-            SITE_SPECIFIC_METADATA_KEY.to_owned(),
-            SITE_SPECIFIC_NORMALISATION.to_owned(),
-        );
-    }
+    let (config, weights) = args.run.config_and_model()?;
     let spec = ModelSpec::from_weights(&weights)?;
-    slices_only(&spec)?;
     let (secure, privacy, schedule, optimizer, sites_config) = (
         config.secure_aggregation,
         config.privacy.clone(),
@@ -362,13 +377,13 @@ async fn start(args: StartArgs) -> Result<()> {
     );
     println!(
         "  {} rounds, min {} sites, deadline {} s, {} local epochs, lr {}, batch {}, seed {}",
-        args.rounds,
-        args.min_sites,
-        args.deadline,
-        args.local_epochs,
-        args.lr,
-        args.batch_size,
-        args.seed
+        args.run.rounds,
+        args.run.min_sites,
+        args.run.deadline,
+        args.run.local_epochs,
+        args.run.lr,
+        args.run.batch_size,
+        args.run.seed
     );
     if let Some(schedule) = schedule {
         println!("  learning rate: {schedule}");
@@ -384,7 +399,7 @@ async fn start(args: StartArgs) -> Result<()> {
         );
     }
     if let Some(p) = privacy {
-        let rounds = args.rounds;
+        let rounds = args.run.rounds;
         let planned = alveolus_privacy::run_epsilon(&p, rounds);
         println!(
             "  differential privacy: clip {}, noise {}; all {rounds} rounds would spend epsilon {:.4} at delta {}{}",
@@ -400,7 +415,7 @@ async fn start(args: StartArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_run(info: &RunInfo) {
+pub(crate) fn print_run(info: &RunInfo) {
     println!("run {}  {}", info.run_id, info.state.as_str());
     println!(
         "  {} of {} rounds finished; min {} sites; deadline {} s; {} local epochs; lr {}",

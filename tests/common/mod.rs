@@ -233,6 +233,32 @@ pub fn site_data(project: &Project, name: &str, block: usize, count: usize) -> P
     dest
 }
 
+/// A site folder with a `dataset.toml`: the first `train` MedSeg slices of `block` as `train`
+/// cases, the next `validation` as `validation` cases.
+pub fn site_dataset(
+    project: &Project,
+    name: &str,
+    block: usize,
+    train: usize,
+    validation: usize,
+) -> PathBuf {
+    let dest = site_data(project, name, block, train + validation);
+    let mut names: Vec<String> = std::fs::read_dir(dest.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut toml = String::new();
+    for (i, file) in names.iter().enumerate() {
+        let split = if i < train { "train" } else { "validation" };
+        toml.push_str(&format!(
+            "[[case]]\nid = \"case-{i}\"\nimage = \"images/{file}\"\nlabels = \"masks/{file}\"\nsplit = \"{split}\"\n\n"
+        ));
+    }
+    std::fs::write(dest.join("dataset.toml"), toml).unwrap();
+    dest
+}
+
 pub fn tiny_model(seed: u64) -> Weights {
     alveolus_models::train::initial_weights(&ModelSpec::tiny(), seed).unwrap()
 }

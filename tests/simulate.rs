@@ -221,6 +221,32 @@ fn what_cannot_be_simulated_is_refused_before_anything_runs() {
             "proximal_mu",
         ),
         (vec!["--site", "a b=/x", "--out", out], "must be letters"),
+        (
+            vec![
+                "--data",
+                data.to_str().unwrap(),
+                "--split-sites",
+                "3",
+                "--out",
+                out,
+            ],
+            "2 slices cannot be split between 3 sites",
+        ),
+        (
+            vec![
+                "--data",
+                data.to_str().unwrap(),
+                "--split-sites",
+                "2",
+                "--split",
+                "dirichlet",
+                "--alpha",
+                "0",
+                "--out",
+                out,
+            ],
+            "--alpha 0 is not a positive number",
+        ),
     ] {
         let mut all = vec!["simulate"];
         all.extend(args.iter().copied());
@@ -232,4 +258,38 @@ fn what_cannot_be_simulated_is_refused_before_anything_runs() {
         std::fs::read_to_string(used.join("keep.txt")).unwrap(),
         "earlier results"
     );
+}
+
+/// One dataset split between sites: every training slice trains at exactly one site.
+#[test]
+fn one_dataset_split_between_sites_trains_each_slice_at_one_site() {
+    let project = project(&["alpha"]);
+    let data = site_data(&project, "all", 0, 6);
+    let init = project.path("init.safetensors");
+    std::fs::write(&init, tiny_model(2).encode()).unwrap();
+    let out = project.path("split");
+    let (ok, text) = alveolus(&[
+        "simulate",
+        "--data",
+        data.to_str().unwrap(),
+        "--split-sites",
+        "3",
+        "--split",
+        "blocks",
+        "--out",
+        out.to_str().unwrap(),
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--init",
+        init.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let record: RunInfo =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let round = &record.rounds[0];
+    assert_eq!(round.sites, ["site-1", "site-2", "site-3"]);
+    let samples: Vec<u64> = round.site_reports.iter().map(|r| r.samples).collect();
+    assert_eq!(samples, [2, 2, 2], "{round:?}");
 }

@@ -333,32 +333,24 @@ impl Agent {
         };
         let device = self.device.clone();
         let round = task.round;
-        let start = std::sync::Arc::new(global);
-        let start_for_training = start.clone();
         let task_for_training = task.clone();
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             // Seconds per epoch in the log: the site's operator sees what its hardware costs
             // the federation.
             let mut epoch_started = std::time::Instant::now();
-            local_update(
-                &start_for_training,
-                &slices,
-                &task_for_training,
-                &device,
-                |progress| {
-                    if let Progress::Epoch { epoch, loss } = progress {
-                        tracing::info!(
-                            round,
-                            epoch,
-                            loss = format!("{loss:.4}"),
-                            seconds = format!("{:.1}", epoch_started.elapsed().as_secs_f32()),
-                            "local epoch done"
-                        );
-                        epoch_started = std::time::Instant::now();
-                    }
-                },
-            )
+            local_update(&global, &slices, &task_for_training, &device, |progress| {
+                if let Progress::Epoch { epoch, loss } = progress {
+                    tracing::info!(
+                        round,
+                        epoch,
+                        loss = format!("{loss:.4}"),
+                        seconds = format!("{:.1}", epoch_started.elapsed().as_secs_f32()),
+                        "local epoch done"
+                    );
+                    epoch_started = std::time::Instant::now();
+                }
+            })
         })
         .await;
         let LocalUpdate {

@@ -97,7 +97,7 @@ impl Notes {
 
 /// The dataset's validation cases; a dataset without any has none to measure on, and one whose
 /// validation cases do not load is reported and measures nothing.
-fn load_validation(path: &Path, skip_bad_cases: bool) -> Option<(Arc<SliceDataset>, usize)> {
+pub fn load_validation(path: &Path, skip_bad_cases: bool) -> Option<(Arc<SliceDataset>, usize)> {
     match load(path, Purpose::Validation, skip_bad_cases) {
         Ok(loaded) => Some((Arc::new(loaded.slices), loaded.cases)),
         Err(DatasetError::Empty { .. }) => None,

@@ -308,7 +308,7 @@ impl Collector for Present {
         )?;
 
         let phases = Family::<PhaseLabels, Gauge>::default();
-        for name in ["idle", "open", "closing"] {
+        for name in ["idle", "open", "closing", "validating"] {
             phases
                 .get_or_create(&PhaseLabels { phase: name })
                 .set(i64::from(name == phase));
@@ -316,7 +316,7 @@ impl Collector for Present {
         emit(
             &mut encoder,
             "round_phase",
-            "1 for the engine's phase: idle (no run), open (taking updates) or closing (aggregating and writing)",
+            "1 for the engine's phase: idle (no run), open (taking updates), closing (aggregating and writing) or validating (the sites measuring a run's final model)",
             None,
             &phases,
         )?;

@@ -8,19 +8,29 @@
 //! --json` prints.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_agent::SiteData;
 use alveolus_agent::local::{local_update, measure, no_validation};
+use alveolus_agent::site_data::load_validation;
 use alveolus_agent::site_norms::SiteNorms;
 use alveolus_coordinator::engine::{Coordinator, EngineSettings};
-use alveolus_models::{DeviceChoice, ModelSpec};
-use alveolus_proto::domain::{RunInfo, RunState, Task, UpdateHeader, ValidationReport};
+use alveolus_imaging::SliceDataset;
+use alveolus_imaging::dataset::{Purpose, load};
+use alveolus_models::{Device, DeviceChoice, LabelledSlice, ModelSpec};
+use alveolus_proto::domain::{
+    EvaluateTask, RunInfo, RunState, Task, TrainTask, UpdateHeader, ValidationReport,
+};
 use alveolus_proto::weights::Weights;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::cli::run::{RunArgs, print_run};
+
+mod split;
+
+use split::SplitKind;
 
 /// Run federated rounds over local site folders in one process: the coordinator's engine and
 /// the sites' training without certificates or network, reproducible from --seed.
@@ -28,8 +38,24 @@ use crate::cli::run::{RunArgs, print_run};
 pub struct SimulateArgs {
     /// A site's data (a `dataset.toml`, a folder holding one, or a PNG slice folder), as
     /// NAME=PATH or PATH (named after its folder); once per site.
-    #[arg(long = "site", required = true)]
+    #[arg(long = "site", required_unless_present = "data")]
     sites: Vec<String>,
+    /// Instead of --site: one dataset's `train` cases split between --split-sites sites
+    /// (named site-1, site-2, ...); each measures on the dataset's `validation` cases.
+    #[arg(long, conflicts_with = "sites", requires = "split_sites")]
+    data: Option<PathBuf>,
+    /// How many sites --data is split between.
+    #[arg(long, requires = "data")]
+    split_sites: Option<usize>,
+    /// How --data is split: blocks (contiguous in the dataset's order), iid (at random), or
+    /// dirichlet (label skew: slices with consolidation, with only ground-glass and without
+    /// lesion dealt out in Dirichlet(--alpha) proportions). Seeded by --seed.
+    #[arg(long, value_enum, default_value = "iid", requires = "data")]
+    split: SplitKind,
+    /// The Dirichlet split's concentration: small values give each site few kinds of slice,
+    /// large ones an even mix.
+    #[arg(long, default_value_t = 0.5, requires = "data")]
+    alpha: f64,
     /// An empty (or new) folder for the run's state (checkpoints and run log), its record
     /// (`run.json`, as `run status --json`) and its final model.
     #[arg(long)]
@@ -43,7 +69,9 @@ pub struct SimulateArgs {
 /// A simulated site: its data and, under FedBN, its own normalisation layers.
 struct Site {
     name: String,
-    data: SiteData,
+    training: SliceDataset,
+    /// Its validation slices and how many cases they are, if it has any.
+    validation: Option<(Arc<SliceDataset>, usize)>,
     norms: SiteNorms,
 }
 
@@ -54,7 +82,16 @@ pub async fn simulate(args: SimulateArgs) -> Result<()> {
             "simulate aggregates in the clear: secure aggregation changes who sees the updates, not the model (up to its fixed-point rounding); leave out --secure-aggregation"
         );
     }
-    let mut sites = load_sites(&args.sites)?;
+    let mut sites = match &args.data {
+        Some(data) => split_sites(
+            data,
+            args.split_sites.unwrap_or_default(),
+            args.split,
+            args.alpha,
+            args.run.seed,
+        )?,
+        None => load_sites(&args.sites)?,
+    };
     // Every site in every round, however the flags set the quorum: a simulation has no site
     // that drops out.
     config.min_sites = sites.len() as u32;
@@ -75,13 +112,11 @@ pub async fn simulate(args: SimulateArgs) -> Result<()> {
         max_model_bytes: u64::MAX,
         max_long_poll: Duration::from_secs(1),
     })?;
-    let info = coordinator
-        .start_run(config, &weights.encode().into())
-        .await?;
+    let info = coordinator.start_run(config, &weights.encode()).await?;
     let run_id = info.run_id.clone();
     let slices: Vec<_> = sites
         .iter()
-        .map(|s| std::sync::Arc::new(s.data.slices().at_size(spec.image_size)))
+        .map(|s| Arc::new(s.training.at_size(spec.image_size)))
         .collect();
     let mut reported = 0;
     let mut idle = Duration::ZERO;
@@ -95,74 +130,12 @@ pub async fn simulate(args: SimulateArgs) -> Result<()> {
                     Task::Wait { .. } => break,
                     Task::Evaluate(task) => {
                         worked = true;
-                        let validation = match site.data.validation() {
-                            None => no_validation(),
-                            Some((validation, cases)) => {
-                                let mut model = pulled(&coordinator, &task.model_version)?;
-                                if task.site_normalisation {
-                                    site.norms.personalise(&task.run_id, &mut model);
-                                }
-                                let (validation, cases, device) =
-                                    (validation.clone(), *cases, device.device.clone());
-                                tokio::task::spawn_blocking(move || {
-                                    measure(&model, &validation, cases, &device)
-                                })
-                                .await??
-                            }
-                        };
-                        coordinator
-                            .accept_validation(
-                                &site.name,
-                                ValidationReport {
-                                    run_id: task.run_id,
-                                    round: task.round,
-                                    model_version: task.model_version,
-                                    validation,
-                                },
-                            )
-                            .await?;
+                        site.evaluate(&coordinator, task, &device.device).await?;
                     }
                     Task::Train(task) => {
                         worked = true;
-                        let mut global = pulled(&coordinator, &task.model_version)?;
-                        if task.training.site_normalisation {
-                            site.norms.personalise(&task.run_id, &mut global);
-                        }
-                        let (train_slices, device, for_training) =
-                            (slices[index].clone(), device.device.clone(), task.clone());
-                        let started = std::time::Instant::now();
-                        let (global, local) = tokio::task::spawn_blocking(move || {
-                            let local = local_update(
-                                &global,
-                                &train_slices,
-                                &for_training,
-                                &device,
-                                |_| {},
-                            );
-                            (global, local)
-                        })
-                        .await?;
-                        drop(global);
-                        let local = local.with_context(|| format!("site {}", site.name))?;
-                        if task.training.site_normalisation {
-                            site.norms = SiteNorms::keep(&task.run_id, &local.local);
-                        }
-                        let header = UpdateHeader {
-                            run_id: task.run_id.clone(),
-                            round: task.round,
-                            base_version: task.model_version.clone(),
-                            num_samples: local.samples as u64,
-                            metrics: local.metrics,
-                            total_bytes: local.update.encode().len() as u64,
-                            masked: false,
-                            train_seconds: task
-                                .clip_norm
-                                .is_none()
-                                .then(|| started.elapsed().as_secs_f64()),
-                        };
-                        coordinator
-                            .accept_update(&site.name, &header, &local.update)
-                            .with_context(|| format!("site {}'s update", site.name))?;
+                        site.train(&coordinator, task, &slices[index], &device.device)
+                            .await?;
                         // The site's next task is the next round's: the round closes once
                         // every site has reported.
                         break;
@@ -186,6 +159,81 @@ pub async fn simulate(args: SimulateArgs) -> Result<()> {
         };
     }
     finish(&coordinator, &run_id, &args.out)
+}
+
+impl Site {
+    /// An evaluate task: the round's model (with the site's own normalisation under FedBN)
+    /// measured on the site's validation cases and reported, as an agent does.
+    async fn evaluate(
+        &self,
+        coordinator: &Arc<Coordinator>,
+        task: EvaluateTask,
+        device: &Device,
+    ) -> Result<()> {
+        let validation = match &self.validation {
+            None => no_validation(),
+            Some((validation, cases)) => {
+                let mut model = pulled(coordinator, &task.model_version)?;
+                if task.site_normalisation {
+                    self.norms.personalise(&task.run_id, &mut model);
+                }
+                let (validation, cases, device) = (validation.clone(), *cases, device.clone());
+                tokio::task::spawn_blocking(move || measure(&model, &validation, cases, &device))
+                    .await??
+            }
+        };
+        let report = ValidationReport {
+            run_id: task.run_id,
+            round: task.round,
+            model_version: task.model_version,
+            validation,
+        };
+        coordinator.accept_validation(&self.name, report).await?;
+        Ok(())
+    }
+
+    /// A train task: the round's update made from `slices` and handed to the engine, as an
+    /// agent's upload would be.
+    async fn train(
+        &mut self,
+        coordinator: &Arc<Coordinator>,
+        task: TrainTask,
+        slices: &Arc<Vec<LabelledSlice>>,
+        device: &Device,
+    ) -> Result<()> {
+        let mut global = pulled(coordinator, &task.model_version)?;
+        if task.training.site_normalisation {
+            self.norms.personalise(&task.run_id, &mut global);
+        }
+        let (slices, device, for_training) = (slices.clone(), device.clone(), task.clone());
+        let started = std::time::Instant::now();
+        let local = tokio::task::spawn_blocking(move || {
+            local_update(&global, &slices, &for_training, &device, |_| {})
+        })
+        .await?
+        .with_context(|| format!("site {}", self.name))?;
+        if task.training.site_normalisation {
+            self.norms = SiteNorms::keep(&task.run_id, &local.local);
+        }
+        let header = UpdateHeader {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            base_version: task.model_version.clone(),
+            num_samples: local.samples as u64,
+            metrics: local.metrics,
+            total_bytes: local.update.encode().len() as u64,
+            masked: false,
+            // As an agent: not under DP, where it would hint at the sample count.
+            train_seconds: task
+                .clip_norm
+                .is_none()
+                .then(|| started.elapsed().as_secs_f64()),
+        };
+        coordinator
+            .accept_update(&self.name, &header, &local.update)
+            .with_context(|| format!("site {}'s update", self.name))?;
+        Ok(())
+    }
 }
 
 /// The sites named on the command line, their data loaded; a name given twice, or data that
@@ -221,18 +269,60 @@ fn load_sites(specs: &[String]) -> Result<Vec<Site>> {
         }
         let (data, _) = SiteData::load(&path, false)
             .with_context(|| format!("site {name} ({})", path.display()))?;
-        eprintln!(
-            "{name}: {} training slices, {} validation cases",
-            data.slices().len(),
-            data.validation().map_or(0, |(_, cases)| *cases)
-        );
-        sites.push(Site {
+        sites.push(Site::new(
             name,
-            data,
-            norms: SiteNorms::default(),
-        });
+            data.slices().clone(),
+            data.validation().cloned(),
+        ));
     }
     Ok(sites)
+}
+
+/// `count` sites made of one dataset's training cases, split as `kind` says; each measures
+/// on all of the dataset's validation cases.
+fn split_sites(
+    path: &Path,
+    count: usize,
+    kind: SplitKind,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Site>> {
+    let loaded = load(path, Purpose::Training, false)
+        .with_context(|| format!("--data {}", path.display()))?;
+    let slices = loaded.slices.slices;
+    let parts = split::assign(&slices, count, kind, alpha, seed)
+        .map_err(|e| anyhow::anyhow!("--data {}: {e}", path.display()))?;
+    let validation = load_validation(path, false);
+    Ok(parts
+        .into_iter()
+        .enumerate()
+        .map(|(index, part)| {
+            let training = SliceDataset {
+                slices: part.into_iter().map(|i| slices[i].clone()).collect(),
+            };
+            Site::new(format!("site-{}", index + 1), training, validation.clone())
+        })
+        .collect())
+}
+
+impl Site {
+    fn new(
+        name: String,
+        training: SliceDataset,
+        validation: Option<(Arc<SliceDataset>, usize)>,
+    ) -> Self {
+        eprintln!(
+            "{name}: {} training slices, {} validation cases",
+            training.len(),
+            validation.as_ref().map_or(0, |(_, cases)| *cases)
+        );
+        Self {
+            name,
+            training,
+            validation,
+            norms: SiteNorms::default(),
+        }
+    }
 }
 
 /// The state folder inside `out`, which must be empty or new: a simulation never writes over

@@ -23,7 +23,8 @@ fn alveolus(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// The flags both runs share: two rounds of FedProx from the same initial model.
+/// The flags both runs share: two rounds of FedProx from the same initial model, then every
+/// site measuring every site's local model.
 fn strategy(init: &Path) -> Vec<String> {
     [
         "--rounds",
@@ -36,6 +37,7 @@ fn strategy(init: &Path) -> Vec<String> {
         "5",
         "--fedprox-mu",
         "0.01",
+        "--cross-site-evaluation",
         "--init",
         init.to_str().unwrap(),
     ]
@@ -53,6 +55,7 @@ fn simulate(sites: &[(&str, &Path)], init: &Path, out: &Path) -> RunInfo {
     let (ok, text) = alveolus(&args);
     assert!(ok, "{text}");
     assert!(text.contains("validated at alpha: infection"), "{text}");
+    assert!(text.contains("beta's local model"), "{text}");
     serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap()
 }
 
@@ -167,6 +170,45 @@ async fn a_simulation_gives_the_model_a_real_run_gives_and_repeats_itself() {
         assert!(
             (sim_dice.unwrap_or(0.0) - real_dice.unwrap_or(0.0)).abs() < 0.01,
             "{sim_dice:?} {real_dice:?}"
+        );
+    }
+    // Cross-site evaluation, through the real agents and in the simulation alike: alpha
+    // measured both sites' local models on its two cases; beta, without validation cases,
+    // said so for each.
+    for record in [&first, &real] {
+        let matrix: Vec<(&str, &str, u32)> = record
+            .cross_site
+            .iter()
+            .map(|c| {
+                (
+                    c.model_of.as_str(),
+                    c.validation.site.as_str(),
+                    c.validation.validation.cases,
+                )
+            })
+            .collect();
+        for expected in [
+            ("alpha", "alpha", 2),
+            ("beta", "alpha", 2),
+            ("alpha", "beta", 0),
+            ("beta", "beta", 0),
+        ] {
+            assert!(matrix.contains(&expected), "{matrix:?}");
+        }
+        assert_eq!(matrix.len(), 4, "{matrix:?}");
+    }
+    let dice_of = |record: &RunInfo, owner: &str| {
+        record
+            .cross_site
+            .iter()
+            .find(|c| c.model_of == owner && c.validation.site == "alpha")
+            .and_then(|c| c.validation.validation.infection_dice)
+            .unwrap_or(0.0)
+    };
+    for owner in ["alpha", "beta"] {
+        assert!(
+            (dice_of(&first, owner) - dice_of(&real, owner)).abs() < 0.01,
+            "{owner}'s local model"
         );
     }
 }

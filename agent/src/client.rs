@@ -251,9 +251,10 @@ impl Agent {
         tracing::info!(
             run = %task.run_id,
             round = task.round,
+            model_of = task.model_of.as_deref().unwrap_or("the federation"),
             cases = validation.cases,
             infection_dice = validation.infection_dice.map(|d| format!("{d:.3}")),
-            "validation of the round's global model"
+            "validation of a model of the run"
         );
         let report = ValidationReport {
             run_id: task.run_id,

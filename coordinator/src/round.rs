@@ -2,7 +2,7 @@
 //! at a given moment, and what its updates add up to. No lock, no clock reading and no I/O:
 //! the coordinator ([`crate::engine`]) decides when to ask and what to do with the answers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,10 @@ pub struct Round {
     write_failures: u32,
     /// Not closed again before this: a failing disk is not hammered every tick.
     retry_at: Option<Instant>,
+    /// Cross-site evaluation, in the run's last round: each site's local model (this round's
+    /// model plus its update), written to the registry when the round closes. Memory
+    /// O(model x sites), in that round only.
+    local_models: Option<BTreeMap<String, Weights>>,
 }
 
 /// Longest wait between two tries at writing a round that did not write.
@@ -101,6 +105,8 @@ impl Round {
             base: Arc::new(base),
             write_failures: 0,
             retry_at: None,
+            local_models: (config.cross_site_evaluation && round == config.rounds)
+                .then(BTreeMap::new),
         }
     }
 
@@ -181,6 +187,20 @@ impl Round {
             .as_mut()
             .expect("admits refuses plain updates in secure rounds")
             .add(update, samples);
+    }
+
+    /// Cross-site evaluation: keeps the model `site`'s update makes, in the run's last round.
+    pub fn keep_local_model(&mut self, site: &str, update: &Weights) {
+        if let Some(models) = &mut self.local_models
+            && let Ok(local) = self.base.plus(update)
+        {
+            models.insert(site.to_string(), local);
+        }
+    }
+
+    /// The sites' local models kept for cross-site evaluation, by site.
+    pub fn local_models(&self) -> impl Iterator<Item = (&String, &Weights)> {
+        self.local_models.iter().flatten()
     }
 
     /// Records `site`'s report, as its update's `header` gives it (the update is in the
@@ -328,6 +348,7 @@ mod tests {
             schedule: None,
             server_optimizer: None,
             validate_at_sites: false,
+            cross_site_evaluation: false,
         }
     }
 

@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use alveolus_proto::domain::{
-    DomainError, EvaluateTask, RoundSummary, RunConfig, RunEvent, RunInfo, RunState, SecureTask,
-    SiteValidation,
+    CrossSiteValidation, DomainError, EvaluateTask, RoundSummary, RunConfig, RunEvent, RunInfo,
+    RunState, SecureTask, SiteValidation,
 };
 
 use crate::error::CoordinatorError;
@@ -16,9 +16,9 @@ pub struct RunRecord {
     pub info: RunInfo,
     /// Everything `watch` replays: a watcher that attaches late still sees the whole run.
     pub events: Vec<RunEvent>,
-    /// Evaluate tasks handed out, as (round, site): each is handed once, so that a site whose
-    /// evaluation fails is not asked again and again instead of training.
-    evaluations_handed: BTreeSet<(u32, String)>,
+    /// Evaluate tasks handed out, as (model version, site): each is handed once, so that a
+    /// site whose evaluation fails is not asked again and again instead of training.
+    evaluations_handed: BTreeSet<(String, String)>,
 }
 
 impl RunRecord {
@@ -35,9 +35,16 @@ impl RunRecord {
             events.extend(summary.validation.iter().map(|v| RunEvent::SiteValidated {
                 round: summary.round,
                 validation: v.clone(),
+                model_of: None,
             }));
             version = summary.version.clone();
         }
+        let last = info.rounds.last().map_or(0, |r| r.round);
+        events.extend(info.cross_site.iter().map(|c| RunEvent::SiteValidated {
+            round: last,
+            validation: c.validation.clone(),
+            model_of: Some(c.model_of.clone()),
+        }));
         if info.state != RunState::Running {
             events.push(RunEvent::RunFinished(Box::new(info.clone())));
         }
@@ -56,30 +63,33 @@ impl RunRecord {
         }
     }
 
-    /// The evaluation `site` owes of the run's newest model, if the run validates at the sites
-    /// and the site has neither reported on it nor been asked already. Marks it handed.
+    /// The next evaluation `site` owes, if the run validates at the sites: the run's newest
+    /// model, then (cross-site evaluation, after the last round) each site's local model;
+    /// each handed once. Marks it handed.
     pub fn evaluation_for(&mut self, site: &str) -> Option<EvaluateTask> {
-        let config = &self.info.config;
+        if !self.info.config.validate_at_sites {
+            return None;
+        }
         let last = self.info.rounds.last()?;
-        if !config.validate_at_sites || last.validation.iter().any(|v| v.site == site) {
-            return None;
-        }
-        if !self
-            .evaluations_handed
-            .insert((last.round, site.to_string()))
-        {
-            return None;
-        }
+        let owed = models_to_measure(&self.info)
+            .into_iter()
+            .filter(|(_, version)| !reported(&self.info, site, version))
+            .find(|(_, version)| {
+                self.evaluations_handed
+                    .insert((version.clone(), site.to_string()))
+            })?;
+        let (model_of, model_version) = owed;
         Some(EvaluateTask {
             run_id: self.info.run_id.clone(),
             round: last.round,
-            model_version: last.version.clone(),
-            site_normalisation: config.training.site_normalisation,
+            model_version,
+            site_normalisation: self.info.config.training.site_normalisation,
+            model_of,
         })
     }
 
-    /// The round of this run that made `version`, which `site` may still report on: checks a
-    /// validation report before it is written.
+    /// Checks a validation report before it is written: the run validates, `version` is a
+    /// model of round `round` it asks the sites to measure, and `site` has not reported on it.
     pub fn check_validation(
         &self,
         site: &str,
@@ -103,10 +113,12 @@ impl RunRecord {
             .iter()
             .find(|s| s.round == round)
             .ok_or_else(|| refuse("no such finished round"))?;
-        if summary.version != version {
-            return Err(refuse("the round made another model"));
+        let local = self.info.rounds.last().is_some_and(|l| l.round == round)
+            && self.info.local_models.iter().any(|m| m.version == version);
+        if summary.version != version && !local {
+            return Err(refuse("the round made no such model"));
         }
-        if summary.validation.iter().any(|v| v.site == site) {
+        if reported(&self.info, site, version) {
             return Err(CoordinatorError::AlreadyReported {
                 site: site.to_string(),
                 round,
@@ -115,13 +127,14 @@ impl RunRecord {
         Ok(())
     }
 
-    /// A checked validation of round `round`'s model (already durable).
-    pub fn validated(&mut self, round: u32, validation: SiteValidation) {
-        if let Some(summary) = self.info.rounds.iter_mut().find(|s| s.round == round) {
-            summary.validation.push(validation.clone());
-        }
-        self.events
-            .push(RunEvent::SiteValidated { round, validation });
+    /// A checked validation of model `version` of round `round` (already durable).
+    pub fn validated(&mut self, round: u32, version: &str, validation: SiteValidation) {
+        let model_of = add_validation(&mut self.info, round, version, validation.clone());
+        self.events.push(RunEvent::SiteValidated {
+            round,
+            validation,
+            model_of,
+        });
     }
 
     pub fn is_running(&self) -> bool {
@@ -169,6 +182,65 @@ impl RunRecord {
             !self.is_running(),
         )
     }
+}
+
+/// The models the sites measure after the run's newest round, as (whose local model, version):
+/// the round's global model, then (cross-site evaluation) each site's local model. A local
+/// model that is the global model itself (a run of one site) is measured once, as the global.
+pub fn models_to_measure(info: &RunInfo) -> Vec<(Option<String>, String)> {
+    let Some(last) = info.rounds.last() else {
+        return Vec::new();
+    };
+    let mut models = vec![(None, last.version.clone())];
+    models.extend(
+        info.local_models
+            .iter()
+            .filter(|m| m.version != last.version)
+            .map(|m| (Some(m.site.clone()), m.version.clone())),
+    );
+    models
+}
+
+/// Whether `site` has reported on model `version` of the run.
+pub fn reported(info: &RunInfo, site: &str, version: &str) -> bool {
+    info.rounds
+        .iter()
+        .any(|r| r.version == version && r.validation.iter().any(|v| v.site == site))
+        || info
+            .cross_site
+            .iter()
+            .any(|c| c.model_version == version && c.validation.site == site)
+}
+
+/// Adds a checked validation of model `version` of round `round` to the run's record: to the
+/// round's if it is its global model, to the cross-site ones if it is a site's local model
+/// (whose site it returns).
+pub fn add_validation(
+    info: &mut RunInfo,
+    round: u32,
+    version: &str,
+    validation: SiteValidation,
+) -> Option<String> {
+    if let Some(summary) = info
+        .rounds
+        .iter_mut()
+        .find(|s| s.round == round && s.version == version)
+    {
+        summary.validation.push(validation);
+        return None;
+    }
+    let owner = info
+        .local_models
+        .iter()
+        .find(|m| m.version == version)?
+        .site
+        .clone();
+    info.cross_site.push(CrossSiteValidation {
+        model_of: owner.clone(),
+        model_version: version.to_string(),
+        validation,
+    });
+    Some(owner)
 }
 
 /// Whether the run has had its last round: its rounds are done, or its budget stopped it.
@@ -299,6 +371,7 @@ mod tests {
                 schedule: None,
                 server_optimizer: None,
                 validate_at_sites: false,
+                cross_site_evaluation: false,
             },
             initial_version: "v0".into(),
             rounds: Vec::new(),
@@ -306,6 +379,8 @@ mod tests {
             started_unix_ms: 0,
             stop_reason: None,
             held_up: None,
+            local_models: Vec::new(),
+            cross_site: Vec::new(),
         }
     }
 

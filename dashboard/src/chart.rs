@@ -368,6 +368,8 @@ mod tests {
             started_unix_ms: 0,
             stop_reason: None,
             held_up: None,
+            local_models: Vec::new(),
+            cross_site: Vec::new(),
         };
         let (loss, dice) = loss_and_dice(&run);
         let names: Vec<&str> = loss.series.iter().map(|s| s.name.as_str()).collect();

@@ -206,6 +206,19 @@ impl Weights {
         Ok(())
     }
 
+    /// Element-wise `self + update`, for an update of this model's layout: the model a site's
+    /// update makes. Keeps this model's metadata (its network's description).
+    pub fn plus(&self, update: &Weights) -> Result<Weights, WeightsError> {
+        self.check_same_layout(update)?;
+        let mut sum = self.clone();
+        for (name, tensor) in &mut sum.tensors {
+            for (value, u) in tensor.values.iter_mut().zip(&update.tensors[name].values) {
+                *value += u;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Element-wise `self - base`, for two models of the same layout: the update a site sends.
     pub fn minus(&self, base: &Weights) -> Result<Weights, WeightsError> {
         base.check_same_layout(self)?;

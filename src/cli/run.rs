@@ -158,6 +158,12 @@ pub struct RunArgs {
     /// completes once the sites of its last round have reported on its final model.
     #[arg(long)]
     no_site_validation: bool,
+    /// At the end, every site also measures each site's last local model (the last round's
+    /// model plus that site's update): how one hospital's model does on another's patients.
+    /// The local models are kept in the coordinator's registry. Not with secure aggregation,
+    /// differential privacy or FedBN.
+    #[arg(long, conflicts_with = "no_site_validation")]
+    cross_site_evaluation: bool,
     /// Secure aggregation: sites mask their updates so that the coordinator learns only
     /// their sum (FedAvg only; with --dp-clip the sites add the noise).
     #[arg(long)]
@@ -254,6 +260,7 @@ impl From<&RunArgs> for RunConfig {
             ),
             server_optimizer: a.server_optimizer(),
             validate_at_sites: !a.no_site_validation,
+            cross_site_evaluation: a.cross_site_evaluation,
         }
     }
 }
@@ -462,6 +469,7 @@ pub(crate) fn print_run(info: &RunInfo) {
         }
     }
     print_sites(info);
+    print_cross_site(info);
     if let Some(held_up) = &info.held_up {
         println!("  held up: {held_up}");
     }
@@ -534,9 +542,23 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
             RunEvent::RoundFinished(r) => {
                 println!("round {} finished: {}", r.round, round_line(&r, ", "))
             }
-            RunEvent::SiteValidated { round, validation } => {
+            RunEvent::SiteValidated {
+                round,
+                validation,
+                model_of: None,
+            } => {
                 println!(
                     "round {round}'s model validated at {}",
+                    validation_line(&validation)
+                );
+            }
+            RunEvent::SiteValidated {
+                validation,
+                model_of: Some(owner),
+                ..
+            } => {
+                println!(
+                    "{owner}'s local model validated at {}",
                     validation_line(&validation)
                 );
             }
@@ -546,6 +568,61 @@ async fn watch(kit: &Path, run: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Cross-site evaluation: infection Dice of each site's local model (rows) at each site
+/// (columns), and of the final global model.
+fn print_cross_site(info: &RunInfo) {
+    if info.local_models.is_empty() {
+        return;
+    }
+    let mut at: Vec<&str> = info
+        .cross_site
+        .iter()
+        .map(|c| c.validation.site.as_str())
+        .collect();
+    at.sort_unstable();
+    at.dedup();
+    let dice = |v: Option<&SiteValidation>| match v {
+        Some(v) if v.validation.cases == 0 => "no cases".to_string(),
+        Some(v) => v
+            .validation
+            .infection_dice
+            .map_or_else(|| "-".into(), |d| format!("{d:.3}")),
+        None => "".into(),
+    };
+    println!("  cross-site evaluation, infection Dice (model, then each site it was measured at):");
+    println!(
+        "    {:<24}{}",
+        "",
+        at.iter().map(|s| format!("{s:>12}")).collect::<String>()
+    );
+    let row = |name: &str, cells: Vec<Option<&SiteValidation>>| {
+        let cells: String = cells
+            .into_iter()
+            .map(|c| format!("{:>12}", dice(c)))
+            .collect();
+        println!("    {name:<24}{cells}");
+    };
+    let final_round = info.rounds.last();
+    row(
+        "global (final)",
+        at.iter()
+            .map(|site| final_round.and_then(|r| r.validation.iter().find(|v| v.site == *site)))
+            .collect(),
+    );
+    for local in &info.local_models {
+        let cells = at
+            .iter()
+            .map(|site| {
+                info.cross_site
+                    .iter()
+                    .find(|c| c.model_version == local.version && c.validation.site == *site)
+                    .map(|c| &c.validation)
+            })
+            .collect();
+        row(&format!("{}'s local model", local.site), cells);
+    }
 }
 
 /// A site's validation of a round's model: the site, infection and per-class Dice, and how
@@ -577,6 +654,9 @@ fn print_site_strategy(config: &RunConfig) {
     let training = &config.training;
     if config.validate_at_sites {
         println!("  sites measure each round's model on their validation cases");
+    }
+    if config.cross_site_evaluation {
+        println!("  cross-site evaluation: every site measures every site's last local model");
     }
     if training.proximal_mu > 0.0 {
         println!("  FedProx at the sites, mu {}", training.proximal_mu);

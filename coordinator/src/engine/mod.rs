@@ -71,13 +71,14 @@ enum Phase {
         round: u32,
     },
     /// The run has had its last round (`round`) and waits, until `deadline`, for the sites of
-    /// that round to report their validation of its final model; no task but that evaluation
-    /// is handed out.
+    /// that round to report their validation of its final model (and, with cross-site
+    /// evaluation, of each site's local model); no task but those evaluations is handed out.
     Validating {
         run_id: String,
         round: u32,
         deadline: Instant,
-        awaiting: BTreeSet<String>,
+        /// (site, model version) still to report.
+        awaiting: BTreeSet<(String, String)>,
     },
 }
 
@@ -136,11 +137,13 @@ impl State {
         let Some(last) = info.rounds.last() else {
             return;
         };
+        let models = run::models_to_measure(info);
         let awaiting = last
             .sites
             .iter()
-            .filter(|site| !last.validation.iter().any(|v| &v.site == *site))
-            .cloned()
+            .flat_map(|site| models.iter().map(move |(_, version)| (site, version)))
+            .filter(|(site, version)| !run::reported(info, site, version))
+            .map(|(site, version)| (site.clone(), version.clone()))
             .collect();
         self.phase = Phase::Validating {
             run_id: info.run_id.clone(),

@@ -236,6 +236,7 @@ impl Coordinator {
             return Err(e);
         }
         open.add_update(update, header.num_samples);
+        open.keep_local_model(site, update);
         let reports = open.record(site, header);
         tracing::info!(%site, round, samples = header.num_samples, "update accepted");
         state.runs[index].update_accepted(round, site);

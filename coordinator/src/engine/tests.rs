@@ -43,6 +43,7 @@ pub(super) fn config(min_sites: u32, deadline_seconds: u32) -> RunConfig {
         schedule: None,
         server_optimizer: None,
         validate_at_sites: false,
+        cross_site_evaluation: false,
     }
 }
 

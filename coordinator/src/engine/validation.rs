@@ -27,15 +27,11 @@ impl Coordinator {
             let run = &state.runs[index];
             run.check_validation(site, report.round, &report.model_version)?;
             let mut record = run.info.clone();
-            let summary = record
-                .rounds
-                .iter_mut()
-                .find(|s| s.round == report.round)
-                .expect("checked above");
-            summary.validation.push(SiteValidation {
+            let validation = SiteValidation {
                 site: site.to_string(),
                 validation: report.validation.clone(),
-            });
+            };
+            run::add_validation(&mut record, report.round, &report.model_version, validation);
             (index, record)
         };
         let store = self.store.clone();
@@ -45,6 +41,7 @@ impl Coordinator {
             run = %report.run_id,
             round = report.round,
             %site,
+            model = %&report.model_version[..12],
             cases = validation.cases,
             infection_dice = ?validation.infection_dice,
             "site validated the round's model"
@@ -52,6 +49,7 @@ impl Coordinator {
         let mut state = self.lock();
         state.runs[index].validated(
             report.round,
+            &report.model_version,
             SiteValidation {
                 site: site.to_string(),
                 validation: report.validation,
@@ -62,7 +60,7 @@ impl Coordinator {
         } = &mut state.phase
             && *run_id == report.run_id
         {
-            awaiting.remove(site);
+            awaiting.remove(&(site.to_string(), report.model_version.clone()));
         }
         drop(_writer);
         self.settle(state, true);
@@ -308,5 +306,73 @@ mod tests {
         let info = ended(&coordinator, &run.run_id).await;
         assert_eq!(info.state, RunState::Completed);
         assert_eq!(recorded(&info), vec![(1, "a".to_string(), Some(0.6))]);
+    }
+
+    /// Cross-site evaluation: after the last round every site measures the global model and
+    /// each site's local model (the round's model plus its update, kept in the registry as
+    /// such), and the run completes once all of them are in.
+    #[tokio::test(start_paused = true)]
+    async fn every_site_measures_every_sites_local_model_after_the_last_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = open(dir.path());
+        let mut crossed = config(2, 60);
+        crossed.rounds = 1;
+        crossed.validate_at_sites = true;
+        crossed.cross_site_evaluation = true;
+        let run = coordinator
+            .start_run(crossed, &model(0.0).encode())
+            .await
+            .unwrap();
+        for (site, value) in [("a", 1.0), ("b", 3.0)] {
+            let task = take_task(&coordinator, site);
+            push(&coordinator, site, &task, value).unwrap();
+        }
+        let info = finished(&coordinator, &run.run_id, 1).await;
+        let global = info.rounds[0].version.clone();
+        let owners: Vec<&str> = info.local_models.iter().map(|m| m.site.as_str()).collect();
+        assert_eq!(owners, ["a", "b"]);
+        for (local, value) in info.local_models.iter().zip([1.0, 3.0]) {
+            let (bytes, manifest) = coordinator.model(&local.version).unwrap();
+            let weights = alveolus_proto::weights::Weights::decode(&bytes).unwrap();
+            assert_eq!(
+                weights.tensors["w"].values,
+                vec![value; 4],
+                "{}",
+                local.site
+            );
+            assert_eq!(manifest.local_of.as_deref(), Some(local.site.as_str()));
+        }
+        for site in ["a", "b"] {
+            let mut asked = Vec::new();
+            while let Some(Task::Evaluate(task)) = coordinator.try_task(site) {
+                asked.push((task.model_of.clone(), task.model_version.clone()));
+                coordinator
+                    .accept_validation(site, report(&task, 2, 0.5))
+                    .await
+                    .unwrap();
+            }
+            let expected = vec![
+                (None, global.clone()),
+                (Some("a".to_string()), info.local_models[0].version.clone()),
+                (Some("b".to_string()), info.local_models[1].version.clone()),
+            ];
+            assert_eq!(asked, expected, "{site}");
+        }
+        let info = ended(&coordinator, &run.run_id).await;
+        assert_eq!(info.state, RunState::Completed);
+        assert_eq!(info.rounds[0].validation.len(), 2);
+        let matrix: Vec<(String, String)> = info
+            .cross_site
+            .iter()
+            .map(|c| (c.model_of.clone(), c.validation.site.clone()))
+            .collect();
+        assert_eq!(
+            matrix,
+            [("a", "a"), ("b", "a"), ("a", "b"), ("b", "b")]
+                .map(|(m, s)| (m.to_string(), s.to_string()))
+        );
+        let stored = Store::open(dir.path()).unwrap().load_runs().unwrap();
+        assert_eq!(stored[0].cross_site, info.cross_site, "in the run log");
+        assert_eq!(stored[0].local_models, info.local_models);
     }
 }

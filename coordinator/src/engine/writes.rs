@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use alveolus_proto::domain::{
-    RoundSummary, RunConfig, RunInfo, RunState, ServerOptimizer, SiteInfo, Strategy,
+    LocalModel, Metrics, RoundSummary, RunConfig, RunInfo, RunState, ServerOptimizer, SiteInfo,
+    Strategy,
 };
 use alveolus_proto::weights::{MODEL_METADATA_KEY, Weights};
 use bytes::Bytes;
@@ -78,7 +79,7 @@ impl Coordinator {
         })
         .await;
         let checkpoint_took = writing.elapsed();
-        let (outcome, manifest) = match written {
+        let (outcome, manifest, local_models) = match written {
             Ok(written) => written,
             Err(e @ CoordinatorError::Aggregation { .. }) => {
                 return Err(Unfinished::Aggregate(e, round.base_version.clone()));
@@ -97,7 +98,8 @@ impl Coordinator {
             site_reports: outcome.site_reports.clone(),
             validation: Vec::new(),
         };
-        let next = run::after_round(&info, summary.clone());
+        let mut next = run::after_round(&info, summary.clone());
+        next.local_models.extend(local_models);
         let sites = {
             let mut sites = self.lock().sites.clone();
             for site in &outcome.sites {
@@ -263,6 +265,7 @@ impl Coordinator {
                     secure_aggregation: config.secure_aggregation,
                     epsilon: None,
                     strategy: Strategy::of(&config),
+                    local_of: None,
                 },
             )?;
             let info = RunInfo {
@@ -275,6 +278,8 @@ impl Coordinator {
                 started_unix_ms: started,
                 stop_reason: None,
                 held_up: None,
+                local_models: Vec::new(),
+                cross_site: Vec::new(),
             };
             store.put_run(&info)?;
             Ok::<_, CoordinatorError>(info)
@@ -310,12 +315,13 @@ pub(super) enum Unfinished {
     Aggregate(CoordinatorError, String),
 }
 
-/// The round's outcome, written as a checkpoint with its manifest (fsynced).
+/// The round's outcome, written as a checkpoint with its manifest (fsynced), and in the last
+/// round of a run with cross-site evaluation the sites' local models.
 fn aggregate_and_store(
     store: &Store,
     config: &RunConfig,
     round: &Round,
-) -> Result<(Outcome, Manifest), CoordinatorError> {
+) -> Result<(Outcome, Manifest, Vec<LocalModel>), CoordinatorError> {
     let mut outcome = round.aggregate(config.privacy.is_some())?;
     if let Some(optimizer) = &config.server_optimizer {
         outcome.weights = optimized(store, optimizer, round, &outcome.weights)?;
@@ -337,9 +343,31 @@ fn aggregate_and_store(
             secure_aggregation: config.secure_aggregation,
             epsilon: run::epsilon_after(config, round.round),
             strategy: Strategy::of(config),
+            local_of: None,
         },
     )?;
-    Ok((outcome, manifest))
+    let mut local_models = Vec::new();
+    for (site, model) in round.local_models() {
+        let report = outcome.site_reports.iter().find(|r| &r.site == site);
+        let local = store.put_model(
+            &model.encode(),
+            Manifest {
+                sites: vec![site.clone()],
+                samples: report.map_or(0, |r| r.samples),
+                metrics: report.map(|r| Metrics {
+                    loss: r.loss,
+                    dice: r.dice,
+                }),
+                local_of: Some(site.clone()),
+                ..manifest.clone()
+            },
+        )?;
+        local_models.push(LocalModel {
+            site: site.clone(),
+            version: local.sha256,
+        });
+    }
+    Ok((outcome, manifest, local_models))
 }
 
 /// The server optimizer's step from the round's aggregate, its moments read from the round

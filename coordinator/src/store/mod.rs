@@ -51,6 +51,9 @@ pub struct Manifest {
     pub epsilon: Option<f64>,
     /// The run's schedule, server optimizer, FedProx and FedBN; None: FedAvg at a constant rate.
     pub strategy: Option<Strategy>,
+    /// Cross-site evaluation: the model is this site's last local model (the last round's
+    /// model plus its update), not a global checkpoint.
+    pub local_of: Option<String>,
 }
 
 impl Manifest {
@@ -299,6 +302,7 @@ mod tests {
             secure_aggregation: None,
             epsilon: None,
             strategy: None,
+            local_of: None,
         }
     }
 

@@ -97,6 +97,11 @@ pub struct RunConfig {
     /// its last round have reported on its final model, or its deadline has passed.
     #[serde(default)]
     pub validate_at_sites: bool,
+    /// At the end, every site also measures each site's last local model (the last round's
+    /// model plus the site's update, which the coordinator saw): how one hospital's model does
+    /// on another's patients.
+    #[serde(default)]
+    pub cross_site_evaluation: bool,
 }
 
 /// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum.
@@ -124,6 +129,7 @@ impl Default for RunConfig {
             schedule: None,
             server_optimizer: None,
             validate_at_sites: false,
+            cross_site_evaluation: false,
         }
     }
 }
@@ -243,7 +249,35 @@ impl RunConfig {
         if let Some(optimizer) = &self.server_optimizer {
             optimizer.validate()?;
         }
+        if self.cross_site_evaluation {
+            self.check_cross_site()?;
+        }
         self.training.validate()
+    }
+
+    /// A site's local model is the last round's model plus its update, as the coordinator saw
+    /// it: only a run that sees plain, whole updates has one to send round.
+    fn check_cross_site(&self) -> Result<(), DomainError> {
+        let refuse = |reason: &str| Err(invalid("cross_site_evaluation", reason));
+        if !self.validate_at_sites {
+            return refuse("it is measured at the sites: turn site validation on");
+        }
+        if self.secure_aggregation.is_some() {
+            return refuse(
+                "under secure aggregation the coordinator never sees a site's update, so it has no local model to send round",
+            );
+        }
+        if self.privacy.is_some() {
+            return refuse(
+                "under differential privacy a site's clipped update is not its local model, and sending that model round would reveal what the privacy budget does not cover",
+            );
+        }
+        if self.training.site_normalisation {
+            return refuse(
+                "under FedBN a site's normalisation layers stay with it, so the coordinator has no whole local model",
+            );
+        }
+        Ok(())
     }
 
     /// The learning rate sites train at in `round` (1-based): the schedule's, or the constant.
@@ -315,6 +349,7 @@ impl From<RunConfig> for pb::RunConfig {
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
             validate_at_sites: c.validate_at_sites,
+            cross_site_evaluation: c.cross_site_evaluation,
         }
     }
 }
@@ -373,6 +408,7 @@ impl TryFrom<pb::RunConfig> for RunConfig {
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(TryInto::try_into).transpose()?,
             validate_at_sites: c.validate_at_sites,
+            cross_site_evaluation: c.cross_site_evaluation,
         };
         c.validate()?;
         Ok(c)
@@ -442,5 +478,51 @@ mod tests {
             RunConfig::try_from(bad),
             Err(DomainError::Missing("training"))
         );
+    }
+
+    #[test]
+    fn cross_site_evaluation_needs_the_sites_updates_whole_and_in_the_clear() {
+        let crossed = RunConfig {
+            validate_at_sites: true,
+            cross_site_evaluation: true,
+            ..RunConfig::default()
+        };
+        crossed.validate().unwrap();
+        let refused = |config: RunConfig, expected: &str| {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("cross_site_evaluation") && error.contains(expected),
+                "{error}"
+            );
+        };
+        refused(
+            RunConfig {
+                validate_at_sites: false,
+                ..crossed.clone()
+            },
+            "site validation",
+        );
+        refused(
+            RunConfig {
+                secure_aggregation: Some(SecureAggregationConfig { threshold: 2 }),
+                ..crossed.clone()
+            },
+            "secure aggregation",
+        );
+        refused(
+            RunConfig {
+                privacy: Some(PrivacyConfig {
+                    clip_norm: 1.0,
+                    noise_multiplier: 1.0,
+                    delta: 1e-5,
+                    epsilon_budget: None,
+                }),
+                ..crossed.clone()
+            },
+            "differential privacy",
+        );
+        let mut fedbn = crossed;
+        fedbn.training.site_normalisation = true;
+        refused(fedbn, "FedBN");
     }
 }

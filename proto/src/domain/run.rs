@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DomainError, RunConfig, SiteValidation, invalid, positive};
+use super::{
+    CrossSiteValidation, DomainError, LocalModel, RunConfig, SiteValidation, invalid, positive,
+};
 use crate::pb;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,6 +83,12 @@ pub struct RunInfo {
     /// cleared when the run goes on. Never stored: it is the coordinator's present, not history.
     #[serde(default)]
     pub held_up: Option<String>,
+    /// Cross-site evaluation: each site's last local model, kept in the registry.
+    #[serde(default)]
+    pub local_models: Vec<LocalModel>,
+    /// Cross-site evaluation: those models as measured at each site.
+    #[serde(default)]
+    pub cross_site: Vec<CrossSiteValidation>,
 }
 
 impl RunInfo {
@@ -110,6 +118,8 @@ pub enum RunEvent {
     SiteValidated {
         round: u32,
         validation: SiteValidation,
+        /// Cross-site evaluation: the model was this site's last local model.
+        model_of: Option<String>,
     },
 }
 
@@ -208,6 +218,23 @@ impl From<RunInfo> for pb::RunInfo {
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason.unwrap_or_default(),
             held_up: r.held_up.unwrap_or_default(),
+            local_models: r
+                .local_models
+                .into_iter()
+                .map(|m| pb::LocalModel {
+                    site: m.site,
+                    version: m.version,
+                })
+                .collect(),
+            cross_site: r
+                .cross_site
+                .into_iter()
+                .map(|c| pb::CrossSiteValidation {
+                    model_of: c.model_of,
+                    model_version: c.model_version,
+                    validation: Some(c.validation.into()),
+                })
+                .collect(),
         }
     }
 }
@@ -232,6 +259,28 @@ impl TryFrom<pb::RunInfo> for RunInfo {
             started_unix_ms: r.started_unix_ms,
             stop_reason: (!r.stop_reason.is_empty()).then_some(r.stop_reason),
             held_up: (!r.held_up.is_empty()).then_some(r.held_up),
+            local_models: r
+                .local_models
+                .into_iter()
+                .map(|m| LocalModel {
+                    site: m.site,
+                    version: m.version,
+                })
+                .collect(),
+            cross_site: r
+                .cross_site
+                .into_iter()
+                .map(|c| {
+                    Ok(CrossSiteValidation {
+                        model_of: c.model_of,
+                        model_version: c.model_version,
+                        validation: c
+                            .validation
+                            .ok_or(DomainError::Missing("cross_site.validation"))?
+                            .into(),
+                    })
+                })
+                .collect::<Result<_, DomainError>>()?,
         })
     }
 }
@@ -252,12 +301,15 @@ impl From<RunEvent> for pb::RunEvent {
             }
             RunEvent::RoundFinished(s) => Kind::RoundFinished(s.into()),
             RunEvent::RunFinished(r) => Kind::RunFinished((*r).into()),
-            RunEvent::SiteValidated { round, validation } => {
-                Kind::SiteValidated(pb::SiteValidated {
-                    round,
-                    validation: Some(validation.into()),
-                })
-            }
+            RunEvent::SiteValidated {
+                round,
+                validation,
+                model_of,
+            } => Kind::SiteValidated(pb::SiteValidated {
+                round,
+                validation: Some(validation.into()),
+                model_of: model_of.unwrap_or_default(),
+            }),
         };
         Self { kind: Some(kind) }
     }
@@ -284,6 +336,7 @@ impl TryFrom<pb::RunEvent> for RunEvent {
                     .validation
                     .ok_or(DomainError::Missing("validation"))?
                     .into(),
+                model_of: (!v.model_of.is_empty()).then_some(v.model_of),
             },
         })
     }

@@ -16,6 +16,23 @@ pub struct EvaluateTask {
     /// FedBN: the model is measured with the site's own normalisation layers, as it is used
     /// there; the global model's are the initial ones.
     pub site_normalisation: bool,
+    /// Cross-site evaluation: the model is this site's last local model; None: the global one.
+    pub model_of: Option<String>,
+}
+
+/// Cross-site evaluation: a site's last local model, kept in the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalModel {
+    pub site: String,
+    pub version: String,
+}
+
+/// Cross-site evaluation: the local model of `model_of` as measured at `validation.site`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrossSiteValidation {
+    pub model_of: String,
+    pub model_version: String,
+    pub validation: SiteValidation,
 }
 
 /// Dice of one class on a site's validation cases; None where neither the model nor the
@@ -143,6 +160,7 @@ impl From<EvaluateTask> for pb::EvaluateTask {
             round: t.round,
             model_version: t.model_version,
             site_normalisation: t.site_normalisation,
+            model_of: t.model_of.unwrap_or_default(),
         }
     }
 }
@@ -156,6 +174,7 @@ impl TryFrom<pb::EvaluateTask> for EvaluateTask {
             round: t.round,
             model_version: t.model_version,
             site_normalisation: t.site_normalisation,
+            model_of: (!t.model_of.is_empty()).then_some(t.model_of),
         })
     }
 }

@@ -30,6 +30,9 @@ pub(super) struct ConfigV1 {
     /// Added within format 1, written only when on: runs before it did not validate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     validate_at_sites: bool,
+    /// Added within format 1, as `validate_at_sites`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cross_site_evaluation: bool,
 }
 
 /// A manifest's record of the run's strategy.
@@ -150,6 +153,7 @@ impl From<&RunConfig> for ConfigV1 {
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
             validate_at_sites: c.validate_at_sites,
+            cross_site_evaluation: c.cross_site_evaluation,
         }
     }
 }
@@ -175,6 +179,7 @@ impl From<ConfigV1> for RunConfig {
             schedule: c.schedule.map(Into::into),
             server_optimizer: c.server_optimizer.map(Into::into),
             validate_at_sites: c.validate_at_sites,
+            cross_site_evaluation: c.cross_site_evaluation,
         }
     }
 }

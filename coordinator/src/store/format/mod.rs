@@ -10,8 +10,8 @@
 //! the tests that pin each file's shape; a run's configuration, the largest, is in `config`.
 
 use alveolus_proto::domain::{
-    ClassDice, Metrics, RoundSummary, RunInfo, RunState, SiteInfo, SiteReport, SiteValidation,
-    Validation,
+    ClassDice, CrossSiteValidation, LocalModel, Metrics, RoundSummary, RunInfo, RunState, SiteInfo,
+    SiteReport, SiteValidation, Validation,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -95,6 +95,20 @@ pub struct RunV1 {
     started_unix_ms: i64,
     #[serde(default)]
     stop_reason: Option<String>,
+    /// Added within format 1: cross-site evaluation's local models, by site, and their
+    /// validation at each site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    local_models: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cross_site: Vec<CrossSiteV1>,
+}
+
+/// A site's local model as measured at a site (`validation.site`).
+#[derive(Serialize, Deserialize)]
+struct CrossSiteV1 {
+    model_of: String,
+    model_version: String,
+    validation: SiteValidationV1,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -212,6 +226,10 @@ pub struct ManifestV1 {
     /// constant rate, so earlier manifests verify as they did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     strategy: Option<StrategyV1>,
+    /// Added within format 1, as `strategy`: the model is this site's last local model
+    /// (cross-site evaluation), not a global checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local_of: Option<String>,
     /// sha256 of the other fields: an edited or damaged manifest is refused, not served.
     /// Manifests written before it existed have none and are checked against their model only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,6 +291,20 @@ impl From<&RunInfo> for RunV1 {
             reported: r.reported.clone(),
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason.clone(),
+            local_models: r
+                .local_models
+                .iter()
+                .map(|m| (m.site.clone(), m.version.clone()))
+                .collect(),
+            cross_site: r
+                .cross_site
+                .iter()
+                .map(|c| CrossSiteV1 {
+                    model_of: c.model_of.clone(),
+                    model_version: c.model_version.clone(),
+                    validation: (&c.validation).into(),
+                })
+                .collect(),
         }
     }
 }
@@ -289,6 +321,20 @@ impl From<RunV1> for RunInfo {
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason,
             held_up: None,
+            local_models: r
+                .local_models
+                .into_iter()
+                .map(|(site, version)| LocalModel { site, version })
+                .collect(),
+            cross_site: r
+                .cross_site
+                .into_iter()
+                .map(|c| CrossSiteValidation {
+                    model_of: c.model_of,
+                    model_version: c.model_version,
+                    validation: c.validation.into(),
+                })
+                .collect(),
         }
     }
 }
@@ -417,6 +463,7 @@ impl From<&Manifest> for ManifestV1 {
             secure_aggregation: m.secure_aggregation.map(Into::into),
             epsilon: m.epsilon,
             strategy: m.strategy.map(Into::into),
+            local_of: m.local_of.clone(),
             check: None,
         }
     }
@@ -442,6 +489,7 @@ impl From<ManifestV1> for Manifest {
             secure_aggregation: m.secure_aggregation.map(Into::into),
             epsilon: m.epsilon,
             strategy: m.strategy.map(Into::into),
+            local_of: m.local_of,
         }
     }
 }

@@ -8,11 +8,22 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-/// One tensor: its shape and its values in row-major order.
 /// The safetensors metadata key under which a model file describes its network (JSON, read by
 /// `alveolus_models::ModelSpec`): what makes a file of tensors a model agents can train.
 pub const MODEL_METADATA_KEY: &str = "alveolus.model";
 
+/// PyTorch's name of the batch-counting buffer in every batch-norm layer.
+pub const BATCHES_TRACKED: &str = "num_batches_tracked";
+
+/// Whether `name` is a buffer (batch-norm statistics or counter), which training estimates
+/// from the data it sees, rather than a learned parameter, which gradients train.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with(BATCHES_TRACKED)
+}
+
+/// One tensor: its shape and its values in row-major order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,
@@ -71,6 +82,27 @@ impl Weights {
 
     /// Serialises to safetensors bytes.
     pub fn encode(&self) -> Bytes {
+        let header = self.header();
+        let mut out = Vec::with_capacity(8 + header.len() + self.num_values() * 4);
+        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(&header);
+        for tensor in self.tensors.values() {
+            for v in &tensor.values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// How many bytes [`Weights::encode`] gives, without building them: what an update costs
+    /// on the wire.
+    pub fn encoded_len(&self) -> usize {
+        8 + self.header().len() + self.num_values() * 4
+    }
+
+    /// The safetensors JSON header, padded so that the data starts 8-byte aligned, as
+    /// safetensors readers that memory-map expect.
+    fn header(&self) -> Vec<u8> {
         let mut header = serde_json::Map::new();
         if !self.metadata.is_empty() {
             header.insert("__metadata__".into(), serde_json::json!(self.metadata));
@@ -86,19 +118,10 @@ impl Weights {
         }
         let mut header =
             serde_json::to_vec(&header).expect("a JSON map of strings always serialises");
-        // Data starts 8-byte aligned, as safetensors readers that memory-map expect.
         while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
-        let mut out = Vec::with_capacity(8 + header.len() + offset);
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        for tensor in self.tensors.values() {
-            for v in &tensor.values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        Bytes::from(out)
+        header
     }
 
     /// Parses safetensors bytes holding F32 tensors only.
@@ -267,6 +290,7 @@ mod tests {
     fn encode_decode_round_trip_is_exact_and_deterministic() {
         let w = sample();
         let bytes = w.encode();
+        assert_eq!(w.encoded_len(), bytes.len());
         assert_eq!(bytes, sample().encode());
         assert_eq!(Weights::decode(&bytes).unwrap(), w);
     }

@@ -221,7 +221,7 @@ impl Site {
             base_version: task.model_version.clone(),
             num_samples: local.samples as u64,
             metrics: local.metrics,
-            total_bytes: local.update.encode().len() as u64,
+            total_bytes: local.update.encoded_len() as u64,
             masked: false,
             // As an agent: not under DP, where it would hint at the sample count.
             train_seconds: task

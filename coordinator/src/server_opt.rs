@@ -2,11 +2,17 @@
 //! the round's aggregate minus its model is a pseudo-gradient Δ, and the next model is the
 //! round's model plus a step along Δ shaped by moments kept from round to round.
 //!
+//! Only learned parameters take the step. A batch norm's running mean and variance are no
+//! parameters: the sites estimate them from their data, and the round's aggregate (their
+//! average) is the next model's, as under FedAvg. Stepped, they would crawl from their initial
+//! 0 and 1 by at most the server learning rate a round, and every evaluation would normalise
+//! with statistics that are not the data's.
+//!
 //! The moments are kept in f32, as the model is, and every step uses them as stored, so that a
 //! coordinator that restarts and reads them back takes exactly the steps it would have taken.
 
 use alveolus_proto::domain::{ServerOptimizer, ServerOptimizerKind};
-use alveolus_proto::weights::{Tensor, Weights};
+use alveolus_proto::weights::{Tensor, Weights, is_buffer};
 
 /// First and second moments, one value per model value, named like the model's tensors.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +108,10 @@ pub fn step(
     let mut next = base.clone();
     for (name, tensor) in next.tensors.iter_mut() {
         let after = &aggregate.tensors[name].values;
+        if is_buffer(name) {
+            tensor.values.clone_from(after);
+            continue;
+        }
         let (ms, vs) = (
             &mut m
                 .tensors
@@ -231,6 +241,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A batch norm's statistics take the aggregate whatever the optimizer, and keep their
+    /// moments at the start; the layer's scale beside them takes the step.
+    #[test]
+    fn normalisation_statistics_take_the_aggregate() {
+        let optimizer = ServerOptimizer::with_defaults(ServerOptimizerKind::FedAdam);
+        let tensor = |value: f32| Tensor {
+            shape: vec![1],
+            values: vec![value],
+        };
+        let model = |mean: f32, var: f32, scale: f32| {
+            let mut w = Weights::default();
+            w.tensors
+                .insert("enc.norm1.running_mean".into(), tensor(mean));
+            w.tensors
+                .insert("enc.norm1.running_var".into(), tensor(var));
+            w.tensors.insert("enc.norm1.weight".into(), tensor(scale));
+            w
+        };
+        let base = model(0.0, 1.0, 1.0);
+        let moments = Moments::initial(&base, &optimizer);
+        let (next, after) = step(&optimizer, &base, &model(-0.4, 30.0, 1.5), moments.clone());
+        assert_eq!(next.tensors["enc.norm1.running_mean"].values, [-0.4]);
+        assert_eq!(next.tensors["enc.norm1.running_var"].values, [30.0]);
+        for name in ["enc.norm1.running_mean", "enc.norm1.running_var"] {
+            assert_eq!(after.m.tensors[name], moments.m.tensors[name], "{name}");
+            assert_eq!(after.v.tensors[name], moments.v.tensors[name], "{name}");
+        }
+        // Adam's first step moves a parameter by about the learning rate, not to the aggregate.
+        let scale = next.tensors["enc.norm1.weight"].values[0];
+        assert!((scale - 1.01).abs() < 1e-3, "{scale}");
     }
 
     #[test]

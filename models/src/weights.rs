@@ -16,16 +16,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::{NamedTensor, Weights};
 
-/// The name of PyTorch's batch-counting buffer in every batch-norm layer.
-pub const BATCHES_TRACKED: &str = "num_batches_tracked";
-
-/// Whether `name` is a buffer (batch-norm statistics or counter) rather than a learned
-/// parameter.
-pub fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean")
-        || name.ends_with("running_var")
-        || name.ends_with(BATCHES_TRACKED)
-}
+pub use alveolus_proto::weights::{BATCHES_TRACKED, is_buffer};
 
 const BATCH_NORM: &str = "Struct:BatchNorm";
 /// Layers whose scale and shift burn calls `gamma` and `beta`, and PyTorch `weight` and `bias`.

@@ -218,23 +218,8 @@ impl From<RunInfo> for pb::RunInfo {
             started_unix_ms: r.started_unix_ms,
             stop_reason: r.stop_reason.unwrap_or_default(),
             held_up: r.held_up.unwrap_or_default(),
-            local_models: r
-                .local_models
-                .into_iter()
-                .map(|m| pb::LocalModel {
-                    site: m.site,
-                    version: m.version,
-                })
-                .collect(),
-            cross_site: r
-                .cross_site
-                .into_iter()
-                .map(|c| pb::CrossSiteValidation {
-                    model_of: c.model_of,
-                    model_version: c.model_version,
-                    validation: Some(c.validation.into()),
-                })
-                .collect(),
+            local_models: r.local_models.into_iter().map(Into::into).collect(),
+            cross_site: r.cross_site.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -259,28 +244,54 @@ impl TryFrom<pb::RunInfo> for RunInfo {
             started_unix_ms: r.started_unix_ms,
             stop_reason: (!r.stop_reason.is_empty()).then_some(r.stop_reason),
             held_up: (!r.held_up.is_empty()).then_some(r.held_up),
-            local_models: r
-                .local_models
-                .into_iter()
-                .map(|m| LocalModel {
-                    site: m.site,
-                    version: m.version,
-                })
-                .collect(),
+            local_models: r.local_models.into_iter().map(Into::into).collect(),
             cross_site: r
                 .cross_site
                 .into_iter()
-                .map(|c| {
-                    Ok(CrossSiteValidation {
-                        model_of: c.model_of,
-                        model_version: c.model_version,
-                        validation: c
-                            .validation
-                            .ok_or(DomainError::Missing("cross_site.validation"))?
-                            .into(),
-                    })
-                })
+                .map(TryInto::try_into)
                 .collect::<Result<_, DomainError>>()?,
+        })
+    }
+}
+
+impl From<LocalModel> for pb::LocalModel {
+    fn from(m: LocalModel) -> Self {
+        Self {
+            site: m.site,
+            version: m.version,
+        }
+    }
+}
+
+impl From<pb::LocalModel> for LocalModel {
+    fn from(m: pb::LocalModel) -> Self {
+        Self {
+            site: m.site,
+            version: m.version,
+        }
+    }
+}
+
+impl From<CrossSiteValidation> for pb::CrossSiteValidation {
+    fn from(c: CrossSiteValidation) -> Self {
+        Self {
+            model_of: c.model_of,
+            model_version: c.model_version,
+            validation: Some(c.validation.into()),
+        }
+    }
+}
+
+impl TryFrom<pb::CrossSiteValidation> for CrossSiteValidation {
+    type Error = DomainError;
+    fn try_from(c: pb::CrossSiteValidation) -> Result<Self, DomainError> {
+        Ok(Self {
+            model_of: c.model_of,
+            model_version: c.model_version,
+            validation: c
+                .validation
+                .ok_or(DomainError::Missing("cross_site.validation"))?
+                .into(),
         })
     }
 }

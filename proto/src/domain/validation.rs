@@ -143,14 +143,24 @@ fn validation_from_pb(
     })
 }
 
-fn classes_to_pb(classes: Vec<ClassDice>) -> Vec<pb::ClassDice> {
-    classes
-        .into_iter()
-        .map(|c| pb::ClassDice {
+impl From<ClassDice> for pb::ClassDice {
+    fn from(c: ClassDice) -> Self {
+        Self {
             class_name: c.class,
             dice: c.dice,
-        })
-        .collect()
+        }
+    }
+}
+
+/// Unchecked: for records the coordinator checked when they arrived
+/// (`validation_from_pb` checks a site's).
+impl From<pb::ClassDice> for ClassDice {
+    fn from(c: pb::ClassDice) -> Self {
+        Self {
+            class: c.class_name,
+            dice: c.dice,
+        }
+    }
 }
 
 impl From<EvaluateTask> for pb::EvaluateTask {
@@ -187,7 +197,7 @@ impl From<ValidationReport> for pb::ValidationReport {
             model_version: r.model_version,
             cases: r.validation.cases,
             infection_dice: r.validation.infection_dice,
-            classes: classes_to_pb(r.validation.classes),
+            classes: r.validation.classes.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -211,7 +221,7 @@ impl From<SiteValidation> for pb::SiteValidation {
             site: v.site,
             cases: v.validation.cases,
             infection_dice: v.validation.infection_dice,
-            classes: classes_to_pb(v.validation.classes),
+            classes: v.validation.classes.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -224,14 +234,7 @@ impl From<pb::SiteValidation> for SiteValidation {
             validation: Validation {
                 cases: v.cases,
                 infection_dice: v.infection_dice,
-                classes: v
-                    .classes
-                    .into_iter()
-                    .map(|c| ClassDice {
-                        class: c.class_name,
-                        dice: c.dice,
-                    })
-                    .collect(),
+                classes: v.classes.into_iter().map(Into::into).collect(),
             },
         }
     }

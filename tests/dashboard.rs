@@ -22,9 +22,10 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
     );
     let project = project(&["north", "south"]);
     let coordinator = start_coordinator(&project).await;
-    // Enough slices and epochs that a round takes a second or more.
-    let north = site_data(&project, "north", 0, 20);
-    let south = site_data(&project, "south", 1, 20);
+    // Enough slices and epochs that a round takes a second or more; two slices of each site
+    // for its validation.
+    let north = site_dataset(&project, "north", 0, 18, 2);
+    let south = site_dataset(&project, "south", 1, 18, 2);
     let _north = spawn_agent(&project, "north", &north);
     let _south = spawn_agent(&project, "south", &south);
     let address = start_dashboard(&project.admin_kit()).await;
@@ -34,6 +35,7 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
     wait_for_sites(&mut admin, &["north", "south"]).await;
     let mut config = run_config(ROUNDS, 2, 120);
     config.training.local_epochs = 8;
+    config.validate_at_sites = true;
     let run = start_run(&mut admin, config, &tiny_model(9)).await;
     wait_for(&mut admin, &run.run_id, Duration::from_secs(120), |r| {
         !r.rounds.is_empty()
@@ -79,11 +81,37 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
     for round in &info.rounds {
         assert!(dom.contains(&format!(r#"href="model/{}""#, round.version)));
     }
-    // Each site's own line beside the mean: a point per round per site in both charts.
+    // Each site's own line beside the mean: a point per round per site in all three charts.
     assert_eq!(
         dom.matches(r#"class="point site""#).count(),
-        2 * 2 * ROUNDS as usize
+        2 * 3 * ROUNDS as usize
     );
+    // The sites' validation of every round's model, the last one's included: on the chart, in
+    // the lineage and beside each site.
+    assert_eq!(
+        dom.matches(r#"class="point validation""#).count(),
+        ROUNDS as usize
+    );
+    assert_eq!(
+        dom.matches(r#"<td class="validation" title="north: "#)
+            .count(),
+        ROUNDS as usize
+    );
+    let last = info.rounds.last().unwrap();
+    for site in ["north", "south"] {
+        let row = &dom[dom.find(&format!(r#"<tr data-site="{site}">"#)).unwrap()..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        let measured = last
+            .validation
+            .iter()
+            .find(|v| v.site == site)
+            .and_then(|v| v.validation.infection_dice)
+            .unwrap();
+        assert!(
+            row.contains(&format!("{measured:.3} (round {ROUNDS})")),
+            "{row}"
+        );
+    }
 
     // `run status` names each site's last training time.
     let admin_kit = project.admin_kit();
@@ -259,22 +287,29 @@ fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str,
             &format!("file://{}", html_path.display()),
         ],
     );
-    assert_eq!(dom.matches(r#"<svg class="chart""#).count(), 2);
+    assert_eq!(dom.matches(r#"<svg class="chart""#).count(), 3);
     assert_eq!(
         dom.matches(r#"class="point dice""#).count(),
         ROUNDS as usize
     );
     assert_eq!(
         dom.matches(r#"class="point site""#).count(),
-        2 * 2 * ROUNDS as usize
+        2 * 3 * ROUNDS as usize
     );
-    // Each site's figures for each round.
-    let table = &dom[dom.find(r#"id="site-rounds""#).unwrap()..];
+    // Each site's figures for each round, and its validation of each round's model.
+    let table = section(&dom, "site-rounds");
     assert_eq!(
         table.matches("<tr><td>").count(),
         2 * ROUNDS as usize,
         "{table}"
     );
+    let table = section(&dom, "site-validation");
+    assert_eq!(
+        table.matches("<tr><td>").count(),
+        2 * ROUNDS as usize,
+        "{table}"
+    );
+    assert!(table.contains("<th>consolidation</th>"), "{table}");
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report.png");
     let _ = std::fs::remove_file(&screenshot);
     chromium_output(
@@ -293,7 +328,11 @@ fn report_opens_without_a_network(chromium: &Path, project: &Project, kit: &str,
     );
     assert_not_blank(&screenshot);
 
-    for (plot, mean) in [("loss.png", LOSS), ("dice.png", DICE)] {
+    for (plot, mean) in [
+        ("loss.png", LOSS),
+        ("dice.png", DICE),
+        ("validation.png", VALIDATION),
+    ] {
         let path = out.join(plot);
         // Title, ticks and legend are drawn with the font shipped in the binary.
         let text = pixels_where(&path, |p| p.iter().all(|&c| c < 90));
@@ -335,7 +374,16 @@ const NO_NETWORK: [&str; 3] = [
 /// The colours of the mean's lines and of the first site's (`chart.rs`).
 const LOSS: [u8; 3] = [0xc0, 0x50, 0x4d];
 const DICE: [u8; 3] = [0x4a, 0x6f, 0xa5];
+const VALIDATION: [u8; 3] = [0x2e, 0x7d, 0x4f];
 const FIRST_SITE: [u8; 3] = [0x8c, 0xb3, 0x69];
+
+/// The report's section of that id.
+fn section<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = &dom[dom
+        .find(&format!(r#"id="{id}""#))
+        .unwrap_or_else(|| panic!("no section {id}"))..];
+    &start[..start.find("</section>").unwrap()]
+}
 
 /// How many pixels of the PNG at `path` are exactly `colour`.
 fn pixels_of(path: &Path, colour: [u8; 3]) -> usize {

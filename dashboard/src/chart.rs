@@ -15,6 +15,8 @@ pub type Rgb = (u8, u8, u8);
 /// The global loss and Dice lines.
 pub const LOSS_COLOUR: Rgb = (0xc0, 0x50, 0x4d);
 pub const DICE_COLOUR: Rgb = (0x4a, 0x6f, 0xa5);
+/// The sites' validation of each round's model, over all their cases.
+pub const VALIDATION_COLOUR: Rgb = (0x2e, 0x7d, 0x4f);
 
 /// The sites' lines, by site name order (and again after eight): light enough that the global
 /// line stays the one the eye follows.
@@ -143,6 +145,54 @@ pub fn loss_and_dice(run: &RunInfo) -> (Chart, Chart) {
             |s| s.dice,
         ),
     )
+}
+
+/// What the sites measured of each round's model on their own validation cases: infection
+/// Dice over all their cases, and each site's own. None for a run whose sites do not validate.
+pub fn validation(run: &RunInfo) -> Option<Chart> {
+    if !run.config.validate_at_sites {
+        return None;
+    }
+    let sites: BTreeSet<&str> = run
+        .rounds
+        .iter()
+        .flat_map(|r| r.validation.iter())
+        .filter(|v| v.validation.cases > 0)
+        .map(|v| v.site.as_str())
+        .collect();
+    let mut series = vec![Series {
+        name: "all sites' cases".into(),
+        class: "validation",
+        colour: VALIDATION_COLOUR,
+        points: run
+            .rounds
+            .iter()
+            .filter_map(|r| Some((r.round, r.validated_infection_dice()?)))
+            .collect(),
+    }];
+    for (i, site) in sites.iter().enumerate() {
+        series.push(Series {
+            name: (*site).to_string(),
+            class: "site",
+            colour: SITE_COLOURS[i % SITE_COLOURS.len()],
+            points: run
+                .rounds
+                .iter()
+                .flat_map(|r| {
+                    r.validation
+                        .iter()
+                        .filter(|v| v.site == *site)
+                        .filter_map(|v| Some((r.round, v.validation.infection_dice?)))
+                })
+                .collect(),
+        });
+    }
+    Some(Chart {
+        title: "Validation infection Dice of each round's model",
+        rounds: run.config.rounds,
+        y_range: Some((0.0, 1.0)),
+        series,
+    })
 }
 
 /// `#rrggbb`.
@@ -379,6 +429,80 @@ mod tests {
         assert_eq!(loss.series[0].points, [(1, 1.0), (2, 1.0)]);
         assert_eq!((loss.rounds, dice.y_range), (4, Some((0.0, 1.0))));
         assert_ne!(loss.series[1].colour, loss.series[2].colour);
+    }
+
+    #[test]
+    fn validation_is_the_case_weighted_mean_beside_each_site() {
+        use alveolus_proto::domain::{RunConfig, RunState, SiteValidation, Validation};
+        let at = |site: &str, cases: u32, dice: Option<f64>| SiteValidation {
+            site: site.into(),
+            validation: Validation {
+                cases,
+                infection_dice: dice,
+                classes: Vec::new(),
+            },
+        };
+        let round = |round: u32, validation: Vec<SiteValidation>| RoundSummary {
+            round,
+            version: String::new(),
+            sites: Vec::new(),
+            samples: 0,
+            loss: 1.0,
+            dice: 0.5,
+            finished_unix_ms: 0,
+            epsilon: None,
+            site_reports: Vec::new(),
+            validation,
+        };
+        let mut run = RunInfo {
+            run_id: "r".into(),
+            state: RunState::Running,
+            config: RunConfig {
+                rounds: 3,
+                validate_at_sites: true,
+                ..RunConfig::default()
+            },
+            initial_version: String::new(),
+            // "c" has no validation cases; round 3's reports have not arrived yet.
+            rounds: vec![
+                round(
+                    1,
+                    vec![
+                        at("a", 3, Some(0.2)),
+                        at("b", 1, Some(0.6)),
+                        at("c", 0, None),
+                    ],
+                ),
+                round(2, vec![at("b", 1, Some(0.7))]),
+                round(3, vec![]),
+            ],
+            reported: Vec::new(),
+            started_unix_ms: 0,
+            stop_reason: None,
+            held_up: None,
+            local_models: Vec::new(),
+            cross_site: Vec::new(),
+        };
+        let chart = validation(&run).unwrap();
+        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["all sites' cases", "a", "b"]);
+        let mean: Vec<(u32, f64)> = chart.series[0].points.clone();
+        assert_eq!(mean.len(), 2);
+        assert!(
+            (mean[0].1 - 0.3).abs() < 1e-12 && mean[1] == (2, 0.7),
+            "{mean:?}"
+        );
+        assert_eq!(chart.series[1].points, [(1, 0.2)]);
+        assert_eq!(chart.series[2].points, [(1, 0.6), (2, 0.7)]);
+        assert_eq!(
+            svg(&chart).matches(r#"class="point validation""#).count(),
+            2
+        );
+        run.config.validate_at_sites = false;
+        assert!(
+            validation(&run).is_none(),
+            "no chart for a run that does not validate"
+        );
     }
 
     #[test]

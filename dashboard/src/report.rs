@@ -1,6 +1,7 @@
 //! A run's report: `report.html`, one file that opens anywhere without a network (inline style
-//! and SVG charts, no script, no links out), and `loss.png` and `dice.png` beside it. It shows
-//! what the live page shows of the run, and adds every site's figures for every round.
+//! and SVG charts, no script, no links out), and `loss.png` and `dice.png` (and `validation.png`
+//! when the sites validated) beside it. It shows what the live page shows of the run, and adds
+//! every site's figures for every round.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -43,8 +44,10 @@ pub fn write(
     };
     std::fs::create_dir_all(dir).map_err(failed(dir))?;
     let (loss, dice) = chart::loss_and_dice(run);
+    let mut charts = vec![(loss, "loss.png"), (dice, "dice.png")];
+    charts.extend(chart::validation(run).map(|v| (v, "validation.png")));
     let mut plots = Vec::new();
-    for (chart, name) in [(&loss, "loss.png"), (&dice, "dice.png")] {
+    for (chart, name) in &charts {
         let path = dir.join(name);
         crate::png::draw(chart, &path).map_err(|reason| ReportError::Plot {
             path: path.clone(),
@@ -68,6 +71,7 @@ pub fn page(header: &Header, snapshot: &Snapshot, run: &RunInfo) -> String {
     let mut body = String::new();
     view::run_section(&mut body, snapshot, run, Links::None);
     site_rounds(&mut body, run);
+    site_validations(&mut body, run);
     format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -110,6 +114,47 @@ fn site_rounds(out: &mut String, run: &RunInfo) {
                 view::bytes(s.bytes),
             );
         }
+    }
+    out.push_str("</tbody></table></section>");
+}
+
+/// Every site's validation of every round's model, class by class. Sites send these apart from
+/// their updates, so secure aggregation leaves them.
+fn site_validations(out: &mut String, run: &RunInfo) {
+    let reports: Vec<_> = run
+        .rounds
+        .iter()
+        .flat_map(|r| r.validation.iter().map(move |v| (r.round, v)))
+        .collect();
+    if reports.is_empty() {
+        return;
+    }
+    let mut classes: Vec<&str> = Vec::new();
+    for (_, v) in &reports {
+        for c in &v.validation.classes {
+            if !classes.contains(&c.class.as_str()) {
+                classes.push(&c.class);
+            }
+        }
+    }
+    out.push_str(r#"<section id="site-validation"><h2>Each site's validation, round by round</h2><p>Dice of each round's model on the site's own validation cases, which never train and never leave the site.</p><table><thead><tr><th>round</th><th>site</th><th>cases</th><th>infection</th>"#);
+    for class in &classes {
+        let _ = write!(out, "<th>{}</th>", escape(class));
+    }
+    out.push_str("</tr></thead><tbody>");
+    let dice = |d: Option<f64>| d.map_or_else(String::new, |d| format!("{d:.3}"));
+    for (round, v) in reports {
+        let _ = write!(
+            out,
+            r#"<tr><td>{round}</td><td>{}</td><td>{}</td><td>{}</td>"#,
+            escape(&v.site),
+            v.validation.cases,
+            dice(v.validation.infection_dice),
+        );
+        for class in &classes {
+            let _ = write!(out, "<td>{}</td>", dice(v.validation.dice_of(class)));
+        }
+        out.push_str("</tr>");
     }
     out.push_str("</tbody></table></section>");
 }

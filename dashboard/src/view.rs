@@ -4,7 +4,9 @@
 
 use std::fmt::Write;
 
-use alveolus_proto::domain::{AggregationRule, RunInfo, RunState, SiteInfo, SiteReport};
+use alveolus_proto::domain::{
+    AggregationRule, RoundSummary, RunInfo, RunState, SiteInfo, SiteReport,
+};
 use alveolus_proto::kit::EXPIRY_WARNING_DAYS;
 
 use crate::chart;
@@ -46,13 +48,14 @@ impl Snapshot {
         match selected {
             None => format!("runs={}", self.runs.len()),
             Some(run) => format!(
-                "runs={};{};{};{};{};{}",
+                "runs={};{};{};{};{};{};{}",
                 self.runs.len(),
                 run.run_id,
                 run.state.as_str(),
                 run.rounds.len(),
                 run.reported.len(),
-                run.held_up.is_some()
+                run.held_up.is_some(),
+                run.rounds.iter().map(|r| r.validation.len()).sum::<usize>()
             ),
         }
     }
@@ -307,10 +310,13 @@ pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: 
     let (loss, dice) = chart::loss_and_dice(run);
     out.push_str(&chart::svg(&loss));
     out.push_str(&chart::svg(&dice));
+    if let Some(validation) = chart::validation(run) {
+        out.push_str(&chart::svg(&validation));
+    }
     out.push_str("</div></div>");
 
     // The sites as this run saw them.
-    out.push_str(r#"<h3>Sites in this run</h3><table id="run-sites"><thead><tr><th>site</th><th>last contact</th><th>rounds contributed</th><th>in the last round</th><th>this round</th><th>last loss</th><th>last Dice</th><th>last training</th><th>sent</th></tr></thead><tbody>"#);
+    out.push_str(r#"<h3>Sites in this run</h3><table id="run-sites"><thead><tr><th>site</th><th>last contact</th><th>rounds contributed</th><th>in the last round</th><th>this round</th><th>last loss</th><th>last Dice</th><th>last training</th><th>sent</th><th>last validation</th></tr></thead><tbody>"#);
     let last_round_sites = run.rounds.last().map(|r| r.sites.as_slice()).unwrap_or(&[]);
     for site in &snapshot.sites {
         let rounds: Vec<u32> = site
@@ -329,7 +335,7 @@ pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: 
         let own = site_figures(run, &site.name);
         let _ = write!(
             out,
-            r#"<tr data-site="{name}"><td>{name}</td><td title="{}">{}</td><td>{}</td><td>{}</td><td>{this_round}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            r#"<tr data-site="{name}"><td>{name}</td><td title="{}">{}</td><td>{}</td><td>{}</td><td>{this_round}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
             utc(site.last_contact_unix_ms / 1000),
             ago(snapshot.now_ms, site.last_contact_unix_ms),
             rounds.len(),
@@ -353,23 +359,24 @@ pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: 
             } else {
                 String::new()
             },
+            last_validation(run, &site.name),
             name = escape(&site.name),
         );
     }
     out.push_str("</tbody></table>");
 
     // Lineage: every version this run made, each from the one before.
-    out.push_str(r#"<h3>Models</h3><table id="models"><thead><tr><th>round</th><th>version</th><th>from</th><th>sites</th><th>samples</th><th>loss</th><th>Dice</th><th>ε</th><th>finished</th></tr></thead><tbody>"#);
+    out.push_str(r#"<h3>Models</h3><table id="models"><thead><tr><th>round</th><th>version</th><th>from</th><th>sites</th><th>samples</th><th>loss</th><th>Dice</th><th>validation</th><th>ε</th><th>finished</th></tr></thead><tbody>"#);
     let _ = write!(
         out,
-        r#"<tr><td>0 (initial)</td><td>{}</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td></tr>"#,
+        r#"<tr><td>0 (initial)</td><td>{}</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td><td></td></tr>"#,
         version_cell(&run.initial_version, links),
     );
     let mut parent = run.initial_version.as_str();
     for r in &run.rounds {
         let _ = write!(
             out,
-            r#"<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>"#,
+            r#"<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.3}</td>{}<td>{}</td><td>{}</td></tr>"#,
             r.round,
             version_cell(&r.version, links),
             escape(short(parent)),
@@ -377,12 +384,58 @@ pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: 
             r.samples,
             r.loss,
             r.dice,
+            validation_cell(r),
             r.epsilon.map(|e| format!("{e:.4}")).unwrap_or_default(),
             utc(r.finished_unix_ms / 1000),
         );
         parent = &r.version;
     }
     out.push_str("</tbody></table></section>");
+}
+
+/// The infection Dice the sites measured of a round's model, over all their cases, with each
+/// site's figures in the cell's title.
+fn validation_cell(round: &RoundSummary) -> String {
+    let Some(dice) = round.validated_infection_dice() else {
+        return "<td></td>".into();
+    };
+    let cases: u32 = round.validation.iter().map(|v| v.validation.cases).sum();
+    let each: Vec<String> = round
+        .validation
+        .iter()
+        .filter(|v| v.validation.cases > 0)
+        .map(|v| {
+            format!(
+                "{}: {} ({} cases)",
+                v.site,
+                v.validation
+                    .infection_dice
+                    .map_or_else(|| "-".into(), |d| format!("{d:.3}")),
+                v.validation.cases
+            )
+        })
+        .collect();
+    format!(
+        r#"<td class="validation" title="{}">{dice:.3} <small>({cases} cases)</small></td>"#,
+        escape(&each.join("; "))
+    )
+}
+
+/// A site's infection Dice of the latest model it measured on cases of its own.
+fn last_validation(run: &RunInfo, site: &str) -> String {
+    run.rounds
+        .iter()
+        .rev()
+        .flat_map(|r| r.validation.iter().map(move |v| (r.round, v)))
+        .find(|(_, v)| v.site == site && v.validation.cases > 0)
+        .map(|(round, v)| {
+            let dice = v
+                .validation
+                .infection_dice
+                .map_or_else(|| "-".into(), |d| format!("{d:.3}"));
+            format!("{dice} (round {round})")
+        })
+        .unwrap_or_default()
 }
 
 /// What a site's own reports in a run add up to.

@@ -91,6 +91,26 @@ pub struct RunInfo {
     pub cross_site: Vec<CrossSiteValidation>,
 }
 
+impl RoundSummary {
+    /// The round's model's infection Dice over every validation case the sites reported on:
+    /// each site's Dice weighted by its cases (a site that measured no infection, or had no
+    /// case, adds nothing). None until a site with cases reported.
+    pub fn validated_infection_dice(&self) -> Option<f64> {
+        let (sum, cases) = self
+            .validation
+            .iter()
+            .filter_map(|v| {
+                let cases = f64::from(v.validation.cases);
+                v.validation
+                    .infection_dice
+                    .filter(|_| cases > 0.0)
+                    .map(|d| (d * cases, cases))
+            })
+            .fold((0.0, 0.0), |(s, n), (d, c)| (s + d, n + c));
+        (cases > 0.0).then(|| sum / cases)
+    }
+}
+
 impl RunInfo {
     /// The newest global model of the run.
     pub fn latest_version(&self) -> &str {
@@ -381,5 +401,44 @@ impl From<pb::SiteInfo> for SiteInfo {
             certificate_expires_unix: (s.certificate_expires_unix != 0)
                 .then_some(s.certificate_expires_unix),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Validation;
+
+    fn at(site: &str, cases: u32, infection_dice: Option<f64>) -> SiteValidation {
+        SiteValidation {
+            site: site.into(),
+            validation: Validation {
+                cases,
+                infection_dice,
+                classes: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn a_rounds_validated_dice_weighs_each_site_by_its_cases() {
+        let mut round = RoundSummary {
+            round: 1,
+            version: "a".repeat(64),
+            sites: vec![],
+            samples: 0,
+            loss: 0.0,
+            dice: 0.0,
+            finished_unix_ms: 0,
+            epsilon: None,
+            site_reports: vec![],
+            validation: vec![at("empty", 0, None)],
+        };
+        assert_eq!(round.validated_infection_dice(), None);
+        round.validation.push(at("north", 3, Some(0.8)));
+        round.validation.push(at("south", 1, Some(0.4)));
+        round.validation.push(at("no lesion", 2, None));
+        let mean = round.validated_infection_dice().unwrap();
+        assert!((mean - 0.7).abs() < 1e-12, "{mean}");
     }
 }

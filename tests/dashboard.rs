@@ -92,11 +92,18 @@ async fn chromium_follows_a_live_run_one_point_per_finished_round() {
         dom.matches(r#"class="point validation""#).count(),
         ROUNDS as usize
     );
-    assert_eq!(
-        dom.matches(r#"<td class="validation" title="north: "#)
-            .count(),
-        ROUNDS as usize
-    );
+    let cells: Vec<&str> = dom
+        .split(r#"<td class="validation" title=""#)
+        .skip(1)
+        .collect();
+    assert_eq!(cells.len(), ROUNDS as usize);
+    for cell in cells {
+        let title = &cell[..cell.find('"').unwrap()];
+        assert!(
+            title.contains("north: ") && title.contains("south: ") && title.contains("(2 cases)"),
+            "{title}"
+        );
+    }
     let last = info.rounds.last().unwrap();
     for site in ["north", "south"] {
         let row = &dom[dom.find(&format!(r#"<tr data-site="{site}">"#)).unwrap()..];

@@ -510,7 +510,7 @@ h2 { font-size: 1.15em; margin: 1.2em 0 .4em; } h3 { font-size: 1em; margin: 1em
 table { border-collapse: collapse; } th, td { padding: .25em .7em; border-bottom: 1px solid #e3e7ed; text-align: left; }
 tr.selected { background: #eef3fa; } code { font-size: .92em; }
 .state.running { color: #2a7a2a; } .state.failed, .error { color: #b02a2a; } .warn { color: #a0620a; }
-.columns { display: flex; flex-wrap: wrap; gap: 2em; } dl.config { display: grid; grid-template-columns: auto auto; gap: .2em 1em; margin: 0; }
+.columns { display: flex; flex-wrap: wrap; gap: 2em; } dl.config { display: grid; grid-template-columns: auto auto; align-content: start; gap: .2em 1em; margin: 0; }
 dt { color: #5a6675; } dd { margin: 0; }
 svg.chart { display: block; margin-bottom: .8em; background: #fff; border: 1px solid #e3e7ed; }
 svg .grid { stroke: #edf0f4; } svg .frame { stroke: #c9d0da; } svg .tick, svg .axis-label, svg .legend text { font-size: 11px; fill: #5a6675; }

@@ -221,6 +221,13 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(pulled.with_extension("json")).unwrap()).unwrap();
     assert_eq!(manifest["round"], 2);
+    // Beside the sealed manifest, what the site has measured of the model since, as the run's
+    // record has it.
+    assert_eq!(
+        manifest["validation"], rounds[1]["validation"],
+        "{manifest}"
+    );
+    assert_eq!(manifest["validation"][0]["cases"], 2, "{manifest}");
     // The manifest says how the model was made.
     let strategy = &manifest["strategy"];
     assert_eq!(
@@ -281,6 +288,12 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
         pulled.to_str().unwrap(),
     ]);
     assert_eq!(sha256_hex(&std::fs::read(&pulled).unwrap()), first);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pulled.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["validation"], rounds[0]["validation"],
+        "{manifest}"
+    );
     // On a terminal (util-linux `script` gives it one), the download draws a progress bar that
     // ends at the whole model.
     let on_terminal = project.path("terminal.safetensors");

@@ -212,6 +212,22 @@ pub fn reported(info: &RunInfo, site: &str, version: &str) -> bool {
             .any(|c| c.model_version == version && c.validation.site == site)
 }
 
+/// Every site's validation of model `version` in the run's record: of a round's global model,
+/// or (cross-site evaluation) of a site's local model.
+pub fn validations_of(info: &RunInfo, version: &str) -> Vec<SiteValidation> {
+    let global = info
+        .rounds
+        .iter()
+        .filter(|r| r.version == version)
+        .flat_map(|r| r.validation.iter().cloned());
+    let local = info
+        .cross_site
+        .iter()
+        .filter(|c| c.model_version == version)
+        .map(|c| c.validation.clone());
+    global.chain(local).collect()
+}
+
 /// Adds a checked validation of model `version` of round `round` to the run's record: to the
 /// round's if it is its global model, to the cross-site ones if it is a site's local model
 /// (whose site it returns).
@@ -397,6 +413,35 @@ mod tests {
             validation: Vec::new(),
             site_reports: Vec::new(),
         }
+    }
+
+    /// A model's validations are the round's when it is a global model, the cross-site ones
+    /// when it is a site's local model; `add_validation` files each where it belongs.
+    #[test]
+    fn a_models_validations_are_found_where_they_were_filed() {
+        use alveolus_proto::domain::{LocalModel, SiteValidation, Validation};
+        let at = |site: &str, cases: u32| SiteValidation {
+            site: site.into(),
+            validation: Validation {
+                cases,
+                infection_dice: None,
+                classes: Vec::new(),
+            },
+        };
+        let mut run = after_round(&info(2, None), summary(1));
+        run.local_models.push(LocalModel {
+            site: "a".into(),
+            version: "local-a".into(),
+        });
+        assert_eq!(add_validation(&mut run, 1, "v1", at("a", 2)), None);
+        assert_eq!(add_validation(&mut run, 1, "v1", at("b", 3)), None);
+        assert_eq!(
+            add_validation(&mut run, 1, "local-a", at("b", 3)),
+            Some("a".into())
+        );
+        assert_eq!(validations_of(&run, "v1"), [at("a", 2), at("b", 3)]);
+        assert_eq!(validations_of(&run, "local-a"), [at("b", 3)]);
+        assert!(validations_of(&run, "v0").is_empty());
     }
 
     #[test]

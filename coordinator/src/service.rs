@@ -107,10 +107,11 @@ impl Services {
     ) -> Result<ResponseStream<pb::ModelChunk>, Status> {
         let held = self.pulls.take(&who.to_string())?;
         let (bytes, manifest) = self.coordinator.model(version)?;
+        let validation = self.coordinator.validations_of(&manifest);
         let header = ModelHeader {
             version: manifest.sha256.clone(),
             total_bytes: bytes.len() as u64,
-            manifest_json: manifest.to_json(),
+            manifest_json: manifest.served_json(&validation),
         };
         let messages: Vec<pb::ModelChunk> = framed(header.into(), &bytes);
         let coordinator = self.coordinator.clone();

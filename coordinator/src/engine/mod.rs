@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use alveolus_proto::domain::{RunEvent, RunInfo, RunState, SiteInfo};
+use alveolus_proto::domain::{RunEvent, RunInfo, RunState, SiteInfo, SiteValidation};
 use alveolus_proto::weights::Weights;
 use bytes::Bytes;
 use futures::Stream;
@@ -473,6 +473,18 @@ impl Coordinator {
             version.to_string()
         };
         self.store.get_model(&version)
+    }
+
+    /// What the sites of `manifest`'s run measured of its model on their validation cases, as
+    /// the run's record has it now: empty for a model no site has measured.
+    pub fn validations_of(&self, manifest: &Manifest) -> Vec<SiteValidation> {
+        let state = self.lock();
+        state
+            .runs
+            .iter()
+            .find(|r| r.info.run_id == manifest.run_id)
+            .map(|r| run::validations_of(&r.info, &manifest.sha256))
+            .unwrap_or_default()
     }
 
     fn events_since(&self, run_id: &str, from: usize) -> (Vec<RunEvent>, bool) {

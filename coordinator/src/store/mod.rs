@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! models/<sha256>.safetensors   checkpoint bytes; the digest is the version
-//! models/<sha256>.json          manifest: round, parent, contributing sites, metrics
+//! models/<sha256>.json          manifest: round, parent, contributing sites, metrics (sealed;
+//!                               the sites' validation is served beside it from the run log)
 //! runs/<run_id>.json            run config and every finished round
 //! sites.json                    known sites, their last contact and contributions
 //! ```
@@ -16,12 +17,12 @@ use std::sync::{Arc, Mutex};
 
 use alveolus_proto::domain::{
     AggregationConfig, Metrics, PrivacyConfig, RunInfo, SecureAggregationConfig, SiteInfo,
-    Strategy, validate_version,
+    SiteValidation, Strategy, validate_version,
 };
 use alveolus_proto::sha256_hex;
 use bytes::Bytes;
 
-use format::{FormatError, ManifestV1, RunV1, SiteV1, SitesFile, decode, encode};
+use format::{FormatError, ManifestV1, RunV1, ServedManifestV1, SiteV1, SitesFile, decode, encode};
 
 use crate::durable::write_atomic;
 use crate::error::CoordinatorError;
@@ -57,9 +58,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The manifest as its file says it (and as sites receive it with the model).
+    /// The manifest as its file says it.
     pub fn to_json(&self) -> String {
         String::from_utf8(encode(&ManifestV1::sealed(self))).expect("JSON is UTF-8")
+    }
+
+    /// The manifest as a client receives it with the model: its file's fields and, outside
+    /// its check, `validation`: what the sites have measured of the model so far.
+    pub fn served_json(&self, validation: &[SiteValidation]) -> String {
+        String::from_utf8(encode(&ServedManifestV1::new(self, validation))).expect("JSON is UTF-8")
     }
 }
 

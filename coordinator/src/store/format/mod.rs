@@ -236,6 +236,26 @@ pub struct ManifestV1 {
     check: Option<String>,
 }
 
+/// A manifest as a client receives it with its model: the sealed file's fields and, beside
+/// them and outside the check, what the sites have measured of the model since it was made
+/// (a model is sealed before any site has seen it).
+#[derive(Serialize)]
+pub struct ServedManifestV1<'a> {
+    #[serde(flatten)]
+    manifest: ManifestV1,
+    /// Each site's Dice on its own validation cases, as `run status --json` has them.
+    validation: &'a [SiteValidation],
+}
+
+impl<'a> ServedManifestV1<'a> {
+    pub fn new(m: &Manifest, validation: &'a [SiteValidation]) -> Self {
+        Self {
+            manifest: ManifestV1::sealed(m),
+            validation,
+        }
+    }
+}
+
 impl ManifestV1 {
     /// The manifest of `m` as it is written, with its check.
     pub fn sealed(m: &Manifest) -> Self {

@@ -27,7 +27,13 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     // Two training slices, and two validation cases on which the site measures each round's
     // model (the default).
     let data = site_dataset(&project, "alpha", 0, 2, 2);
-    let _agent = spawn_agent(&project, "alpha", &data);
+    let site_models = project.path("alpha-models");
+    let _agent = spawn_agent_with(
+        &project,
+        "alpha",
+        &data,
+        &["--site-models", site_models.to_str().unwrap()],
+    );
     let admin = project.admin_kit();
     let admin = admin.to_str().unwrap();
     let site = project.site_kit("alpha");
@@ -268,6 +274,57 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
             );
         }
     }
+    // The site's own model of each round: the global model with the normalisation layers the
+    // site trained, which `evaluate` reads like any model.
+    for round in [1, 2] {
+        let own = site_models.join(format!("{run_id}-round{round:04}.safetensors"));
+        let own = std::fs::read(&own).unwrap_or_else(|e| panic!("{}: {e}", own.display()));
+        let own = Weights::decode(&own).unwrap();
+        assert!(
+            own.metadata["alveolus.site_specific"].contains("of site alpha"),
+            "{:?}",
+            own.metadata
+        );
+        let published = rounds[round - 1]["version"].as_str().unwrap();
+        let path = project.path(&format!("published{round}.safetensors"));
+        run_ok(&[
+            "model",
+            "pull",
+            "--kit",
+            admin,
+            "--version",
+            published,
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        let published = Weights::decode(&std::fs::read(&path).unwrap()).unwrap();
+        let mut own_norms = 0;
+        for (name, tensor) in &own.tensors {
+            if !is_norm(name) {
+                assert_eq!(tensor, &published.tensors[name], "{name}");
+            } else if tensor != &published.tensors[name] {
+                own_norms += 1;
+            }
+        }
+        assert!(
+            own_norms > 0,
+            "round {round}: the site's norms are not in its model"
+        );
+    }
+    let own = site_models.join(format!("{run_id}-round0002.safetensors"));
+    let measured = run_ok(&[
+        "evaluate",
+        "--model",
+        own.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(measured.contains("\"infection\""), "{measured}");
+    assert!(
+        std::fs::read_dir(&site_models).unwrap().count() == 2,
+        "one file a round and nothing half-written"
+    );
     let log = std::fs::read_to_string(project.path("alpha.log")).unwrap();
     assert!(
         log.lines().any(|l| l.contains("round=2")

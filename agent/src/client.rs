@@ -18,13 +18,14 @@ use alveolus_models::{DeviceChoice, ModelSpec, Progress};
 use alveolus_proto::domain::{EvaluateTask, Task, TrainTask, UpdateHeader, ValidationReport};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::sha256_hex;
+use alveolus_proto::weights::Weights;
 
 use crate::error::AgentError;
 use crate::local::{LocalUpdate, local_update, measure, no_validation};
 use crate::metrics::AgentMetrics;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
-use crate::site_norms::SiteNorms;
+use crate::site_norms::{SITE_SPECIFIC_METADATA_KEY, SiteNorms};
 use crate::transport::{
     Federation, Traffic, Verdict, join, next_task, pull_model, push_update, report_validation,
     status_error, verdict,
@@ -36,6 +37,10 @@ pub struct AgentOptions {
     pub device: DeviceChoice,
     /// Where to keep a copy of every update sent (what left the site, byte for byte).
     pub audit_dir: Option<PathBuf>,
+    /// FedBN: where to write this site's own model of each round, the global model with this
+    /// site's normalisation layers, when the site measures it. The published global model has
+    /// the run's initial ones, so this is the model to segment with here.
+    pub site_models: Option<PathBuf>,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
     /// How long one long-poll may be held by the coordinator.
@@ -49,6 +54,7 @@ impl Default for AgentOptions {
         Self {
             device: DeviceChoice::Cpu,
             audit_dir: None,
+            site_models: None,
             max_backoff: Duration::from_secs(30),
             poll_seconds: 25,
             metrics: Arc::default(),
@@ -225,13 +231,15 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.refresh_data();
         let validation = match self.data.validation().cloned() {
-            None => no_validation(),
-            Some((slices, cases)) => {
-                let (mut global, model_bytes) = pull_model(client, &task.model_version).await?;
-                self.options.metrics.traffic(0, model_bytes);
-                if task.site_normalisation {
-                    self.site_norms.personalise(&task.run_id, &mut global);
+            None => {
+                // Nothing to measure, but under FedBN the site's own model is still wanted.
+                if task.site_normalisation && self.options.site_models.is_some() {
+                    self.model_for_site(client, &task).await?;
                 }
+                no_validation()
+            }
+            Some((slices, cases)) => {
+                let global = self.model_for_site(client, &task).await?;
                 let device = self.device.clone();
                 let measured =
                     tokio::task::spawn_blocking(move || measure(&global, &slices, cases, &device))
@@ -444,6 +452,55 @@ impl Agent {
             }
             Err(s) => Err(status_error(s)),
         }
+    }
+
+    /// The model an evaluate task names, as this site uses it: under FedBN with the site's own
+    /// normalisation layers, a global model of which is then written to the site-models folder.
+    async fn model_for_site(
+        &mut self,
+        client: &mut Federation,
+        task: &EvaluateTask,
+    ) -> Result<Weights, AgentError> {
+        let (mut model, model_bytes) = pull_model(client, &task.model_version).await?;
+        self.options.metrics.traffic(0, model_bytes);
+        if task.site_normalisation
+            && self.site_norms.personalise(&task.run_id, &mut model) > 0
+            && task.model_of.is_none()
+        {
+            self.keep_site_model(task, &model)?;
+        }
+        Ok(model)
+    }
+
+    /// FedBN: writes `model`, round `task.round`'s global model with this site's normalisation
+    /// layers, as `RUN-roundNNNN.safetensors` in the site-models folder (when there is one),
+    /// whole or not at all.
+    fn keep_site_model(&self, task: &EvaluateTask, model: &Weights) -> Result<(), AgentError> {
+        let Some(dir) = &self.options.site_models else {
+            return Ok(());
+        };
+        let mut model = model.clone();
+        model.metadata.insert(
+            SITE_SPECIFIC_METADATA_KEY.into(),
+            format!(
+                "normalisation layers (FedBN) of site {}, as it trained them up to round {} of run {}",
+                self.kit.identity.name, task.round, task.run_id
+            ),
+        );
+        let path = dir.join(format!(
+            "{}-round{:04}.safetensors",
+            task.run_id, task.round
+        ));
+        let partial = path.with_extension("partial");
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&partial, model.encode()))
+            .and_then(|_| std::fs::rename(&partial, &path))
+            .map_err(|e| AgentError::SiteModel {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        tracing::info!(round = task.round, path = %path.display(), "this site's own model (FedBN) written");
+        Ok(())
     }
 
     fn keep_audit_copy(&self, header: &UpdateHeader, bytes: &[u8]) -> Result<(), AgentError> {

@@ -24,4 +24,6 @@ pub enum AgentError {
     Device(#[from] alveolus_models::DeviceError),
     #[error("cannot write the audit copy {path}: {message}")]
     Audit { path: PathBuf, message: String },
+    #[error("cannot write the site's own model {path}: {message}")]
+    SiteModel { path: PathBuf, message: String },
 }

@@ -89,6 +89,12 @@ pub struct AgentArgs {
     /// Keep a copy of every update sent here.
     #[arg(long)]
     audit_dir: Option<PathBuf>,
+    /// Under FedBN, write this site's own model of each round here (RUN-roundNNNN.safetensors:
+    /// the round's global model with this site's normalisation layers), when the site measures
+    /// it; the published global model keeps the run's initial ones. This is the model to
+    /// segment this site's scans with.
+    #[arg(long, value_name = "DIR")]
+    site_models: Option<PathBuf>,
     /// Serve Prometheus metrics in plain HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9465).
     /// Off unless given. The agent still only dials out to the coordinator; this port is for
     /// the site's own monitoring.
@@ -132,6 +138,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     let options = AgentOptions {
         device: args.device,
         audit_dir: args.audit_dir,
+        site_models: args.site_models,
         ..AgentOptions::default()
     };
     if let Some(listener) = bind_metrics(args.metrics.as_deref()).await? {

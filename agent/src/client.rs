@@ -17,15 +17,15 @@ use alveolus_models::train::TrainError;
 use alveolus_models::{DeviceChoice, ModelSpec, Progress};
 use alveolus_proto::domain::{EvaluateTask, Task, TrainTask, UpdateHeader, ValidationReport};
 use alveolus_proto::kit::ClientKit;
-use alveolus_proto::sha256_hex;
 use alveolus_proto::weights::Weights;
 
 use crate::error::AgentError;
+use crate::kept;
 use crate::local::{LocalUpdate, local_update, measure, no_validation};
 use crate::metrics::AgentMetrics;
 use crate::secure::SecureError;
 use crate::site_data::SiteData;
-use crate::site_norms::{SITE_SPECIFIC_METADATA_KEY, SiteNorms};
+use crate::site_norms::SiteNorms;
 use crate::transport::{
     Federation, Traffic, Verdict, join, next_task, pull_model, push_update, report_validation,
     status_error, verdict,
@@ -403,7 +403,7 @@ impl Agent {
                     Err(e) => return skip_round(round, e),
                 };
             let (header, bytes) = crate::secure::masked_message(task, &words);
-            self.keep_audit_copy(&header, &bytes)?;
+            kept::audit_copy(self.options.audit_dir.as_deref(), &header, &bytes)?;
             match push_update(client, header, &bytes, traffic).await {
                 Ok(reports) => {
                     self.options.metrics.update_accepted();
@@ -437,7 +437,7 @@ impl Agent {
             // Under DP the time would hint at the sample count that stays home.
             train_seconds: task.clip_norm.is_none().then_some(train_seconds),
         };
-        self.keep_audit_copy(&header, &bytes)?;
+        kept::audit_copy(self.options.audit_dir.as_deref(), &header, &bytes)?;
         match push_update(client, header, &bytes, traffic).await {
             Ok(reports) => {
                 self.options.metrics.update_accepted();
@@ -467,73 +467,11 @@ impl Agent {
             && self.site_norms.personalise(&task.run_id, &mut model) > 0
             && task.model_of.is_none()
         {
-            self.keep_site_model(task, &model)?;
+            if let Some(dir) = &self.options.site_models {
+                kept::site_model(dir, &self.kit.identity.name, task, &model)?;
+            }
         }
         Ok(model)
-    }
-
-    /// FedBN: writes `model`, round `task.round`'s global model with this site's normalisation
-    /// layers, as `RUN-roundNNNN.safetensors` in the site-models folder (when there is one),
-    /// whole or not at all.
-    fn keep_site_model(&self, task: &EvaluateTask, model: &Weights) -> Result<(), AgentError> {
-        let Some(dir) = &self.options.site_models else {
-            return Ok(());
-        };
-        let mut model = model.clone();
-        model.metadata.insert(
-            SITE_SPECIFIC_METADATA_KEY.into(),
-            format!(
-                "normalisation layers (FedBN) of site {}, as it trained them up to round {} of run {}",
-                self.kit.identity.name, task.round, task.run_id
-            ),
-        );
-        let path = dir.join(format!(
-            "{}-round{:04}.safetensors",
-            task.run_id, task.round
-        ));
-        let partial = path.with_extension("partial");
-        std::fs::create_dir_all(dir)
-            .and_then(|_| std::fs::write(&partial, model.encode()))
-            .and_then(|_| std::fs::rename(&partial, &path))
-            .map_err(|e| AgentError::SiteModel {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        tracing::info!(round = task.round, path = %path.display(), "this site's own model (FedBN) written");
-        Ok(())
-    }
-
-    fn keep_audit_copy(&self, header: &UpdateHeader, bytes: &[u8]) -> Result<(), AgentError> {
-        let Some(dir) = &self.options.audit_dir else {
-            return Ok(());
-        };
-        let stem = format!("{}-round{:04}", header.run_id, header.round);
-        let extension = if header.masked {
-            "masked"
-        } else {
-            "safetensors"
-        };
-        let write = |name: String, contents: &[u8]| {
-            let path = dir.join(name);
-            std::fs::create_dir_all(dir)
-                .and_then(|_| std::fs::write(&path, contents))
-                .map_err(|e| AgentError::Audit {
-                    path,
-                    message: e.to_string(),
-                })
-        };
-        write(format!("{stem}.{extension}"), bytes)?;
-        let record = serde_json::json!({
-            "run_id": header.run_id,
-            "round": header.round,
-            "base_version": header.base_version,
-            "num_samples": header.num_samples,
-            "loss": header.metrics.loss,
-            "dice": header.metrics.dice,
-            "masked": header.masked,
-            "sha256": sha256_hex(bytes),
-        });
-        write(format!("{stem}.json"), record.to_string().as_bytes())
     }
 }
 

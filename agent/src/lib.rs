@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+mod kept;
 pub mod local;
 pub mod metrics;
 pub mod secure;

@@ -466,10 +466,9 @@ impl Agent {
         if task.site_normalisation
             && self.site_norms.personalise(&task.run_id, &mut model) > 0
             && task.model_of.is_none()
+            && let Some(dir) = &self.options.site_models
         {
-            if let Some(dir) = &self.options.site_models {
-                kept::site_model(dir, &self.kit.identity.name, task, &model)?;
-            }
+            kept::site_model(dir, &self.kit.identity.name, task, &model)?;
         }
         Ok(model)
     }

@@ -103,23 +103,17 @@ pub fn loss_and_dice(run: &RunInfo) -> (Chart, Chart) {
             colour,
             points: run.rounds.iter().map(|r| (r.round, global(r))).collect(),
         }];
-        for (i, site) in sites.iter().enumerate() {
-            series.push(Series {
-                name: (*site).to_string(),
-                class: "site",
-                colour: SITE_COLOURS[i % SITE_COLOURS.len()],
-                points: run
-                    .rounds
-                    .iter()
-                    .flat_map(|r| {
-                        r.site_reports
-                            .iter()
-                            .filter(|s| s.site == *site)
-                            .map(|s| (r.round, own(s)))
-                    })
-                    .collect(),
-            });
-        }
+        series.extend(site_lines(&sites, |site| {
+            run.rounds
+                .iter()
+                .flat_map(|r| {
+                    r.site_reports
+                        .iter()
+                        .filter(|s| s.site == site)
+                        .map(|s| (r.round, own(s)))
+                })
+                .collect()
+        }));
         Chart {
             title,
             rounds: run.config.rounds,
@@ -170,29 +164,37 @@ pub fn validation(run: &RunInfo) -> Option<Chart> {
             .filter_map(|r| Some((r.round, r.validated_infection_dice()?)))
             .collect(),
     }];
-    for (i, site) in sites.iter().enumerate() {
-        series.push(Series {
-            name: (*site).to_string(),
-            class: "site",
-            colour: SITE_COLOURS[i % SITE_COLOURS.len()],
-            points: run
-                .rounds
-                .iter()
-                .flat_map(|r| {
-                    r.validation
-                        .iter()
-                        .filter(|v| v.site == *site)
-                        .filter_map(|v| Some((r.round, v.validation.infection_dice?)))
-                })
-                .collect(),
-        });
-    }
+    series.extend(site_lines(&sites, |site| {
+        run.rounds
+            .iter()
+            .flat_map(|r| {
+                r.validation
+                    .iter()
+                    .filter(|v| v.site == site)
+                    .filter_map(|v| Some((r.round, v.validation.infection_dice?)))
+            })
+            .collect()
+    }));
     Some(Chart {
         title: "Validation infection Dice of each round's model",
         rounds: run.config.rounds,
         y_range: Some((0.0, 1.0)),
         series,
     })
+}
+
+/// Each site's own line, in site-name order and colour, with the points `points` gives it.
+fn site_lines(sites: &BTreeSet<&str>, points: impl Fn(&str) -> Vec<(u32, f64)>) -> Vec<Series> {
+    sites
+        .iter()
+        .enumerate()
+        .map(|(i, site)| Series {
+            name: (*site).to_string(),
+            class: "site",
+            colour: SITE_COLOURS[i % SITE_COLOURS.len()],
+            points: points(site),
+        })
+        .collect()
 }
 
 /// `#rrggbb`.

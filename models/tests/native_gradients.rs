@@ -1,13 +1,14 @@
-//! LibTorch's convolution and batch-norm gradients (its own `convolution_backward` and
-//! `native_batch_norm_backward`, through the vendored burn-tch) equal burn-flex's and PyTorch
-//! autograd's on the same inputs, for the layers the U-Nets use (3x3 and 1x1 convolutions, 2D
-//! and 3D, transposed with stride 2, batch norm) and a few they could (stride 2, asymmetric
-//! padding, dilation, groups).
+//! Convolution and batch-norm outputs and gradients equal PyTorch autograd's on the same inputs,
+//! for the layers the U-Nets use (3x3 and 1x1 convolutions, 2D and 3D, transposed with stride 2,
+//! batch norm) and a few they could (stride 2, asymmetric padding, dilation, groups, one batch
+//! item, non-square inputs): burn-flex's (the vendored crate's GEMM convolutions and fused batch
+//! norm, `vendor/burn-flex/PATCH.md`) and, with `tch`, LibTorch's (its own
+//! `convolution_backward` and `native_batch_norm_backward`, `vendor/burn-tch/PATCH.md`), which
+//! must also equal burn-flex's.
 //!
 //! The PyTorch half needs Python with torch (`scripts/python-env`); it runs when
 //! `ALVEOLUS_SLOW_TESTS=1` (as in CI), where a missing PyTorch is a failure, and otherwise
 //! says it skipped.
-#![cfg(feature = "tch")]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,6 +47,9 @@ struct Case {
     dilation: usize,
     groups: usize,
     size: usize,
+    /// Added to the last spatial dimension's size, so that rows and columns differ.
+    wider: usize,
+    batch: usize,
 }
 
 const CASES: &[Case] = &[
@@ -89,6 +93,36 @@ const CASES: &[Case] = &[
         ..Case::CONV2D
     },
     Case {
+        name: "conv2d_dilated",
+        channels_in: 3,
+        channels_out: 4,
+        padding: (2, 2),
+        dilation: 2,
+        size: 11,
+        wider: 3,
+        ..Case::CONV2D
+    },
+    // One batch item: the products, not the batch, are split between threads.
+    Case {
+        name: "conv2d_one_item_wide",
+        size: 9,
+        wider: 5,
+        batch: 1,
+        ..Case::CONV2D
+    },
+    Case {
+        // burn's conv3d takes symmetric padding only.
+        name: "conv3d_stride2",
+        dims: 3,
+        channels_in: 3,
+        channels_out: 2,
+        stride: 2,
+        padding: (1, 1),
+        size: 7,
+        wider: 2,
+        ..Case::CONV2D
+    },
+    Case {
         name: "conv3d_3x3x3",
         dims: 3,
         channels_in: 2,
@@ -107,6 +141,17 @@ const CASES: &[Case] = &[
         kernel: 3,
         padding: (1, 1),
         size: 7,
+        ..Case::UP2D
+    },
+    Case {
+        name: "conv_transpose2d_stride1",
+        channels_in: 3,
+        channels_out: 2,
+        kernel: 3,
+        stride: 1,
+        padding: (1, 1),
+        size: 6,
+        wider: 2,
         ..Case::UP2D
     },
     Case {
@@ -154,6 +199,8 @@ impl Case {
         dilation: 1,
         groups: 1,
         size: 16,
+        wider: 0,
+        batch: 2,
     };
 
     /// A 2x2 transposed convolution of stride 2, as in a U-Net's decoder.
@@ -169,6 +216,8 @@ impl Case {
         dilation: 1,
         groups: 1,
         size: 8,
+        wider: 0,
+        batch: 2,
     };
 
     fn weight_shape(&self) -> Vec<usize> {
@@ -183,13 +232,23 @@ impl Case {
         [vec![first, second], vec![self.kernel; self.dims]].concat()
     }
 
-    fn output_size(&self) -> usize {
+    /// Spatial sizes of the input.
+    fn input_sizes(&self) -> Vec<usize> {
+        let mut sizes = vec![self.size; self.dims];
+        sizes[self.dims - 1] += self.wider;
+        sizes
+    }
+
+    fn output_sizes(&self) -> Vec<usize> {
         let reach = self.dilation * (self.kernel - 1);
-        if self.op == Op::ConvTranspose {
-            (self.size - 1) * self.stride - 2 * self.padding.0 + reach + 1
-        } else {
-            (self.size + self.padding.0 + self.padding.1 - reach - 1) / self.stride + 1
-        }
+        let output = |size: usize| {
+            if self.op == Op::ConvTranspose {
+                (size - 1) * self.stride - 2 * self.padding.0 + reach + 1
+            } else {
+                (size + self.padding.0 + self.padding.1 - reach - 1) / self.stride + 1
+            }
+        };
+        self.input_sizes().into_iter().map(output).collect()
     }
 
     /// Input, weight, bias and the output's cotangent, drawn from `seed`.
@@ -201,19 +260,18 @@ impl Case {
                 .collect(),
             shape,
         };
-        let batch = 2;
+        let batch = self.batch;
         let mut weights = Weights::default();
         let tensors = &mut weights.tensors;
-        let spatial = |n| vec![n; self.dims];
         tensors.insert(
             "x".into(),
-            random([vec![batch, self.channels_in], spatial(self.size)].concat()),
+            random([vec![batch, self.channels_in], self.input_sizes()].concat()),
         );
         tensors.insert("w".into(), random(self.weight_shape()));
         tensors.insert("b".into(), random(vec![self.channels_out]));
         tensors.insert(
             "g".into(),
-            random([vec![batch, self.channels_out], spatial(self.output_size())].concat()),
+            random([vec![batch, self.channels_out], self.output_sizes()].concat()),
         );
         weights
     }
@@ -353,12 +411,14 @@ fn assert_within(
     );
 }
 
+#[cfg(feature = "tch")]
 fn libtorch() -> Device {
     let resolved = DeviceChoice::Cpu.resolve().unwrap();
     assert!(resolved.backend.contains("LibTorch"), "{resolved}");
     resolved.device
 }
 
+#[cfg(feature = "tch")]
 #[test]
 fn libtorch_gradients_equal_burn_flex_gradients() {
     let flex = DeviceChoice::Flex.resolve().unwrap().device;
@@ -374,6 +434,7 @@ fn libtorch_gradients_equal_burn_flex_gradients() {
 }
 
 /// Inference batch norm (running statistics, no autodiff), which LibTorch runs as one kernel.
+#[cfg(feature = "tch")]
 #[test]
 fn libtorch_inference_batch_norm_equals_burn_flex() {
     let flex = DeviceChoice::Flex.resolve().unwrap().device;
@@ -445,6 +506,13 @@ fn slow_tests() -> bool {
 }
 
 #[test]
+fn burn_flex_gradients_equal_pytorch_autograd() {
+    let flex = DeviceChoice::Flex.resolve().unwrap().device;
+    compare_with_pytorch(&flex, "burn-flex", 1e-4);
+}
+
+#[cfg(feature = "tch")]
+#[test]
 fn libtorch_gradients_equal_pytorch_autograd() {
     compare_with_pytorch(&libtorch(), "LibTorch CPU", 1e-4);
 }
@@ -452,6 +520,7 @@ fn libtorch_gradients_equal_pytorch_autograd() {
 /// On a CUDA machine (`scripts/gpu-check` runs this binary there), cuDNN's kernels against
 /// PyTorch's on the CPU. cuDNN convolutions run in TF32 by default, in LibTorch as in
 /// PyTorch (10-bit mantissas), hence the looser tolerance.
+#[cfg(feature = "tch")]
 #[test]
 fn libtorch_cuda_gradients_equal_pytorch_autograd() {
     match DeviceChoice::Cuda(0).resolve() {

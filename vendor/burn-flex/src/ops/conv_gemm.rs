@@ -387,7 +387,8 @@ unsafe fn multiply(
     }
 }
 
-/// Batch items run in parallel when there are enough to go round, else each product does.
+/// How many parts the batch is split into, to run in parallel, and how each product runs: on
+/// its own thread while the batch keeps every thread busy, else split too (rayon nests them).
 fn threads_for(batch: usize) -> (usize, gemm::Parallelism) {
     #[cfg(feature = "rayon")]
     {
@@ -395,7 +396,7 @@ fn threads_for(batch: usize) -> (usize, gemm::Parallelism) {
         if batch >= threads {
             (threads, gemm::Parallelism::None)
         } else {
-            (1, gemm::Parallelism::Rayon(0))
+            (batch.max(1), gemm::Parallelism::Rayon(0))
         }
     }
     #[cfg(not(feature = "rayon"))]

@@ -18,7 +18,7 @@ use alveolus_models::bench::tensor;
 use alveolus_models::{Device, DeviceChoice, NamedTensor, Weights, pytorch};
 use burn::tensor::Tensor;
 use burn::tensor::module::{
-    batch_norm, batch_norm_train, conv_transpose2d, conv_transpose3d, conv2d, conv3d,
+    batch_norm_train, conv_transpose2d, conv_transpose3d, conv2d, conv3d,
 };
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use rand::rngs::StdRng;
@@ -453,7 +453,7 @@ fn libtorch_inference_batch_norm_equals_burn_flex() {
     let mean = random(vec![channels], -0.3, 0.3);
     let variance = random(vec![channels], 0.2, 2.0);
     let on = |device: &Device| {
-        read(batch_norm(
+        read(burn::tensor::module::batch_norm(
             tensor::<4>(&x, device),
             tensor::<1>(&gamma, device),
             tensor::<1>(&beta, device),

@@ -104,7 +104,9 @@ impl Geometry {
         for i in 0..N {
             let reach = options.dilation[i] * (weight[2 + i] - 1);
             let (before, after) = options.padding[i];
-            dims.push((input[2 + i] + before + after - reach - 1) / options.stride[i] + 1);
+            // Empty when the kernel reaches past the padded input.
+            let room = (input[2 + i] + before + after).checked_sub(reach + 1);
+            dims.push(room.map_or(0, |room| room / options.stride[i] + 1));
         }
         Shape::from(dims)
     }
@@ -127,6 +129,13 @@ impl Geometry {
 
     fn output_volume(&self) -> usize {
         self.output.iter().product()
+    }
+
+    /// Nothing to multiply: some size is zero, and every result is zeros.
+    fn is_empty(&self) -> bool {
+        self.batch * self.channels_in * self.channels_out * self.kernel_volume() == 0
+            || self.input_volume() == 0
+            || self.output_volume() == 0
     }
 
     fn weight_len(&self) -> usize {
@@ -455,6 +464,9 @@ pub(crate) fn forward(
     let (cin, cout, kvol) = (g.in_group(), g.out_group(), g.kernel_volume());
     let (in_volume, out_volume) = (g.input_volume(), g.output_volume());
     let mut out = vec![0f32; g.batch * g.channels_out * out_volume];
+    if g.is_empty() {
+        return with_bias(out, bias, output_shape);
+    }
     let plan = g.plan();
     for_each_item(
         &mut out,
@@ -561,6 +573,9 @@ fn input_gradient(geometry: &Geometry, weight: &FlexTensor, output_grad: &FlexTe
     let (cin, cout, kvol) = (g.in_group(), g.out_group(), g.kernel_volume());
     let (in_volume, out_volume) = (g.input_volume(), g.output_volume());
     let mut out = vec![0f32; g.batch * g.channels_in * in_volume];
+    if g.is_empty() {
+        return out;
+    }
     let plan = g.plan();
     for_each_item(
         &mut out,
@@ -657,6 +672,9 @@ pub(crate) fn weight_gradient(
     let (x, dy) = (input.storage::<f32>(), output_grad.storage::<f32>());
     let (cin, cout, kvol) = (g.in_group(), g.out_group(), g.kernel_volume());
     let (in_volume, out_volume) = (g.input_volume(), g.output_volume());
+    if g.is_empty() {
+        return tensor(vec![0f32; weight_shape.num_elements()], weight_shape);
+    }
     let (threads, parallelism) = threads_for(g.batch);
     let plan = g.plan();
 

@@ -45,6 +45,25 @@ pub(crate) fn cast_from_f32<E: Element + Pod + Copy>(
 }
 
 impl ModuleOps<Flex> for Flex {
+    // Alveolus: one pass over the activation, instead of burn's default of five tensor
+    // operations.
+    fn batch_norm(
+        x: FloatTensor<Flex>,
+        gamma: FloatTensor<Flex>,
+        beta: FloatTensor<Flex>,
+        mean: FloatTensor<Flex>,
+        variance: FloatTensor<Flex>,
+        epsilon: f64,
+    ) -> FloatTensor<Flex> {
+        let [output] = conv_gemm::in_f32(
+            [x, gamma, beta, mean, variance],
+            |[x, gamma, beta, mean, variance]| {
+                batch_norm::inference(&x, &gamma, &beta, &mean, &variance, epsilon)
+            },
+        );
+        output
+    }
+
     // Alveolus: two passes over the activation each way, instead of burn's default of a
     // dozen tensor operations.
     fn batch_norm_train(

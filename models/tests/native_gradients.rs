@@ -47,6 +47,7 @@ struct Case {
     size: usize,
     /// Added to the last spatial dimension's size, so that rows and columns differ.
     wider: usize,
+    /// Batch items; fewer than the threads splits the products instead of the batch.
     batch: usize,
 }
 
@@ -459,7 +460,7 @@ fn inference_batch_norm_follows_the_formula_on_every_backend() {
             1e-5,
         ))
     };
-    let run = 7 * 6;
+    let run: usize = x.shape[2..].iter().product();
     let formula: Vec<f32> = (0..x.values.len())
         .map(|i| {
             let c = (i / run) % channels;

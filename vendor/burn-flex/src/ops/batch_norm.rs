@@ -7,10 +7,10 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use burn_backend::DType;
-use burn_std::{Bytes, Shape};
+use burn_std::Shape;
 
-use crate::{FlexTensor, Layout};
+use super::f32s::{contiguous, tensor};
+use crate::FlexTensor;
 
 /// `[batch, channels, ..]` as its channel count and the length of each channel's run.
 fn runs(shape: &Shape) -> (usize, usize) {
@@ -56,19 +56,6 @@ fn per_run<F: Fn(usize, &mut [f32]) + Sync + Send>(out: &mut [f32], run: usize, 
     }
 }
 
-fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    )
-}
-
-fn values(tensor: &FlexTensor) -> FlexTensor {
-    debug_assert_eq!(tensor.dtype(), DType::F32);
-    tensor.to_contiguous()
-}
-
 /// Normalises `x` with its own per-channel statistics; returns the output and the mean and
 /// biased variance, `[channels]` each.
 pub(crate) fn train(
@@ -77,8 +64,8 @@ pub(crate) fn train(
     beta: &FlexTensor,
     epsilon: f64,
 ) -> [FlexTensor; 3] {
-    let x = values(x);
-    let (gamma, beta) = (values(gamma), values(beta));
+    let x = contiguous(x);
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
     let shape = x.layout().shape().clone();
     let (channels, run) = runs(&shape);
     let data = x.storage::<f32>();
@@ -144,9 +131,13 @@ pub(crate) fn inference(
     variance: &FlexTensor,
     epsilon: f64,
 ) -> [FlexTensor; 1] {
-    let x = values(x);
-    let (gamma, beta, mean, variance) =
-        (values(gamma), values(beta), values(mean), values(variance));
+    let x = contiguous(x);
+    let (gamma, beta, mean, variance) = (
+        contiguous(gamma),
+        contiguous(beta),
+        contiguous(mean),
+        contiguous(variance),
+    );
     let shape = x.layout().shape().clone();
     let (channels, run) = runs(&shape);
     let stats: Vec<(f64, f64)> = mean
@@ -176,9 +167,9 @@ pub(crate) fn train_backward(
     epsilon: f64,
     output_grad: &FlexTensor,
 ) -> [FlexTensor; 3] {
-    let x = values(x);
-    let dy = values(output_grad);
-    let (gamma, mean, variance) = (values(gamma), values(mean), values(variance));
+    let x = contiguous(x);
+    let dy = contiguous(output_grad);
+    let (gamma, mean, variance) = (contiguous(gamma), contiguous(mean), contiguous(variance));
     let shape = x.layout().shape().clone();
     let (channels, run) = runs(&shape);
     let (data, dy) = (x.storage::<f32>(), dy.storage::<f32>());

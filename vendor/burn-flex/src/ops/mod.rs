@@ -105,6 +105,8 @@ pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;
 pub mod expand;
+// Alveolus: PATCH.md.
+mod f32s;
 #[cfg(feature = "fft")]
 pub mod fft;
 pub mod flip;

@@ -2,8 +2,10 @@
 //!
 //! These operations power neural network modules like convolutions and pooling.
 
-// Alveolus: `batch_norm` and `conv_gemm` (PATCH.md).
-use crate::ops::{batch_norm, conv, conv_gemm, conv_transpose, deform_conv, interpolate, pool};
+// Alveolus: `batch_norm`, `conv_gemm` and `f32s` (PATCH.md).
+use crate::ops::{
+    batch_norm, conv, conv_gemm, conv_transpose, deform_conv, f32s, interpolate, pool,
+};
 use crate::{Flex, FlexTensor, Layout};
 use burn_backend::{
     DType, Element, TensorMetadata,
@@ -55,7 +57,7 @@ impl ModuleOps<Flex> for Flex {
         variance: FloatTensor<Flex>,
         epsilon: f64,
     ) -> FloatTensor<Flex> {
-        let [output] = conv_gemm::in_f32(
+        let [output] = f32s::in_f32(
             [x, gamma, beta, mean, variance],
             |[x, gamma, beta, mean, variance]| {
                 batch_norm::inference(&x, &gamma, &beta, &mean, &variance, epsilon)
@@ -72,7 +74,7 @@ impl ModuleOps<Flex> for Flex {
         beta: FloatTensor<Flex>,
         epsilon: f64,
     ) -> BatchNormTrain<Flex> {
-        let [output, mean, variance] = conv_gemm::in_f32([x, gamma, beta], |[x, gamma, beta]| {
+        let [output, mean, variance] = f32s::in_f32([x, gamma, beta], |[x, gamma, beta]| {
             batch_norm::train(&x, &gamma, &beta, epsilon)
         });
         BatchNormTrain::new(output, mean, variance)
@@ -87,7 +89,7 @@ impl ModuleOps<Flex> for Flex {
         epsilon: f64,
         output_grad: FloatTensor<Flex>,
     ) -> BatchNormTrainBackward<Flex> {
-        let [x_grad, gamma_grad, beta_grad] = conv_gemm::in_f32(
+        let [x_grad, gamma_grad, beta_grad] = f32s::in_f32(
             [x, gamma, mean, variance, output_grad],
             |[x, gamma, mean, variance, output_grad]| {
                 batch_norm::train_backward(&x, &gamma, &mean, &variance, epsilon, &output_grad)
@@ -140,7 +142,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_x_backward(tensors, &options)
         });
         grad
@@ -153,7 +155,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_weight_backward(tensors, &options)
         });
         grad
@@ -357,7 +359,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<3>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_x_backward(tensors, &options)
         });
         grad
@@ -370,7 +372,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<3>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_weight_backward(tensors, &options)
         });
         grad
@@ -413,7 +415,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvTransposeOptions<2>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_transpose_weight_backward(tensors, &options)
         });
         grad
@@ -441,7 +443,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvTransposeOptions<3>,
     ) -> FloatTensor<Flex> {
-        let [grad] = conv_gemm::in_f32([x, weight, output_grad], |tensors| {
+        let [grad] = f32s::in_f32([x, weight, output_grad], |tensors| {
             conv_gemm::conv_transpose_weight_backward(tensors, &options)
         });
         grad

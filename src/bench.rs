@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use alveolus_models::bench::{median, synthetic_batch, time_training_steps};
-use alveolus_models::{DeviceChoice, ModelSpec, pytorch};
+use alveolus_models::{DeviceChoice, ModelSpec, Precision, pytorch};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
@@ -31,14 +31,21 @@ pub struct BenchOptions {
     /// Time only our backends (PyTorch needs Python with torch).
     #[arg(long)]
     pub without_pytorch: bool,
+    /// The convolutions' number format: f32, or bf16/f16 mixed precision. PyTorch runs the
+    /// same under autocast (and GradScaler for f16), and at f32 too for the comparison that
+    /// matters to a site: mixed precision against plain f32.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 struct Row {
     backend: String,
     device: String,
     median_ms: f64,
-    /// The PyTorch median on the same device, when measured.
+    /// The PyTorch median on the same device at the same precision, when measured.
     pytorch_ms: Option<f64>,
+    /// PyTorch's f32 median, when the precision is another.
+    pytorch_f32_ms: Option<f64>,
 }
 
 pub fn run(options: BenchOptions) -> Result<()> {
@@ -63,8 +70,9 @@ pub fn run(options: BenchOptions) -> Result<()> {
         .map(|(_, t)| t.values.len())
         .sum();
     println!(
-        "training step of the {} U-Net ({parameters} parameters), batch {}x1{}, {} CPU threads, median of {} steps after {} warm-up",
+        "training step of the {} U-Net ({parameters} parameters) at {}, batch {}x1{}, {} CPU threads, median of {} steps after {} warm-up",
         options.model,
+        options.precision,
         options.batch_size,
         format!("x{}", spec.image_size).repeat(dims),
         options.threads,
@@ -86,49 +94,77 @@ pub fn run(options: BenchOptions) -> Result<()> {
         options.devices.clone()
     };
     let mut rows = Vec::new();
-    let mut pytorch_cpu = None;
+    // LibTorch's and burn-flex's CPU rows share one PyTorch CPU measurement.
+    let mut pytorch_cpu: Option<(f64, Option<f64>)> = None;
     for choice in devices {
         let device = choice.resolve()?;
-        let times = time_training_steps(&weights, &batch, &device, options.warmup, options.steps)?;
-        let pytorch_ms = if options.without_pytorch {
-            None
-        } else if device.name == "cpu" && pytorch_cpu.is_some() {
-            pytorch_cpu
+        let times = time_training_steps(
+            &weights,
+            &batch,
+            &device,
+            options.precision,
+            options.warmup,
+            options.steps,
+        )?;
+        let (pytorch_ms, pytorch_f32_ms) = if options.without_pytorch {
+            (None, None)
+        } else if let (true, Some(cpu)) = (device.name == "cpu", pytorch_cpu) {
+            (Some(cpu.0), cpu.1)
         } else {
-            let ms = pytorch_step(
-                &python,
-                scratch.path(),
-                &model_path,
-                &batch_path,
-                &device.name,
-                &options,
-            )?;
+            let peer = |precision| {
+                pytorch_step(
+                    &python,
+                    scratch.path(),
+                    (&model_path, &batch_path),
+                    &device.name,
+                    precision,
+                    &options,
+                )
+            };
+            let ms = peer(options.precision)?;
+            let f32_ms = match options.precision {
+                Precision::F32 => None,
+                _ => Some(peer(Precision::F32)?),
+            };
             if device.name == "cpu" {
-                pytorch_cpu = Some(ms);
+                pytorch_cpu = Some((ms, f32_ms));
             }
-            Some(ms)
+            (Some(ms), f32_ms)
         };
         rows.push(Row {
             backend: device.backend.clone(),
             device: device.name.clone(),
             median_ms: median(&times),
             pytorch_ms,
+            pytorch_f32_ms,
         });
     }
 
-    println!(
-        "{:<24} {:<8} {:>12} {:>14} {:>10}",
-        "backend", "device", "median ms", "PyTorch ms", "ratio"
+    let with_f32 = options.precision != Precision::F32;
+    let peer_column = format!("PyTorch {} ms", options.precision);
+    print!(
+        "{:<24} {:<8} {:>12} {:>16} {:>10}",
+        "backend", "device", "median ms", peer_column, "ratio"
     );
+    if with_f32 {
+        print!(" {:>16} {:>12}", "PyTorch f32 ms", "ratio f32");
+    }
+    println!();
+    let peer = |ms: Option<f64>, ours: f64| match ms {
+        Some(p) => (format!("{p:.1}"), format!("{:.2}x", ours / p)),
+        None => ("-".into(), "-".into()),
+    };
     for row in &rows {
-        let (peer, ratio) = match row.pytorch_ms {
-            Some(p) => (format!("{p:.1}"), format!("{:.2}x", row.median_ms / p)),
-            None => ("-".into(), "-".into()),
-        };
-        println!(
-            "{:<24} {:<8} {:>12.1} {:>14} {:>10}",
-            row.backend, row.device, row.median_ms, peer, ratio
+        let (ms, ratio) = peer(row.pytorch_ms, row.median_ms);
+        print!(
+            "{:<24} {:<8} {:>12.1} {:>16} {:>10}",
+            row.backend, row.device, row.median_ms, ms, ratio
         );
+        if with_f32 {
+            let (ms, ratio) = peer(row.pytorch_f32_ms, row.median_ms);
+            print!(" {ms:>16} {ratio:>12}");
+        }
+        println!();
     }
     println!(
         "ratio = our median / PyTorch's median on the same device (below 1: faster than PyTorch)"
@@ -140,9 +176,9 @@ pub fn run(options: BenchOptions) -> Result<()> {
 fn pytorch_step(
     python: &Path,
     scripts: &Path,
-    model: &Path,
-    batch: &Path,
+    (model, batch): (&Path, &Path),
     device: &str,
+    precision: Precision,
     options: &BenchOptions,
 ) -> Result<f64> {
     pytorch_median_ms(
@@ -155,6 +191,7 @@ fn pytorch_step(
             options.threads.to_string(),
             options.steps.to_string(),
             options.warmup.to_string(),
+            precision.to_string(),
         ],
     )
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alveolus_models::train::TrainError;
-use alveolus_models::{DeviceChoice, ModelSpec, Progress};
+use alveolus_models::{DeviceChoice, ModelSpec, Precision, Progress};
 use alveolus_proto::domain::{EvaluateTask, Task, TrainTask, UpdateHeader, ValidationReport};
 use alveolus_proto::kit::ClientKit;
 use alveolus_proto::weights::Weights;
@@ -35,6 +35,8 @@ use crate::transport::{
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub device: DeviceChoice,
+    /// The site's own precision, over the run's: the site knows what its hardware does well.
+    pub precision: Option<Precision>,
     /// Where to keep a copy of every update sent (what left the site, byte for byte).
     pub audit_dir: Option<PathBuf>,
     /// FedBN: where to write this site's own model of each round, the global model with this
@@ -53,6 +55,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         Self {
             device: DeviceChoice::Cpu,
+            precision: None,
             audit_dir: None,
             site_models: None,
             max_backoff: Duration::from_secs(30),
@@ -342,7 +345,18 @@ impl Agent {
         };
         let device = self.device.clone();
         let round = task.round;
-        let task_for_training = task.clone();
+        let mut task_for_training = task.clone();
+        if let Some(precision) = self.options.precision
+            && precision != task.training.precision
+        {
+            tracing::info!(
+                round,
+                run = %task.training.precision,
+                site = %precision,
+                "training at this site's precision, not the run's"
+            );
+            task_for_training.training.precision = precision;
+        }
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             // Seconds per epoch in the log: the site's operator sees what its hardware costs

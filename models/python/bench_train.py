@@ -1,8 +1,10 @@
 """Times training steps of the Alveolus U-Net in PyTorch, the peer `alveolus bench train` compares
 against. Same network (alveolus_unet.py), same loss (cross-entropy + soft Dice over the lesion
-classes), same optimiser (AdamW), same batch (read from the file the benchmark wrote).
+classes), same optimiser (AdamW), same batch (read from the file the benchmark wrote). With
+PRECISION bf16 or f16 the forward pass runs under autocast, and f16 scales the loss with
+GradScaler: PyTorch's own mixed precision, the peer of `bench train --precision`.
 
-    python bench_train.py MODEL BATCH DEVICE THREADS STEPS WARMUP
+    python bench_train.py MODEL BATCH DEVICE THREADS STEPS WARMUP [PRECISION]
 
 Prints one JSON line: {"torch": version, "device": ..., "step_ms": [...]}.
 """
@@ -31,8 +33,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main(model_path, batch_path, device, threads, steps, warmup):
+def main(model_path, batch_path, device, threads, steps, warmup, precision="f32"):
     torch.set_num_threads(int(threads))
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "f16")
     model, _ = load(model_path, device)
     model.train()
     batch, _ = read_safetensors(batch_path)
@@ -43,18 +48,22 @@ def main(model_path, batch_path, device, threads, steps, warmup):
         sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = segmentation_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        # As autocast's recipe: the loss in f32.
+        loss = segmentation_loss(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss.item()
         sync(device)
         if step >= int(warmup):
             times.append((time.perf_counter() - start) * 1000)
-    print(json.dumps({"torch": torch.__version__, "device": device,
+    print(json.dumps({"torch": torch.__version__, "device": device, "precision": precision,
                       "median_ms": statistics.median(times), "step_ms": times}))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 7:
+    if len(sys.argv) not in (7, 8):
         sys.exit(__doc__)
     main(*sys.argv[1:])

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::precision::{MixedPrecision, Precision};
 use crate::train::{TrainError, load_model, load_model_3d, optimizer, step};
 use crate::unet::Segmenter;
 use crate::{ModelSpec, NamedTensor, ResolvedDevice, Weights};
@@ -73,22 +74,24 @@ pub fn tensor<const D: usize>(t: &NamedTensor, device: &Device) -> Tensor<D> {
 }
 
 /// Milliseconds of each of `steps` training steps of `model` (2D or 3D) on `batch` (from
-/// [`synthetic_batch`]), after `warmup` untimed ones. Each step ends by reading the loss,
-/// which waits for the device.
+/// [`synthetic_batch`]), after `warmup` untimed ones, with the convolutions at `precision`.
+/// Each step ends by reading the loss, which waits for the device.
 pub fn time_training_steps(
     model: &Weights,
     batch: &Weights,
     device: &ResolvedDevice,
+    precision: Precision,
     warmup: usize,
     steps: usize,
 ) -> Result<Vec<f64>, TrainError> {
     let autodiff = device.device.clone().autodiff();
+    let mixed = MixedPrecision::new(precision);
     if ModelSpec::from_weights(model)?.spatial_dims() == 3 {
         let (_, network) = load_model_3d(model, &autodiff)?;
-        time_steps::<5, _>(network, batch, &autodiff, warmup, steps)
+        time_steps::<5, _>(network, batch, &autodiff, mixed, warmup, steps)
     } else {
         let (_, network) = load_model(model, &autodiff)?;
-        time_steps::<4, _>(network, batch, &autodiff, warmup, steps)
+        time_steps::<4, _>(network, batch, &autodiff, mixed, warmup, steps)
     }
 }
 
@@ -96,6 +99,7 @@ fn time_steps<const D: usize, N: Segmenter<D>>(
     mut network: N,
     batch: &Weights,
     device: &Device,
+    mut mixed: MixedPrecision,
     warmup: usize,
     steps: usize,
 ) -> Result<Vec<f64>, TrainError> {
@@ -105,7 +109,7 @@ fn time_steps<const D: usize, N: Segmenter<D>>(
         let started = Instant::now();
         let x = tensor::<D>(&batch.tensors["x"], device);
         let y = tensor::<D>(&batch.tensors["y"], device);
-        let (updated, _, _) = step(network, &mut optimizer, x, y, 1e-3, None)?;
+        let (updated, _, _) = step(network, &mut optimizer, x, y, 1e-3, None, &mut mixed)?;
         network = updated;
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64() * 1000.0);

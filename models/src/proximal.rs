@@ -72,6 +72,7 @@ mod tests {
     use crate::ModelSpec;
     use crate::bench::{synthetic_batch, tensor};
     use crate::loss::segmentation_loss;
+    use crate::precision::{MixedPrecision, Precision};
     use crate::train::{initial_weights, load_model, optimizer, step};
     use crate::unet::Segmenter;
     use burn::tensor::Device;
@@ -131,7 +132,16 @@ mod tests {
         let y = || tensor::<4>(&batch.tensors["y"], &device);
         // A local step moves the model away from the global one (the ids stay).
         let mut adamw = optimizer(1e-4);
-        let (local, _, _) = step(model, &mut adamw, x(), y(), 5e-2, None).unwrap();
+        let (local, _, _) = step(
+            model,
+            &mut adamw,
+            x(),
+            y(),
+            5e-2,
+            None,
+            &mut MixedPrecision::new(Precision::F32),
+        )
+        .unwrap();
 
         let grads = |local: &crate::UNet2d| {
             let loss = segmentation_loss(local.forward(x()), y());

@@ -13,11 +13,17 @@ use burn::nn::{BatchNormConfig, InstanceNormConfig, PaddingConfig2d, PaddingConf
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use crate::precision::{AtPrecision, Precision};
 use crate::spec::{ModelSpec, Norm};
 
 /// A network that maps `[batch, in_channels, spatial..]` to class logits of the same extent.
 pub trait Segmenter<const D: usize>: Module {
-    fn forward(&self, x: Tensor<D>) -> Tensor<D>;
+    /// The logits, with the convolutions computed at `precision` and everything else in f32.
+    fn forward_at(&self, x: Tensor<D>, precision: Precision) -> Tensor<D>;
+
+    fn forward(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_at(x, Precision::F32)
+    }
 }
 
 fn norm(kind: Norm, channels: usize, device: &Device) -> Normalization {
@@ -77,9 +83,9 @@ macro_rules! unet {
                 }
             }
 
-            fn forward(&self, x: Tensor<$rank>) -> Tensor<$rank> {
-                let x = relu(self.norm1.forward(self.conv1.forward(x)));
-                relu(self.norm2.forward(self.conv2.forward(x)))
+            fn forward(&self, x: Tensor<$rank>, precision: Precision) -> Tensor<$rank> {
+                let x = relu(self.norm1.forward(self.conv1.forward_at(x, precision)));
+                relu(self.norm2.forward(self.conv2.forward_at(x, precision)))
             }
         }
 
@@ -134,24 +140,25 @@ macro_rules! unet {
         }
 
         impl Segmenter<$rank> for $unet {
-            fn forward(&self, x: Tensor<$rank>) -> Tensor<$rank> {
+            fn forward_at(&self, x: Tensor<$rank>, precision: Precision) -> Tensor<$rank> {
                 let mut skips = Vec::with_capacity(self.encoders.len());
                 let mut x = x;
                 for encoder in &self.encoders {
-                    let features = encoder.forward(x);
+                    let features = encoder.forward(x, precision);
                     x = $pool(features.clone());
                     skips.push(features);
                 }
-                x = self.bottleneck.forward(x);
+                x = self.bottleneck.forward(x, precision);
                 for ((up, decoder), skip) in self
                     .upsamplers
                     .iter()
                     .zip(&self.decoders)
                     .zip(skips.into_iter().rev())
                 {
-                    x = decoder.forward(Tensor::cat(vec![up.forward(x), skip], 1));
+                    let up = up.forward_at(x, precision);
+                    x = decoder.forward(Tensor::cat(vec![up, skip], 1), precision);
                 }
-                self.head.forward(x)
+                self.head.forward_at(x, precision)
             }
         }
     };

@@ -7,7 +7,7 @@ use alveolus_imaging::dataset::Purpose;
 use alveolus_imaging::evaluate::{add_hausdorff, evaluate};
 use alveolus_models::augment::AugmentConfig;
 use alveolus_models::trainable::Trainable;
-use alveolus_models::{DeviceChoice, ModelSpec, Schedule, TrainOptions};
+use alveolus_models::{DeviceChoice, ModelSpec, Precision, Schedule, TrainOptions};
 use alveolus_proto::domain::TrainingConfig;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -53,6 +53,11 @@ pub struct TrainArgs {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// f32, or bf16/f16 mixed precision: the convolutions in half precision (fast on a GPU's
+    /// tensor cores), the loss, normalisation statistics, optimizer state and the model written
+    /// in f32; f16 scales the loss so small gradients survive.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Labelled data (every case, whatever its split) to report Dice on after training.
     #[arg(long)]
     validate: Option<PathBuf>,
@@ -65,6 +70,7 @@ impl From<&TrainArgs> for TrainingConfig {
             learning_rate: a.lr,
             batch_size: a.batch_size,
             seed: a.seed,
+            precision: a.precision,
             ..Self::default()
         }
     }
@@ -130,11 +136,15 @@ pub async fn train(args: TrainArgs) -> Result<()> {
         None => "training".to_owned(),
     };
     println!(
-        "{what}: a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}",
+        "{what}: a {} px U-Net (base {}, depth {}) on {} slices for {epochs} epochs on {resolved}{}",
         spec.image_size,
         spec.base_channels,
         spec.depth,
-        dataset.len()
+        dataset.len(),
+        match config.precision {
+            Precision::F32 => String::new(),
+            p => format!(", {p} mixed precision"),
+        }
     );
     let fine_tuning = args.init.is_some();
     let slices = dataset.at_size(spec.image_size);

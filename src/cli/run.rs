@@ -7,8 +7,8 @@ use alveolus_agent::site_norms::{SITE_SPECIFIC_METADATA_KEY, SITE_SPECIFIC_NORMA
 use alveolus_models::ModelSpec;
 use alveolus_proto::client::AdminClient;
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RunConfig, RunEvent,
-    SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind, TrainingConfig,
+    AggregationConfig, AggregationRule, LearningRateSchedule, Precision, PrivacyConfig, RunConfig,
+    RunEvent, SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind, TrainingConfig,
 };
 use alveolus_proto::weights::Weights;
 use anyhow::Result;
@@ -157,6 +157,11 @@ pub struct RunArgs {
     /// keeps its own (the published model's are the initial ones, and say so).
     #[arg(long)]
     fedbn: bool,
+    /// Mixed precision at the sites: f32, or bf16/f16 convolutions (loss, normalisation
+    /// statistics, optimizer state and the weights stay f32; f16 scales the loss). A site's
+    /// own `--precision` overrides it there.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Do not have the sites measure each round's model on their `validation` cases. By
     /// default they do (only Dice per class and the case count leave a site), and the run
     /// completes once the sites of its last round have reported on its final model.
@@ -246,6 +251,7 @@ impl From<&RunArgs> for RunConfig {
                 seed: a.seed,
                 proximal_mu: a.fedprox_mu,
                 site_normalisation: a.fedbn,
+                precision: a.precision,
             },
             privacy: privacy_config(a.dp_clip, a.dp_noise, a.dp_delta, a.dp_epsilon_budget),
             aggregation: AggregationConfig {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use alveolus_agent::{AgentOptions, SiteData};
 use alveolus_coordinator::CoordinatorSettings;
-use alveolus_models::DeviceChoice;
+use alveolus_models::{DeviceChoice, Precision};
 use alveolus_proto::identity::Role;
 use alveolus_proto::kit::ClientKit;
 use anyhow::{Context, Result, bail};
@@ -86,6 +86,11 @@ pub struct AgentArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// Train at this precision whatever the run asks (f32, bf16, f16): for a GPU without
+    /// bf16 (before NVIDIA's Ampere), or to keep a CPU at f32, where half precision is slower.
+    /// The run's own precision otherwise.
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Keep a copy of every update sent here.
     #[arg(long)]
     audit_dir: Option<PathBuf>,
@@ -137,6 +142,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     }
     let options = AgentOptions {
         device: args.device,
+        precision: args.precision,
         audit_dir: args.audit_dir,
         site_models: args.site_models,
         ..AgentOptions::default()

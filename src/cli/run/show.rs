@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use alveolus_proto::domain::{
-    RoundSummary, RunConfig, RunInfo, RunState, SiteReport, SiteValidation,
+    Precision, RoundSummary, RunConfig, RunInfo, RunState, SiteReport, SiteValidation,
 };
 
 /// The whole of a run as `run status` prints it.
@@ -204,5 +204,11 @@ pub(super) fn print_site_strategy(config: &RunConfig) {
     }
     if training.site_normalisation {
         println!("  FedBN: normalisation layers stay at the sites");
+    }
+    if training.precision != Precision::F32 {
+        println!(
+            "  mixed precision at the sites: {} convolutions",
+            training.precision
+        );
     }
 }

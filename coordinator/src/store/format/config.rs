@@ -3,7 +3,7 @@
 //! with both conversions, as the rest of `format`.
 
 use alveolus_proto::domain::{
-    AggregationConfig, AggregationRule, LearningRateSchedule, PrivacyConfig, RunConfig,
+    AggregationConfig, AggregationRule, LearningRateSchedule, Precision, PrivacyConfig, RunConfig,
     SecureAggregationConfig, ServerOptimizer, ServerOptimizerKind, Strategy, TrainingConfig,
 };
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,9 @@ pub(super) struct TrainingV1 {
     /// Added within format 1, as `schedule`: FedBN, written only when set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     site_normalisation: bool,
+    /// Added within format 1, as `schedule`: mixed precision, written only when not f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    precision: Option<Precision>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -146,6 +149,7 @@ impl From<&RunConfig> for ConfigV1 {
                 seed: t.seed,
                 proximal_mu: (t.proximal_mu > 0.0).then_some(t.proximal_mu),
                 site_normalisation: t.site_normalisation,
+                precision: (t.precision != Precision::F32).then_some(t.precision),
             },
             privacy: c.privacy.as_ref().map(Into::into),
             aggregation: c.aggregation.into(),
@@ -172,6 +176,7 @@ impl From<ConfigV1> for RunConfig {
                 seed: t.seed,
                 proximal_mu: t.proximal_mu.unwrap_or(0.0),
                 site_normalisation: t.site_normalisation,
+                precision: t.precision.unwrap_or_default(),
             },
             privacy: c.privacy.map(Into::into),
             aggregation: c.aggregation.into(),

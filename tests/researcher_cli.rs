@@ -63,6 +63,8 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
                 "--fedprox-mu",
                 "0.01",
                 "--fedbn",
+                "--precision",
+                "bf16",
                 "--init",
                 init.to_str().unwrap(),
             ])
@@ -91,6 +93,10 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     );
     assert!(
         started.contains("FedBN: normalisation layers stay at the sites"),
+        "{started}"
+    );
+    assert!(
+        started.contains("mixed precision at the sites: bf16 convolutions"),
         "{started}"
     );
 
@@ -125,6 +131,8 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
     assert_eq!(status["config"]["server_optimizer"]["kind"], "fedadam");
     assert_eq!(status["config"]["training"]["proximal_mu"], 0.01);
     assert_eq!(status["config"]["training"]["site_normalisation"], true);
+    // The site trained both rounds in bf16 (the run's task carried it) and reported as usual.
+    assert_eq!(status["config"]["training"]["precision"], "bf16");
     assert_eq!(status["config"]["validate_at_sites"], true);
     // Each round's model, the final one included, as measured at the site: Dice per class on
     // its own validation cases, and how many.
@@ -190,6 +198,10 @@ async fn start_watch_status_list_pull_and_abort_from_the_command_line() {
             "`proximal_mu`: -0.1 is not in [0, 100]",
         ),
         (&["--fedprox-mu", "NaN"], "proximal_mu"),
+        (
+            &["--precision", "fp8"],
+            "`fp8` is not a precision: use f32, bf16 or f16",
+        ),
     ] {
         let refused = Command::new(BIN)
             .args(["run", "start", "--kit", admin])

@@ -556,6 +556,41 @@ mod tests {
     }
 
     #[test]
+    fn precision_travels_reads_from_json_and_refuses_what_it_does_not_know() {
+        for precision in [Precision::F32, Precision::Bf16, Precision::F16] {
+            let c = TrainingConfig {
+                precision,
+                ..TrainingConfig::default()
+            };
+            let back = TrainingConfig::try_from(pb::TrainingConfig::from(c.clone())).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(precision.as_str().parse::<Precision>(), Ok(precision));
+        }
+        let json = r#"{"local_epochs":1,"learning_rate":0.001,"batch_size":2,"seed":0,"precision":"bf16"}"#;
+        let read: TrainingConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(read.precision, Precision::Bf16);
+        let older = r#"{"local_epochs":1,"learning_rate":0.001,"batch_size":2,"seed":0}"#;
+        let read: TrainingConfig = serde_json::from_str(older).unwrap();
+        assert_eq!(
+            read.precision,
+            Precision::F32,
+            "configs from before precision train at f32"
+        );
+        let err = "fp8".parse::<Precision>().unwrap_err();
+        assert!(err.contains("f32, bf16 or f16"), "{err}");
+        // A newer peer's precision is refused by name, not trained at f32 without a word.
+        let mut newer = pb::TrainingConfig::from(TrainingConfig::default());
+        newer.precision = 7;
+        assert!(matches!(
+            TrainingConfig::try_from(newer),
+            Err(DomainError::Invalid {
+                field: "training.precision",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn cross_site_evaluation_needs_the_sites_updates_whole_and_in_the_clear() {
         let crossed = RunConfig {
             validate_at_sites: true,

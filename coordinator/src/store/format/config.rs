@@ -299,3 +299,22 @@ impl From<ServerOptimizerV1> for ServerOptimizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_is_kept_and_runs_from_before_it_read_as_f32() {
+        let mut config = RunConfig::default();
+        let plain = serde_json::to_string(&ConfigV1::from(&config)).unwrap();
+        assert!(!plain.contains("precision"), "f32 is not written: {plain}");
+        let back: RunConfig = serde_json::from_str::<ConfigV1>(&plain).unwrap().into();
+        assert_eq!(back.training.precision, Precision::F32);
+        config.training.precision = Precision::Bf16;
+        let mixed = serde_json::to_string(&ConfigV1::from(&config)).unwrap();
+        assert!(mixed.contains(r#""precision":"bf16""#), "{mixed}");
+        let back: RunConfig = serde_json::from_str::<ConfigV1>(&mixed).unwrap().into();
+        assert_eq!(back, config);
+    }
+}

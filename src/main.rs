@@ -133,6 +133,24 @@ impl Command {
                 | Command::Model { .. }
         )
     }
+
+    /// Whether the command trains or runs a network, and so wants freed activation buffers kept
+    /// for the next step (`models::device::hold_freed_memory`).
+    fn runs_networks(&self) -> bool {
+        matches!(
+            self,
+            Command::Agent(_)
+                | Command::Train(_)
+                | Command::Evaluate(_)
+                | Command::Segment(_)
+                | Command::Demo(_)
+                | Command::Simulate(_)
+                | Command::Bench {
+                    command: cli::bench::BenchCommand::Train(_)
+                        | cli::bench::BenchCommand::Segment(_)
+                }
+        )
+    }
 }
 
 fn main() -> Result<()> {
@@ -167,6 +185,9 @@ fn main() -> Result<()> {
     alveolus_proto::install_crypto_provider();
     if matches!(cli.command, Command::Coordinator(_)) {
         cli::service::tune_allocator();
+    }
+    if cli.command.runs_networks() {
+        alveolus_models::device::hold_freed_memory();
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(dispatch(cli.command))

@@ -78,7 +78,7 @@ pub async fn run_agent(
         kit,
         data,
         options,
-        device: resolved.device,
+        resolved,
         prepared: None,
         site_norms: SiteNorms::default(),
     };
@@ -95,7 +95,8 @@ struct Agent {
     kit: ClientKit,
     data: SiteData,
     options: AgentOptions,
-    device: alveolus_models::Device,
+    /// The backend and device training runs on, named in logs and cautions.
+    resolved: alveolus_models::ResolvedDevice,
     /// Slices resized for the last model size seen, kept across rounds.
     prepared: Option<(usize, std::sync::Arc<Vec<alveolus_models::LabelledSlice>>)>,
     /// FedBN: this site's normalisation layers, trained in an earlier round of the run.
@@ -243,7 +244,7 @@ impl Agent {
             }
             Some((slices, cases)) => {
                 let global = self.model_for_site(client, &task).await?;
-                let device = self.device.clone();
+                let device = self.resolved.device.clone();
                 let measured =
                     tokio::task::spawn_blocking(move || measure(&global, &slices, cases, &device))
                         .await;
@@ -343,7 +344,7 @@ impl Agent {
                 slices
             }
         };
-        let device = self.device.clone();
+        let device = self.resolved.device.clone();
         let round = task.round;
         let mut task_for_training = task.clone();
         if let Some(precision) = self.options.precision
@@ -356,6 +357,12 @@ impl Agent {
                 "training at this site's precision, not the run's"
             );
             task_for_training.training.precision = precision;
+        }
+        if let Some(caution) = self
+            .resolved
+            .precision_caution(task_for_training.training.precision)
+        {
+            tracing::warn!(round, "{caution}");
         }
         let started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
@@ -385,6 +392,9 @@ impl Agent {
         } = training_ended(outcome)??;
         let train_seconds = started.elapsed().as_secs_f64();
         self.options.metrics.trained(started.elapsed(), samples);
+        // The process kept training's freed buffers for its next step; between rounds it
+        // waits at its resting size instead.
+        alveolus_models::device::release_held_memory();
         if site_normalisation {
             self.site_norms = SiteNorms::keep(&task.run_id, &local);
         }

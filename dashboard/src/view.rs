@@ -262,11 +262,12 @@ pub fn run_section(out: &mut String, snapshot: &Snapshot, run: &RunInfo, links: 
     item(
         "local training",
         format!(
-            "{} epochs, learning rate {}, batch {}, seed {}",
+            "{} epochs, learning rate {}, batch {}, seed {}, {}",
             c.training.local_epochs,
             c.training.learning_rate,
             c.training.batch_size,
-            c.training.seed
+            c.training.seed,
+            c.training.precision
         ),
     );
     if let Some(bound) = c.aggregation.norm_bound {

@@ -146,6 +146,9 @@ pub async fn train(args: TrainArgs) -> Result<()> {
             p => format!(", {p} mixed precision"),
         }
     );
+    if let Some(caution) = resolved.precision_caution(config.precision) {
+        println!("note: {caution}");
+    }
     let fine_tuning = args.init.is_some();
     let slices = dataset.at_size(spec.image_size);
     let (outcome, before, after) = tokio::task::spawn_blocking(move || {

@@ -105,6 +105,9 @@ pub async fn simulate(args: SimulateArgs) -> Result<()> {
         spec.kind,
         spec.image_size
     );
+    if let Some(caution) = device.precision_caution(config.training.precision) {
+        eprintln!("note: {caution}");
+    }
     let coordinator = Coordinator::open(EngineSettings {
         project: "simulation".into(),
         state_dir: state,

@@ -60,7 +60,7 @@ pub fn run(options: BenchOptions) -> Result<()> {
     alveolus_models::device::set_cpu_threads(options.threads);
 
     let spec = ModelSpec::preset(&options.model)?;
-    let weights = alveolus_models::train::initial_weights(&spec, 0)?;
+    let weights = alveolus_models::network::initial_weights(&spec, 0)?;
     let dims = spec.spatial_dims();
     let batch = synthetic_batch(options.batch_size, spec.image_size, dims, spec.classes, 1);
     let parameters: usize = weights

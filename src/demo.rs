@@ -294,7 +294,7 @@ pub async fn run(
     let mut client = connect_with_retry(&admin_kit).await?;
     let spec = ModelSpec::small();
     let seed = 7;
-    let initial = alveolus_models::train::initial_weights(&spec, seed)?;
+    let initial = alveolus_models::network::initial_weights(&spec, seed)?;
     let device = Device::flex();
     let initial_dice = score(&initial, &validation, &device)?;
     let config = RunConfig {

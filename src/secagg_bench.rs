@@ -63,7 +63,7 @@ pub async fn run(options: SecAggBenchOptions) -> Result<()> {
     let federation = SimulatedFederation::start(most)?;
     let mut admin = federation.admin().await?;
 
-    let model = alveolus_models::train::initial_weights(&ModelSpec::small(), 7)?;
+    let model = alveolus_models::network::initial_weights(&ModelSpec::small(), 7)?;
     let update = fixed_update(&model);
     println!(
         "secure aggregation against aggregation in the clear (the peer), demo model: {} values ({:.2} MiB as f32)",

@@ -13,7 +13,7 @@ use alveolus_imaging::scan::read_scan;
 use alveolus_imaging::slices::resize_bilinear;
 use alveolus_imaging::synth::chest_ct;
 use alveolus_models::bench::median;
-use alveolus_models::train::{initial_weights, load_model};
+use alveolus_models::network::{initial_weights, load_model};
 use alveolus_models::{DeviceChoice, Inference, ModelSpec, NamedTensor, Weights, pytorch};
 use anyhow::{Context, Result, bail};
 use clap::Args;

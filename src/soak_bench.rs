@@ -51,7 +51,7 @@ pub async fn run(options: SoakOptions) -> Result<()> {
     );
     let federation = SimulatedFederation::start(options.sites)?;
     let mut admin = federation.admin().await?;
-    let model = alveolus_models::train::initial_weights(&ModelSpec::tiny(), 5)?;
+    let model = alveolus_models::network::initial_weights(&ModelSpec::tiny(), 5)?;
     let update = fixed_update(&model);
     let mut sites = Vec::new();
     for name in &federation.sites {

@@ -328,7 +328,7 @@ fn training_flags_are_checked_before_training() {
     // What cannot be fine-tuned is refused before training.
     let volume_model = project.path("3d.safetensors");
     let spec = alveolus_models::ModelSpec::tiny_3d();
-    let weights = alveolus_models::train::initial_weights(&spec, 1).unwrap();
+    let weights = alveolus_models::network::initial_weights(&spec, 1).unwrap();
     std::fs::write(&volume_model, weights.encode()).unwrap();
     let not_a_model = project.path("notes.txt");
     std::fs::write(&not_a_model, "not a model").unwrap();

@@ -107,7 +107,7 @@ async fn killed_agent_round_closes_after_deadline_with_the_others() {
     wait_for_sites(&mut admin, &["alpha", "beta", "gamma"]).await;
     let deadline = 8;
     let model =
-        alveolus_models::train::initial_weights(&alveolus_models::ModelSpec::small(), 2).unwrap();
+        alveolus_models::network::initial_weights(&alveolus_models::ModelSpec::small(), 2).unwrap();
     let run = start_run(&mut admin, run_config(1, 2, deadline), &model).await;
     // Kill gamma as soon as it has taken the round's task.
     let gamma_log = project.path("gamma.log");
@@ -153,7 +153,7 @@ async fn coordinator_killed_and_restarted_resumes_the_run() {
     let mut admin = admin(&project).await;
     // The small network makes a round last long enough to stop the coordinator between rounds.
     let model =
-        alveolus_models::train::initial_weights(&alveolus_models::ModelSpec::small(), 3).unwrap();
+        alveolus_models::network::initial_weights(&alveolus_models::ModelSpec::small(), 3).unwrap();
     let run = start_run(&mut admin, run_config(5, 2, 120), &model).await;
     let before = wait_for(&mut admin, &run.run_id, Duration::from_secs(240), |r| {
         r.rounds.len() >= 2

@@ -59,7 +59,7 @@ async fn coordinator_memory_is_bounded_by_the_model_not_the_number_of_sites() {
     let project = project(&names);
     let coordinator = spawn_coordinator(&project);
     let pid = coordinator.0.id();
-    let model = alveolus_models::train::initial_weights(&ModelSpec::default_2d(), 1).unwrap();
+    let model = alveolus_models::network::initial_weights(&ModelSpec::default_2d(), 1).unwrap();
     let model_bytes = model.encode().len() as u64;
     // Wait until the coordinator is up, then take its resting size.
     admin(&project).await;

@@ -12,7 +12,7 @@ use alveolus_imaging::dicom::read_series;
 use alveolus_imaging::dicom_write::{SeriesTags, write_series};
 use alveolus_imaging::{nifti, seg, synth};
 use alveolus_models::ModelSpec;
-use alveolus_models::train::initial_weights;
+use alveolus_models::network::initial_weights;
 use common::*;
 
 /// Identifiers in the synthetic series that nothing `segment` prints may carry.

@@ -6,7 +6,8 @@ use std::path::Path;
 use alveolus_models::hausdorff::{Grid, hausdorff95};
 use alveolus_models::infer::predict;
 use alveolus_models::metrics::{DiceReport, SegmentationCounts};
-use alveolus_models::train::{TrainError, load_model};
+use alveolus_models::network::load_model;
+use alveolus_models::train::TrainError;
 use alveolus_models::{Device, Inference, Weights};
 
 use crate::dataset::{DatasetError, DatasetSpec, read_mapped_case};

@@ -7,8 +7,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::network::{load_model, load_model_3d};
 use crate::precision::{MixedPrecision, Precision};
-use crate::train::{TrainError, load_model, load_model_3d, optimizer, step};
+use crate::train::{TrainError, optimizer, step};
 use crate::unet::Segmenter;
 use crate::{ModelSpec, NamedTensor, ResolvedDevice, Weights};
 

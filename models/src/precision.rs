@@ -212,7 +212,8 @@ mod tests {
 
     use crate::ModelSpec;
     use crate::bench::{synthetic_batch, tensor};
-    use crate::train::{TrainError, initial_weights, load_model, optimizer, step};
+    use crate::network::{initial_weights, load_model};
+    use crate::train::{TrainError, optimizer, step};
     use crate::unet::Segmenter;
     use crate::weights::{is_buffer, to_weights};
     use burn::tensor::Device;

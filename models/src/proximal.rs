@@ -72,8 +72,9 @@ mod tests {
     use crate::ModelSpec;
     use crate::bench::{synthetic_batch, tensor};
     use crate::loss::segmentation_loss;
+    use crate::network::{initial_weights, load_model};
     use crate::precision::{MixedPrecision, Precision};
-    use crate::train::{initial_weights, load_model, optimizer, step};
+    use crate::train::{optimizer, step};
     use crate::unet::Segmenter;
     use burn::tensor::Device;
 

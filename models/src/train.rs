@@ -12,12 +12,14 @@ use crate::Weights;
 use crate::augment::AugmentConfig;
 use crate::loss::segmentation_loss;
 use crate::metrics::SegmentationCounts;
+use crate::network::load_model;
 use crate::precision::{MAX_OVERFLOWS_IN_A_ROW, MixedPrecision, Unscaled};
 use crate::proximal::Proximal;
+use crate::schedule::Schedule;
 use crate::spec::{DATASET_LABELS, ModelSpec, SpecError};
 use crate::trainable::Trainable;
-use crate::unet::{Segmenter, UNet2d, UNet3d};
-use crate::weights::{LoadError, load_weights, to_weights};
+use crate::unet::Segmenter;
+use crate::weights::{LoadError, to_weights};
 
 /// One slice at the model's resolution: intensities in [0, 1] and a label per pixel.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,43 +70,6 @@ pub struct TrainOutcome {
     pub samples: usize,
 }
 
-/// How the learning rate moves over one call of [`train`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Schedule {
-    /// The configured rate throughout: what FedAvg assumes within a round, where the rounds
-    /// themselves are the long schedule.
-    Constant,
-    /// Linear warm-up over the first `warmup` fraction of steps, then a cosine decay to
-    /// `floor` times the configured rate: for long central training.
-    WarmupCosine { warmup: f64, floor: f64 },
-}
-
-impl Schedule {
-    /// The usual central-training schedule: 5% warm-up, decay to 1%.
-    pub const COSINE: Self = Self::WarmupCosine {
-        warmup: 0.05,
-        floor: 0.01,
-    };
-
-    /// The rate for step `step` (from 0) of `total`.
-    pub fn rate(&self, base: f64, step: usize, total: usize) -> f64 {
-        match *self {
-            Self::Constant => base,
-            Self::WarmupCosine { warmup, floor } => {
-                let warmup_steps = (warmup * total as f64).ceil().max(1.0);
-                let step = step as f64;
-                if step < warmup_steps {
-                    return base * (step + 1.0) / warmup_steps;
-                }
-                let span = (total as f64 - warmup_steps).max(1.0);
-                let progress = ((step - warmup_steps) / span).min(1.0);
-                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-                base * (floor + (1.0 - floor) * cosine)
-            }
-        }
-    }
-}
-
 /// How to train, beyond the run's [`TrainingConfig`] (which travels with the task).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainOptions {
@@ -148,51 +113,6 @@ pub enum Progress {
     },
     /// After each epoch, with its mean loss.
     Epoch { epoch: u32, loss: f64 },
-}
-
-/// Fresh weights for `spec`, reproducible from `seed`, with the spec in their metadata.
-pub fn initial_weights(spec: &ModelSpec, seed: u64) -> Result<Weights, SpecError> {
-    spec.validate()?;
-    let device = Device::flex();
-    device.seed(seed);
-    let mut weights = if spec.spatial_dims() == 3 {
-        to_weights(&UNet3d::new(spec, &device))
-    } else {
-        to_weights(&UNet2d::new(spec, &device))
-    };
-    let (key, value) = spec.to_metadata();
-    weights.metadata.insert(key, value);
-    Ok(weights)
-}
-
-/// The network described by `weights`' metadata, loaded with them.
-pub fn load_model(weights: &Weights, device: &Device) -> Result<(ModelSpec, UNet2d), TrainError> {
-    load_kind(weights, device, "unet2d", UNet2d::new)
-}
-
-/// The 3D network described by `weights`' metadata, loaded with them.
-pub fn load_model_3d(
-    weights: &Weights,
-    device: &Device,
-) -> Result<(ModelSpec, UNet3d), TrainError> {
-    load_kind(weights, device, "unet3d", UNet3d::new)
-}
-
-fn load_kind<N: Module>(
-    weights: &Weights,
-    device: &Device,
-    kind: &'static str,
-    build: impl Fn(&ModelSpec, &Device) -> N,
-) -> Result<(ModelSpec, N), TrainError> {
-    let spec = ModelSpec::from_weights(weights)?;
-    if spec.kind != kind {
-        return Err(TrainError::Kind {
-            found: spec.kind,
-            needed: kind,
-        });
-    }
-    let model = load_weights(build(&spec, device), weights)?;
-    Ok((spec, model))
 }
 
 fn check_slices(spec: &ModelSpec, slices: &[LabelledSlice]) -> Result<(), TrainError> {
@@ -376,7 +296,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::LoadError;
+    use crate::network::{initial_weights, load_model_3d};
 
     fn slices(spec: &ModelSpec, n: usize) -> Vec<LabelledSlice> {
         let side = spec.image_size;
@@ -399,42 +319,6 @@ mod tests {
                 LabelledSlice { image, mask }
             })
             .collect()
-    }
-
-    #[test]
-    fn weights_round_trip_through_the_module_exactly() {
-        let spec = ModelSpec::tiny();
-        let weights = initial_weights(&spec, 11).unwrap();
-        assert_eq!(
-            initial_weights(&spec, 11).unwrap(),
-            weights,
-            "same seed, same weights"
-        );
-        assert_ne!(
-            initial_weights(&spec, 12).unwrap(),
-            weights,
-            "another seed, other weights"
-        );
-        let device = Device::flex();
-        let (_, model) = load_model(&weights, &device).unwrap();
-        let mut back = to_weights(&model);
-        back.metadata = weights.metadata.clone();
-        assert_eq!(back, weights);
-        assert!(weights.tensors.contains_key("encoders.0.conv1.weight"));
-        assert!(weights.tensors.contains_key("decoders.1.norm2.running_var"));
-        assert!(weights.tensors.contains_key("decoders.1.norm2.weight"));
-        assert!(weights.tensors.contains_key("encoders.0.norm1.bias"));
-        assert_eq!(
-            weights.tensors["bottleneck.norm2.num_batches_tracked"].shape,
-            Vec::<usize>::new()
-        );
-        assert!(
-            !weights
-                .tensors
-                .keys()
-                .any(|n| n.contains("gamma") || n.contains("beta"))
-        );
-        assert!(weights.tensors.contains_key("head.bias"));
     }
 
     #[test]
@@ -483,66 +367,6 @@ mod tests {
             losses[0],
             losses[14]
         );
-    }
-
-    #[test]
-    fn instance_norm_models_carry_no_running_statistics() {
-        let spec = ModelSpec {
-            norm: crate::spec::Norm::Instance,
-            ..ModelSpec::tiny()
-        };
-        let weights = initial_weights(&spec, 3).unwrap();
-        assert!(weights.tensors.contains_key("encoders.0.norm1.weight"));
-        assert!(weights.tensors.contains_key("decoders.1.norm2.bias"));
-        assert!(
-            !weights
-                .tensors
-                .keys()
-                .any(|n| n.contains("running_") || n.contains("num_batches")),
-            "{:?}",
-            weights.tensors.keys().collect::<Vec<_>>()
-        );
-        let (loaded, _) = load_model(&weights, &Device::flex()).unwrap();
-        assert_eq!(loaded, spec);
-        // A batch-norm file is not an instance-norm network.
-        let mut batch = initial_weights(&ModelSpec::tiny(), 3).unwrap();
-        batch.metadata = weights.metadata.clone();
-        assert!(load_model(&batch, &Device::flex()).is_err());
-    }
-
-    #[test]
-    fn loading_refuses_missing_reshaped_and_foreign_tensors() {
-        let spec = ModelSpec::tiny();
-        let device = Device::flex();
-        let weights = initial_weights(&spec, 1).unwrap();
-        let mut missing = weights.clone();
-        missing.tensors.remove("head.weight");
-        assert!(
-            matches!(load_model(&missing, &device), Err(TrainError::Load(LoadError::Missing(n))) if n == "head.weight")
-        );
-        let mut reshaped = weights.clone();
-        reshaped.tensors.get_mut("head.bias").unwrap().shape = vec![1, 3];
-        assert!(matches!(
-            load_model(&reshaped, &device),
-            Err(TrainError::Load(LoadError::Shape { .. }))
-        ));
-        let mut extra = weights.clone();
-        extra.tensors.insert(
-            "decoy".into(),
-            crate::NamedTensor {
-                shape: vec![1],
-                values: vec![0.0],
-            },
-        );
-        assert!(
-            matches!(load_model(&extra, &device), Err(TrainError::Load(LoadError::Unexpected(n))) if n == "decoy")
-        );
-        let mut anonymous = weights;
-        anonymous.metadata.clear();
-        assert!(matches!(
-            load_model(&anonymous, &device),
-            Err(TrainError::Spec(SpecError::Missing))
-        ));
     }
 
     /// Trains the tiny network on [`slices`] at `precision` and checks that it learned them.

@@ -68,7 +68,8 @@ impl FromStr for Trainable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::{LabelledSlice, TrainOptions, initial_weights, train};
+    use crate::network::initial_weights;
+    use crate::train::{LabelledSlice, TrainOptions, train};
     use crate::{ModelSpec, Weights};
     use alveolus_proto::domain::TrainingConfig;
     use burn::tensor::Device;

@@ -5,8 +5,9 @@
 
 use alveolus_models::Segmenter;
 use alveolus_models::bench::{synthetic_batch, tensor};
+use alveolus_models::network::{initial_weights, load_model};
 use alveolus_models::precision::{MixedPrecision, Precision};
-use alveolus_models::train::{initial_weights, load_model, optimizer, step};
+use alveolus_models::train::{optimizer, step};
 use alveolus_models::{DeviceChoice, ModelSpec};
 use burn::module::Module;
 

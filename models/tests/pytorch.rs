@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use alveolus_models::bench::tensor;
+use alveolus_models::network::{initial_weights, load_model, load_model_3d};
 use alveolus_models::spec::Norm;
-use alveolus_models::train::{initial_weights, load_model, load_model_3d};
 use alveolus_models::{Device, ModelSpec, NamedTensor, Segmenter, Weights, pytorch};
 use burn::module::Module;
 use rand::rngs::StdRng;

@@ -120,7 +120,7 @@ pub async fn train(args: TrainArgs) -> Result<()> {
             slices_only(&spec)?;
             weights
         }
-        None => alveolus_models::train::initial_weights(&args.network.spec()?, args.seed)?,
+        None => alveolus_models::network::initial_weights(&args.network.spec()?, args.seed)?,
     };
     let spec = ModelSpec::from_weights(&initial)?;
     let dataset = load_data(&args.data, Purpose::Training, args.skip_bad_cases)?;

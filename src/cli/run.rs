@@ -200,7 +200,7 @@ impl RunArgs {
         config.validate()?;
         let mut weights = match &self.init {
             Some(path) => read_model(path)?,
-            None => alveolus_models::train::initial_weights(&self.network.spec()?, self.seed)?,
+            None => alveolus_models::network::initial_weights(&self.network.spec()?, self.seed)?,
         };
         if config.training.site_normalisation {
             // Carried by every checkpoint of the run (aggregation keeps the base's metadata),

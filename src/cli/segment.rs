@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use alveolus_imaging::outputs::{ModelInfo, Summary, segment_input};
 use alveolus_imaging::segment::{LungSource, SegmentOptions};
-use alveolus_models::train::load_model;
+use alveolus_models::network::load_model;
 use alveolus_models::{DeviceChoice, Inference, ModelSpec};
 use anyhow::{Context, Result, bail};
 use clap::Args;

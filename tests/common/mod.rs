@@ -260,7 +260,7 @@ pub fn site_dataset(
 }
 
 pub fn tiny_model(seed: u64) -> Weights {
-    alveolus_models::train::initial_weights(&ModelSpec::tiny(), seed).unwrap()
+    alveolus_models::network::initial_weights(&ModelSpec::tiny(), seed).unwrap()
 }
 
 pub fn run_config(rounds: u32, min_sites: u32, deadline_seconds: u32) -> RunConfig {

@@ -1,6 +1,6 @@
 //! Domain types of the protocol, by topic, and their conversions from and to the generated
 //! `pb` types: what a run is configured with (`config`), what a site is asked and sends back
-//! (`task`), what a run and its rounds are (`run`), how a model travels (`model`), the learning
+//! (`task`), what a run and its rounds are (`run`), how a model travels (`model`), the sites' number format (`precision`), the learning
 //! rate over rounds (`schedule`), what the coordinator does with an aggregate (`strategy`), evaluation at the sites
 //! (`validation`).
 //!
@@ -10,6 +10,7 @@
 
 mod config;
 mod model;
+mod precision;
 mod run;
 mod schedule;
 mod strategy;
@@ -18,6 +19,7 @@ mod validation;
 
 pub use config::*;
 pub use model::*;
+pub use precision::*;
 pub use run::*;
 pub use schedule::*;
 pub use strategy::*;
